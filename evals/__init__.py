@@ -1,0 +1,1 @@
+"""evals: see the issues for what lands here."""

@@ -1,0 +1,1 @@
+"""clipkd's harness: configuration, data, model building, the trainer, the CLI."""

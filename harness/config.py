@@ -1,0 +1,208 @@
+"""Run configuration: one YAML file per run, validated by typed models.
+
+Every error names the file, the field and what would be accepted. A run is identified by a stable hash of its
+resolved config (everything except cosmetic fields), so training the same config twice reuses one run directory.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Fields that name or place a run without changing what it computes; they stay out of the run id.
+COSMETIC_FIELDS = {"name", "output_dir"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file, field and accepted values."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    model: str = Field(description="open_clip model name, or a config in harness/model_configs/")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint file")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from harness.models import known_model_names
+
+        names = known_model_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see `open_clip.list_models()`"
+            raise ValueError(f"unknown model {name!r}{hint}")
+        return name
+
+
+class TeacherSpec(Strict):
+    """A frozen teacher: an open_clip model with weights, or a run this project trained earlier."""
+
+    model: str | None = None
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint file")
+    run: str | None = Field(None, description="a run directory of this project, or the YAML config of that run")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if self.run is not None:
+            if self.model is not None or self.pretrained is not None:
+                raise ValueError("give either `run` or `model` + `pretrained`, not both")
+        elif self.model is None or self.pretrained is None:
+            raise ValueError(
+                "a teacher needs weights: `model` with `pretrained` (an open_clip tag or a checkpoint file), "
+                "or `run` (a run directory or run config of this project)"
+            )
+        else:
+            ModelSpec(model=self.model)
+        return self
+
+
+class MethodTerm(Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    weight: float = Field(ge=0)
+
+
+DistillTerm = Annotated[float, Field(ge=0)] | MethodTerm
+
+
+class DataSpec(Strict):
+    dataset: str = Field(description="a built-in dataset (digits, fashion-mnist), `csv` or `webdataset`")
+    path: str | None = Field(None, description="csv/tsv file, or webdataset shards as a brace pattern")
+    image_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = "\t"
+    num_samples: int | None = Field(None, gt=0, description="samples per epoch of a webdataset (it has no length)")
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _source(self) -> "DataSpec":
+        from harness.data import BUILTIN_DATASETS
+
+        accepted = [*BUILTIN_DATASETS, "csv", "webdataset"]
+        if self.dataset not in accepted:
+            raise ValueError(f"unknown dataset {self.dataset!r}; accepted: {', '.join(accepted)}")
+        if self.dataset in ("csv", "webdataset") and not self.path:
+            raise ValueError(f"dataset {self.dataset!r} needs `path`")
+        if self.dataset == "webdataset" and self.num_samples is None:
+            raise ValueError("dataset 'webdataset' needs `num_samples` (shards carry no length)")
+        return self
+
+
+class OptimSpec(Strict):
+    """Defaults are the paper's: AdamW lr 1e-3, wd 0.1, cosine schedule after 10k linear warmup steps."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(10_000, ge=0)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+
+
+class TrainSpec(Strict):
+    batch_size: int = Field(gt=0, description="global batch size, split across processes")
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_every: int = Field(1000, gt=0)
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _duration(self) -> "TrainSpec":
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of `epochs` or `steps`")
+        return self
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    student: ModelSpec
+    teacher: TeacherSpec | None = None
+    distill: dict[str, DistillTerm] = Field(default_factory=dict, description="method name -> weight (or options)")
+    data: DataSpec
+    optim: OptimSpec = OptimSpec()
+    train: TrainSpec
+
+    @field_validator("distill")
+    @classmethod
+    def _known_methods(cls, terms: dict[str, Any]) -> dict[str, Any]:
+        import methods
+
+        registered = methods.available()
+        for name in terms:
+            if name not in registered:
+                raise ValueError(f"unknown method {name!r}; registered: {', '.join(registered)}")
+        return terms
+
+    @model_validator(mode="after")
+    def _teacher_when_distilling(self) -> "RunConfig":
+        if self.distill and self.teacher is None:
+            raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
+        return self
+
+    def method_terms(self) -> dict[str, tuple[float, dict[str, Any]]]:
+        """Each distillation term as (weight, constructor options)."""
+        terms = {}
+        for name, term in self.distill.items():
+            if isinstance(term, MethodTerm):
+                options = term.model_dump()
+                terms[name] = (options.pop("weight"), options)
+            else:
+                terms[name] = (float(term), {})
+        return terms
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @property
+    def run_id(self) -> str:
+        identity = {k: v for k, v in self.resolved().items() if k not in COSMETIC_FIELDS}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_id
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid run configuration"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"  {location}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a run configuration is a YAML mapping, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read run configuration ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, str(path))

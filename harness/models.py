@@ -1,0 +1,90 @@
+"""Building students and teachers with open_clip, including the project's own model configs."""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+FINAL_CHECKPOINT = Path("checkpoints") / "final.pt"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or its weights could not be built; the message names the model and the file."""
+
+
+@functools.cache
+def register_model_configs() -> None:
+    """open_clip keeps added configs per process, so every process (and every job) registers them once."""
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def known_model_names() -> list[str]:
+    register_model_configs()
+    return open_clip.list_models()
+
+
+@dataclass
+class ClipBundle:
+    model: nn.Module
+    preprocess_train: Callable
+    preprocess_eval: Callable
+    tokenizer: Callable
+    embed_dim: int
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
+
+
+def create_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipBundle:
+    register_model_configs()
+    if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model_name!r} does not exist")
+    try:
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, weights_only=False
+        )
+    except RuntimeError as error:
+        if pretrained is None:
+            raise
+        raise ModelLoadError(
+            f"weights {pretrained!r} could not be loaded into model {model_name!r}: {str(error).splitlines()[0]}"
+        ) from None
+    except Exception as error:  # unpickling a corrupt file raises anything from EOFError to UnpicklingError
+        if pretrained is None or not _looks_like_path(pretrained):
+            raise
+        raise ModelLoadError(
+            f"checkpoint file {pretrained!r} is not a readable checkpoint ({type(error).__name__}: {error})"
+        ) from None
+    embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
+    return ClipBundle(model, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
+
+
+def resolve_teacher_run(run: str) -> tuple[str, str]:
+    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
+    from harness.config import load_config
+
+    path = Path(run)
+    run_dir = load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
+    config_file, checkpoint = run_dir / "config.json", run_dir / FINAL_CHECKPOINT
+    if not config_file.is_file():
+        raise ModelLoadError(f"teacher run {run!r}: {config_file} not found; is it a run directory of this project?")
+    if not checkpoint.is_file():
+        raise ModelLoadError(f"teacher run {run!r} has not finished training: {checkpoint} not found")
+    resolved: dict[str, Any] = json.loads(config_file.read_text())
+    return resolved["student"]["model"], str(checkpoint)
+
+
+def create_teacher(spec, device: str | torch.device = "cpu") -> ClipBundle:
+    """The frozen teacher: eval mode, no grad, from a tag, a checkpoint file, or an earlier run."""
+    model_name, pretrained = resolve_teacher_run(spec.run) if spec.run else (spec.model, spec.pretrained)
+    bundle = create_clip(model_name, pretrained, device)
+    bundle.model.eval().requires_grad_(False)
+    return bundle

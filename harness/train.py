@@ -1,0 +1,328 @@
+"""The training loop: a student and its distillation losses trained together against a frozen teacher."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.loss import ClipLoss
+from open_clip_train.scheduler import cosine_lr
+from torch import nn
+from tqdm import tqdm
+
+import methods
+from harness import checkpoint
+from harness.config import RunConfig
+from harness.data import build_train_data
+from harness.distributed import (
+    DistEnv,
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    gather,
+    gather_with_grad,
+    init_distributed,
+)
+from harness.masking import masked_image_features, patch_grid
+from harness.models import ClipBundle, create_clip, create_teacher
+
+MAX_LOGIT_SCALE_LOG = math.log(100)
+TRAIN_LOG = "train_log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class NonFiniteLossError(TrainingError):
+    pass
+
+
+class TrainingInterrupted(TrainingError):
+    """A stop signal arrived; a checkpoint of the last completed step was written."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"interrupted by signal {signum} after step {step}; checkpoint saved, continue with --resume")
+        self.step, self.signum = step, signum
+
+
+class Objective(nn.Module):
+    """L = L_task + Σ_k w_k L_k, the task loss being CLIP's own InfoNCE on the student's embeddings."""
+
+    def __init__(self, terms: dict[str, tuple[float, dict[str, Any]]], student_dim: int, teacher_dim: int | None):
+        super().__init__()
+        built = {}
+        for name, (_, options) in terms.items():
+            try:
+                built[name] = methods.get(name)(student_dim, teacher_dim, **options)
+            except TypeError as error:
+                raise TrainingError(f"distill.{name}: bad options {options}: {error}") from None
+        self.methods = nn.ModuleDict(built)
+        self.weights = {name: weight for name, (weight, _) in terms.items()}
+        self.task = ClipLoss()
+        ratios = {m.image_mask_ratio for m in self.methods.values() if m.image_mask_ratio is not None}
+        if len(ratios) > 1:
+            raise TrainingError(f"methods ask for different image mask ratios {sorted(ratios)}; use one")
+        self.image_mask_ratio = ratios.pop() if ratios else None
+
+    def forward(self, batch: methods.DistillBatch) -> dict[str, torch.Tensor]:
+        terms = {
+            "task": self.task(
+                methods.normalize(batch.student_image), methods.normalize(batch.student_text), batch.student_logit_scale
+            )
+        }
+        terms.update({name: method(batch) for name, method in self.methods.items()})
+        return terms
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return terms["task"] + sum(self.weights[name] * terms[name] for name in self.methods)
+
+
+def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistEnv) -> torch.Tensor:
+    """Per-step patch-selection noise for the global batch; this rank's rows only."""
+    noise = torch.rand(global_batch, patches, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    block = global_batch // env.world_size
+    return noise[env.rank * block : (env.rank + 1) * block]
+
+
+def compute_losses(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    objective: Objective,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    masked_noise: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one step on the global batch: this rank's embeddings gathered with all others'."""
+    student_image = gather_with_grad(student.encode_image(images))
+    student_text = gather_with_grad(student.encode_text(texts))
+    student_scale = student.logit_scale.exp()
+    if teacher is None:  # the no-KD baseline: the task loss alone
+        zero = torch.zeros(0, device=images.device)
+        batch = methods.DistillBatch(student_image, student_text, zero, zero, student_scale, student_scale)
+        return objective(batch)
+    with torch.no_grad():
+        teacher_image = gather(methods.normalize(teacher.encode_image(images)))
+        teacher_text = gather(methods.normalize(teacher.encode_text(texts)))
+        teacher_scale = teacher.logit_scale.exp()
+    masked = None
+    if objective.image_mask_ratio is not None:
+        masked = gather_with_grad(masked_image_features(student, images, masked_noise, objective.image_mask_ratio))
+    batch = methods.DistillBatch(
+        student_image, student_text, teacher_image, teacher_text, student_scale, teacher_scale, masked
+    )
+    return objective(batch)
+
+
+def parameter_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's rule: no weight decay on gains, biases, norms and logit scales (ndim < 2)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            (no_decay if exempt else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT/SIGUSR1 (SLURM's pre-timeout signal) into a flag checked between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Trainer:
+    config: RunConfig
+    env: DistEnv
+    device: torch.device
+
+    def __post_init__(self):
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.student: ClipBundle = create_clip(cfg.student.model, cfg.student.pretrained, self.device)
+        self.teacher: ClipBundle | None = create_teacher(cfg.teacher, self.device) if cfg.teacher else None
+        teacher_dim = self.teacher.embed_dim if self.teacher else None
+        self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device)
+        broadcast_parameters(self.student.model)
+        broadcast_parameters(self.objective)
+        self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
+        optim = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.student.model, self.objective, weight_decay=optim.weight_decay),
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+        )
+        self.data = build_train_data(
+            cfg.data,
+            self.student.preprocess_train,
+            self.student.tokenizer,
+            cfg.train.batch_size,
+            cfg.seed,
+            self.env.rank,
+            self.env.world_size,
+        )
+        epochs = cfg.train.epochs
+        self.total_steps = cfg.train.steps or max(1, round(epochs * self.data.steps_per_epoch))
+        self.schedule = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, self.total_steps)
+        use_cuda = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        self.step = 0
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "state_dict": self.student.model.state_dict(),
+            "methods": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"kind": "cosine", "step": self.step, "total_steps": self.total_steps},
+            "rng": checkpoint.rng_state(),
+            "step": self.step,
+            "model": self.config.student.model,
+            "embed_dim": self.student.embed_dim,
+            "config": self.config.resolved(),
+        }
+
+    def save(self, name: str) -> None:
+        if self.env.is_main:
+            checkpoint.save_atomic(self.state(), self.run_dir / "checkpoints" / name)
+
+    def restore(self, path: Path) -> None:
+        state = checkpoint.load(path)
+        self.student.model.load_state_dict(state["state_dict"])
+        self.objective.load_state_dict(state["methods"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        lr = self.schedule(self.step)
+        noise = None
+        if self.objective.image_mask_ratio is not None:
+            rows, cols = patch_grid(self.student.model.visual, images.shape[-1])
+            noise = mask_noise(cfg.train.batch_size, rows * cols, cfg.seed, self.step, self.env)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            terms = compute_losses(
+                self.student.model, self.teacher.model if self.teacher else None, self.objective, images, texts, noise
+            )
+            loss = self.objective.total(terms)
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"step {self.step + 1}: loss term {name!r} is {value}; training stopped, the last good "
+                    f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        average_gradients(self.parameters)
+        if cfg.optim.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, cfg.optim.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            self.student.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE_LOG)
+        self.step += 1
+        return {"step": self.step, "lr": lr, "loss": float(loss.detach()), **values}
+
+    def _open_log(self):
+        path = self.run_dir / TRAIN_LOG
+        if not self.env.is_main:
+            return contextlib.nullcontext()
+        kept = []
+        if path.exists():  # drop records past the checkpoint we resume from: they will be recomputed
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    def fit(self) -> None:
+        cfg = self.config
+        spe = self.data.steps_per_epoch
+        show_progress = self.env.is_main and sys.stderr.isatty()
+        with self._open_log() as log, _StopSignals() as signals, tqdm(
+            total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
+        ) as progress:
+            while self.step < self.total_steps:
+                epoch, start_batch = divmod(self.step, spe)
+                for images, texts in self.data.loader_for(epoch, start_batch):
+                    started = time.perf_counter()
+                    record = self.train_step(images.to(self.device), texts.to(self.device))
+                    if log is not None and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
+                        record["seconds"] = round(time.perf_counter() - started, 4)
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    if self.step % cfg.train.checkpoint_every == 0:
+                        self.save(checkpoint.LATEST)
+                    if any_rank(signals.received is not None):
+                        self.save(checkpoint.LATEST)
+                        raise TrainingInterrupted(self.step, signals.received or signal.SIGTERM)
+                    if self.step >= self.total_steps:
+                        break
+        self.save(checkpoint.LATEST)
+        self.save(checkpoint.FINAL)
+
+
+def default_device(env: DistEnv) -> torch.device:
+    return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Train one run to completion in ``config.run_dir``; with ``resume`` continue from its latest checkpoint."""
+    env = init_distributed()
+    run_dir = config.run_dir
+    latest = run_dir / "checkpoints" / checkpoint.LATEST
+    if (run_dir / "checkpoints" / checkpoint.FINAL).exists():
+        return run_dir  # the same resolved config has already been trained: nothing to do
+    if latest.exists() and not resume:
+        raise TrainingError(f"{run_dir} holds an unfinished run; continue it with --resume (or delete the directory)")
+    trainer = Trainer(config, env, default_device(env))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.resolved(), indent=2) + "\n")
+    if resume and latest.exists():
+        trainer.restore(latest)
+    trainer.fit()
+    return run_dir

@@ -1,0 +1,79 @@
+"""What every distillation method shares: the batch it sees, its base class, and the paper's building blocks."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# CLIP clamps its logit scale (1/τ) at 100; learnable scales in the losses obey the same clamp (DESIGN.md §1).
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class DistillBatch:
+    """Embeddings of one global batch (gathered across ranks), as a method sees them.
+
+    Student embeddings are raw (not normalised) and carry grad; teacher embeddings are L2-normalised and
+    carry none. Logit scales are exponentiated, as open_clip returns them.
+    """
+
+    student_image: torch.Tensor
+    student_text: torch.Tensor
+    teacher_image: torch.Tensor
+    teacher_text: torch.Tensor
+    student_logit_scale: torch.Tensor
+    teacher_logit_scale: torch.Tensor
+    student_image_masked: torch.Tensor | None = None
+
+
+class DistillMethod(nn.Module):
+    """Base class of a distillation loss: ``Method(student_dim, teacher_dim, **options)(batch) -> scalar``.
+
+    The returned loss is unweighted; the trainer applies the configured weight. Subclasses declare what the
+    trainer must provide beyond the plain embeddings: ``image_mask_ratio`` asks for ``student_image_masked``,
+    the student's embedding of an image with that fraction of its patches removed.
+    """
+
+    name: ClassVar[str] = ""
+    image_mask_ratio: float | None = None
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.student_dim = student_dim
+        self.teacher_dim = teacher_dim
+
+    @classmethod
+    def description(cls) -> str:
+        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def projection(student_dim: int, teacher_dim: int) -> nn.Module:
+    """P: a learnable linear map into the teacher's space when the dims differ, the identity otherwise."""
+    return nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+
+
+class LogitScale(nn.Module):
+    """A learnable 1/τ stored as log(1/τ), exponentiated and clamped like CLIP's own (the released code did neither)."""
+
+    def __init__(self, init_temperature: float = 0.07):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def diagonal_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row against its diagonal entry: the positives of a paired batch."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))

@@ -1,0 +1,1 @@
+"""results: see the issues for what lands here."""
