@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -89,7 +90,7 @@ class WebDatasetStream(IterableDataset):
         urls = list(self.urls)
         random.Random(self.seed * 7919 + self.epoch).shuffle(urls)
         block = self.batch_size // self.world_size
-        stream = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pilrgb")
+        stream = wds.WebDataset(urls, shardshuffle=False).decode("pilrgb")
         stream = stream.to_tuple("jpg;png;jpeg;webp", "txt")
         limit = (self.num_samples // self.batch_size) * self.batch_size
         for position, (image, caption) in enumerate(stream):
@@ -118,6 +119,14 @@ class TrainData:
 def _csv_dataset(spec, transform, tokenizer) -> Dataset:
     from open_clip_train.data import CsvDataset  # open_clip's own CSV/TSV reader, reused
 
+    if not Path(spec.path).is_file():
+        raise ValueError(f"data.path: {spec.path!r} does not exist")
+    header = Path(spec.path).open().readline().rstrip("\n").split(spec.separator)
+    for field, key in (("image_key", spec.image_key), ("caption_key", spec.caption_key)):
+        if key not in header:
+            raise ValueError(
+                f"data.{field}: {spec.path} has no column {key!r} (separator {spec.separator!r}); columns: {header}"
+            )
     return CsvDataset(spec.path, transform, spec.image_key, spec.caption_key, sep=spec.separator, tokenizer=tokenizer)
 
 
@@ -129,6 +138,9 @@ def build_train_data(spec, transform, tokenizer, batch_size: int, seed: int, ran
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec.path))
+        missing = [url for url in urls if "://" not in url and not Path(url).is_file()]
+        if missing:
+            raise ValueError(f"data.path: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r}")
 
         def wds_loader(epoch: int, start_batch: int) -> DataLoader:
             stream = WebDatasetStream(

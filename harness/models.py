@@ -43,6 +43,17 @@ def _looks_like_path(pretrained: str) -> bool:
     return "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 
 
+def _describe_load_failure(model_name: str, pretrained: str, error: Exception) -> str:
+    """open_clip reports a file that is not a checkpoint and weights of another architecture alike; tell them apart."""
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if not _looks_like_path(pretrained):
+        return f"pretrained tag {pretrained!r} for model {model_name!r} could not be loaded ({reason})"
+    mismatch = isinstance(error, (AssertionError, KeyError)) or "loading state_dict" in str(error)
+    if mismatch:
+        return f"weights in {pretrained!r} could not be loaded into model {model_name!r}: another architecture ({reason})"
+    return f"checkpoint file {pretrained!r} is not a readable checkpoint ({reason})"
+
+
 def create_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipBundle:
     register_model_configs()
     if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
@@ -51,18 +62,10 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, weights_only=False
         )
-    except RuntimeError as error:
+    except Exception as error:
         if pretrained is None:
             raise
-        raise ModelLoadError(
-            f"weights {pretrained!r} could not be loaded into model {model_name!r}: {str(error).splitlines()[0]}"
-        ) from None
-    except Exception as error:  # unpickling a corrupt file raises anything from EOFError to UnpicklingError
-        if pretrained is None or not _looks_like_path(pretrained):
-            raise
-        raise ModelLoadError(
-            f"checkpoint file {pretrained!r} is not a readable checkpoint ({type(error).__name__}: {error})"
-        ) from None
+        raise ModelLoadError(_describe_load_failure(model_name, pretrained, error)) from None
     embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
     return ClipBundle(model, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
 

@@ -1,0 +1,77 @@
+"""Two gloo processes on halves of a global batch give the single-process loss and gradients."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from harness.data import CaptionedImagesDataset
+from harness.builtin_data import load_builtin
+from harness.distributed import average_gradients, init_distributed
+from harness.masking import patch_grid
+from harness.models import create_clip
+from harness.train import Objective, compute_losses, mask_noise
+
+TERMS = {name: (1.0, {}) for name in ["fd", "mfd", "gd", "icl", "afd", "crd", "open_clip_distill", "tinyclip"]}
+GLOBAL_BATCH, SEED, STEP = 8, 3, 5
+
+
+def _setup():
+    torch.manual_seed(0)
+    student = create_clip("clipkd-tiny")
+    teacher = create_clip("clipkd-tiny-teacher")
+    teacher.model.eval().requires_grad_(False)
+    objective = Objective(TERMS, student.embed_dim, teacher.embed_dim)
+    data = CaptionedImagesDataset(load_builtin("digits", "train"), student.preprocess_eval, student.tokenizer)
+    images, texts = zip(*(data[i] for i in range(GLOBAL_BATCH)))
+    return student, teacher, objective, torch.stack(images), torch.stack(texts)
+
+
+def _losses_and_grads(rank_env, images, texts):
+    student, teacher, objective, _, _ = _setup()
+    rows, cols = patch_grid(student.model.visual, images.shape[-1])
+    noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
+    terms = compute_losses(student.model, teacher.model, objective, images, texts, noise)
+    objective.total(terms).backward()
+    parameters = [p for m in (student.model, objective) for p in m.parameters()]
+    average_gradients(parameters)
+    named = [*student.model.named_parameters(), *(("loss." + n, p) for n, p in objective.named_parameters())]
+    return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+def _worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = init_distributed()
+    _, _, _, images, texts = _setup()
+    block = GLOBAL_BATCH // world_size
+    mine = slice(rank * block, (rank + 1) * block)
+    result = _losses_and_grads(env, images[mine], texts[mine])
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    from harness.distributed import DistEnv
+
+    torch.set_num_threads(1)
+    _, _, _, images, texts = _setup()
+    single_terms, single_grads = _losses_and_grads(DistEnv(), images, texts)
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        terms, grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert terms.keys() == single_terms.keys()
+        for name, value in single_terms.items():
+            assert abs(terms[name] - value) <= 1e-5 * max(1.0, abs(value)), (rank, name, terms[name], value)
+        assert grads.keys() == single_grads.keys()
+        for name, grad in single_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")

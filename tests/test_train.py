@@ -1,0 +1,197 @@
+"""Training end to end: resume equals uninterrupted, non-finite losses, plugins, the CLI."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import methods
+from conftest import ROOT, run_clipkd
+from harness.config import parse_config
+from harness.models import create_clip
+from harness.train import NonFiniteLossError, train
+
+
+def write_config(directory: Path, name: str, **overrides) -> Path:
+    config = {
+        "name": name,
+        "seed": 1,
+        "student": {"model": "clipkd-tiny"},
+        "data": {"dataset": "digits"},
+        "optim": {"warmup_steps": 5},
+        "train": {"batch_size": 64, "steps": 8, "checkpoint_every": 4},
+    }
+    for key, value in overrides.items():  # dicts merge into the defaults; a None value removes a default
+        merged = {**config[key], **value} if isinstance(value, dict) and key in config else value
+        config[key] = {k: v for k, v in merged.items() if v is not None} if isinstance(merged, dict) else merged
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A teacher as a plain checkpoint file in open_clip's {"state_dict": ...} layout."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(7)
+    torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, path)
+    return path
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_checkpoint):
+    kd = dict(
+        teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
+        distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1},
+        data={"workers": 2},  # augmentation is seeded per sample, so workers do not change the result
+        train={"batch_size": 64, "steps": 30, "checkpoint_every": 3},
+    )
+    uninterrupted = write_config(tmp_path, "straight", output_dir=str(tmp_path / "a"), **kd)
+    interrupted = write_config(tmp_path, "stopped", output_dir=str(tmp_path / "b"), **kd)
+    run_clipkd("train", str(uninterrupted), cwd=tmp_path)
+
+    run_id = parse_config(yaml.safe_load(interrupted.read_text())).run_id
+    log = tmp_path / "b" / run_id / "train_log.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "train", str(interrupted)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 7):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be stopped"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "continue with --resume" in stderr
+    run_dir = tmp_path / "b" / run_id
+    stopped_at = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"]
+    assert 7 <= stopped_at < 30 and not (run_dir / "checkpoints" / "final.pt").exists()
+
+    refused = run_clipkd("train", str(interrupted), cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    run_clipkd("train", str(interrupted), "--resume", cwd=tmp_path)
+
+    expected, resumed = final_state(tmp_path / "a" / run_id), final_state(run_dir)
+    assert resumed["step"] == expected["step"] == 30
+    for part in ("state_dict", "methods"):
+        assert expected[part].keys() == resumed[part].keys()
+        for name, tensor in expected[part].items():
+            assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs after resume"
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 31))  # the log holds each step once, recomputed steps replaced
+
+
+def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path, teacher_checkpoint):
+    @methods.register("explodes_at_step_3")
+    class ExplodesAtStep3(methods.DistillMethod):
+        """A test method whose loss turns NaN on its third call."""
+
+        def __init__(self, student_dim, teacher_dim):
+            super().__init__(student_dim, teacher_dim)
+            self.calls = 0
+
+        def forward(self, batch):
+            self.calls += 1
+            value = batch.student_image.pow(2).mean()
+            return value * float("nan") if self.calls == 3 else value
+
+    path = write_config(
+        tmp_path, "nan", output_dir=str(tmp_path / "runs"),
+        teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
+        distill={"explodes_at_step_3": 1.0}, train={"batch_size": 64, "steps": 8, "checkpoint_every": 2},
+    )
+    config = parse_config(yaml.safe_load(path.read_text()))
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss term 'explodes_at_step_3' is nan"):
+        train(config)
+    kept = torch.load(config.run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert kept["step"] == 2 and all(torch.isfinite(t).all() for t in kept["state_dict"].values())
+
+
+def test_readme_plugin_installs_through_entry_points_and_trains(tmp_path, teacher_checkpoint):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- file: (\S+) -->\n```\w+\n(.*?)```", readme, flags=re.S)
+    assert {name for name, _ in blocks} == {"my_kd_method.py", "pyproject.toml"}
+    package, site = tmp_path / "plugin", tmp_path / "site"
+    package.mkdir()
+    for name, text in blocks:
+        (package / name).write_text(text)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(package)],
+        check=True, capture_output=True,
+    )
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    assert "cosine_fd" in run_clipkd("methods", cwd=tmp_path, env=env).stdout
+    path = write_config(
+        tmp_path, "plugin", teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
+        distill={"cosine_fd": 1.0, "fd": 2000},
+    )
+    run_clipkd("train", str(path), cwd=tmp_path, env=env)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all("cosine_fd" in r and r["cosine_fd"] > 0 for r in records)
+    assert "methods.cosine_fd.project.weight" in final_state(run_dir)["methods"]
+
+
+def test_smoke_configs_train_teacher_then_student_and_rerun_is_a_no_op(project):
+    run_clipkd("train", "configs/smoke_teacher.yaml", cwd=project)
+    result = run_clipkd("train", "configs/smoke_kd.yaml", cwd=project)
+    run_dir = project / result.stdout.split()[-1]
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert {"task", "fd", "icl", "crd"} <= records[-1].keys()
+    assert records[-1]["crd"] < records[0]["crd"] and records[-1]["icl"] < records[0]["icl"]
+    mtime = (run_dir / "checkpoints" / "final.pt").stat().st_mtime_ns
+    run_clipkd("train", "configs/smoke_kd.yaml", cwd=project)
+    assert (run_dir / "checkpoints" / "final.pt").stat().st_mtime_ns == mtime
+
+
+def test_cli_methods_lists_every_builtin_with_a_description(tmp_path):
+    out = run_clipkd("methods", cwd=tmp_path).stdout
+    for name in ["crd", "fd", "mfd", "gd", "icl", "afd", "open_clip_distill", "tinyclip"]:
+        assert re.search(rf"^{name}\s+\S", out, flags=re.M), out
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"distill": {"fdd": 1}}, "distill: unknown method 'fdd'; registered: afd, crd"),
+        ({"distill": {"fd": 1}}, "need a `teacher`"),
+        ({"student": {"model": "ViT-T-17"}}, "student.model: unknown model 'ViT-T-17'; did you mean ViT-T-16"),
+        ({"data": {"dataset": "imagenet"}}, "unknown dataset 'imagenet'; accepted: digits, fashion-mnist, csv, webdataset"),
+        ({"train": {"steps": None}}, "give exactly one of `epochs` or `steps`"),
+        ({"optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
+        ({"teacher": {"model": "clipkd-tiny-teacher"}}, "a teacher needs weights"),
+        ({"extra_field": 3}, "extra_field: unknown field"),
+        ({"teacher": {"model": "clipkd-tiny-teacher", "pretrained": "missing/teacher.pt"}, "distill": {"fd": 1}},
+         "checkpoint file 'missing/teacher.pt' for model 'clipkd-tiny-teacher' does not exist"),
+    ],
+)
+def test_bad_configs_give_one_clear_message(tmp_path, overrides, message):
+    path = write_config(tmp_path, "bad", **overrides)
+    result = run_clipkd("train", str(path), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert str(path) in result.stderr or "does not exist" in result.stderr
+
+
+def test_corrupt_teacher_checkpoint_is_one_clear_message(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"state_dict": create_clip("clipkd-tiny").model.state_dict()}, wrong)
+    for checkpoint, message in [(corrupt, "is not a readable checkpoint"), (wrong, "could not be loaded into model")]:
+        path = write_config(tmp_path, "bad", distill={"fd": 1},
+                            teacher={"model": "clipkd-tiny-teacher", "pretrained": str(checkpoint)})
+        result = run_clipkd("train", str(path), cwd=tmp_path, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
