@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -140,9 +141,17 @@ class RunConfig(Strict):
         import methods
 
         registered = methods.available()
-        for name in terms:
+        for name, term in terms.items():
             if name not in registered:
                 raise ValueError(f"unknown method {name!r}; registered: {', '.join(registered)}")
+            if isinstance(term, MethodTerm):
+                accepted = list(inspect.signature(methods.get(name)).parameters)[2:]  # after the two dims
+                unknown = sorted(set(term.model_dump()) - {"weight", *accepted})
+                if unknown:
+                    raise ValueError(
+                        f"{name}: unknown option {', '.join(map(repr, unknown))}; "
+                        f"accepted: weight{''.join(', ' + a for a in accepted)}"
+                    )
         return terms
 
     @model_validator(mode="after")

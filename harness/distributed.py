@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as collectives
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def init_distributed() -> DistEnv:
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return collectives.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 @torch.no_grad()

@@ -75,3 +75,33 @@ def test_two_process_gloo_equals_single_process(tmp_path):
         assert grads.keys() == single_grads.keys()
         for name, grad in single_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path):
+    """The whole loop under torchrun (broadcast, sharded loading, rank-0 files) ends where one process ends."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_clipkd
+    from test_train import write_config
+
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(7)
+    torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, teacher)
+    kd = dict(teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher)},
+              distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1}, train={"steps": 6, "checkpoint_every": 3})
+    one = write_config(tmp_path, "one", output_dir=str(tmp_path / "one"), **kd)
+    two = write_config(tmp_path, "two", output_dir=str(tmp_path / "two"), **kd)
+    run_clipkd("train", str(one), cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "harness.cli", "train", str(two)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        check=True, capture_output=True, timeout=600,
+    )
+    (run_one,), (run_two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
+    assert run_one.name == run_two.name  # output_dir and name do not change the run id
+    a = torch.load(run_one / "checkpoints" / "final.pt", weights_only=False)
+    b = torch.load(run_two / "checkpoints" / "final.pt", weights_only=False)
+    for part in ("state_dict", "methods"):
+        for name, tensor in a[part].items():
+            torch.testing.assert_close(b[part][name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{part}.{name}: {m}")

@@ -173,6 +173,8 @@ def test_cli_methods_lists_every_builtin_with_a_description(tmp_path):
         ({"optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
         ({"teacher": {"model": "clipkd-tiny-teacher"}}, "a teacher needs weights"),
         ({"extra_field": 3}, "extra_field: unknown field"),
+        ({"teacher": {"run": "configs/t.yaml"}, "distill": {"mfd": {"weight": 1, "mask": 0.5}}},
+         "distill: mfd: unknown option 'mask'; accepted: weight, mask_ratio"),
         ({"teacher": {"model": "clipkd-tiny-teacher", "pretrained": "missing/teacher.pt"}, "distill": {"fd": 1}},
          "checkpoint file 'missing/teacher.pt' for model 'clipkd-tiny-teacher' does not exist"),
     ],
