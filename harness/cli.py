@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -24,22 +26,151 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.pipeline import run
+    from results.store import Store
+
+    config = load_config(args.config)
+    store = Store(args.db)
+    status = run(config, store)
+    print(f"run {config.run_id} {status}: {config.run_dir} (store: {store.url})")
+    return 0
+
+
+def _checkpoint_model(checkpoint: Path, model: str | None) -> str:
+    from harness import checkpoint as checkpoints
+
+    if model:
+        return model
+    try:
+        saved = checkpoints.load(checkpoint)
+    except Exception as error:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} does not name its model (not a clipkd checkpoint): pass --model")
+    return saved["model"]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from evals.datasets import load_eval_set
+    from evals.zeroshot import zero_shot_metrics
+    from harness.models import FINAL_CHECKPOINT, create_clip
+
+    path = Path(args.checkpoint)
+    checkpoint = path / FINAL_CHECKPOINT if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist")
+    bundle = create_clip(_checkpoint_model(checkpoint, args.model), str(checkpoint))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
+    metrics = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size)
+    print(json.dumps({"benchmark": eval_set.benchmark, "metrics": metrics}, indent=2))
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from results.queries import leaderboard, render
+    from results.store import Store
+
+    frame = leaderboard(Store(args.db, readonly=True), args.metric, args.benchmark, args.teacher, args.student,
+                        args.dataset, args.method)
+    sys.stdout.write(render(frame, args.format))
+    return 0
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from results.queries import ablation, render
+    from results.store import Store
+
+    frame = ablation(Store(args.db, readonly=True), args.teacher, args.student, args.dataset)
+    sys.stdout.write(render(frame, args.format))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evals.export import export_open_clip_dir
+    from harness.models import FINAL_CHECKPOINT
+
+    path = Path(args.checkpoint)
+    checkpoint = path / FINAL_CHECKPOINT if path.is_dir() else path
+    out = export_open_clip_dir(_checkpoint_model(checkpoint, args.model), checkpoint, Path(args.out))
+    print(f"open_clip model written to {out}: load it as 'local-dir:{out}'")
+    return 0
+
+
+def _cmd_export_dataset(args: argparse.Namespace) -> int:
+    from evals.export import export_clip_benchmark_wds
+
+    classification, retrieval = export_clip_benchmark_wds(args.dataset, Path(args.out))
+    print(f"clip_benchmark datasets: --dataset wds/{args.dataset} --dataset_root {classification} "
+          f"(classification), --dataset_root {retrieval} (retrieval)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from results.queries import FORMATS
+
     parser = argparse.ArgumentParser(prog="clipkd", description="CLIP knowledge distillation benchmark harness")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list the registered distillation methods").set_defaults(func=_cmd_methods)
+
     train = commands.add_parser("train", help="train one run from a YAML config")
     train.add_argument("config", help="run configuration (YAML)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its latest checkpoint")
     train.set_defaults(func=_cmd_train)
+
+    db_help = "results store: any SQLAlchemy URL (default $CLIPKD_DB, else sqlite:///results/clipkd.db)"
+    run = commands.add_parser("run", help="train, evaluate and store one run (resumes; skips finished work)")
+    run.add_argument("config")
+    run.add_argument("--db", help=db_help)
+    run.set_defaults(func=_cmd_run)
+
+    evaluate = commands.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint")
+    evaluate.add_argument("checkpoint", help="a run directory or a checkpoint file")
+    evaluate.add_argument("--dataset", required=True,
+                          help="digits, fashion-mnist, imagefolder, csv, or a clip_benchmark dataset name")
+    evaluate.add_argument("--root", help="where a clip_benchmark dataset is staged; the folder or CSV for local sets")
+    evaluate.add_argument("--model", help="the open_clip model name, for a checkpoint that does not name it")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.set_defaults(func=_cmd_eval)
+
+    for name, func, text in (("leaderboard", _cmd_leaderboard, "runs ranked, with the delta against the baseline"),
+                             ("ablation", _cmd_ablation, "the paper's ablation table: methods x benchmarks")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--db", help=db_help)
+        sub.add_argument("--teacher")
+        sub.add_argument("--student")
+        sub.add_argument("--dataset", help="the training dataset")
+        if name == "leaderboard":
+            sub.add_argument("--benchmark", help="an evaluation benchmark (default: all)")
+            sub.add_argument("--method", help="e.g. baseline, crd+fd+icl")
+            sub.add_argument("--metric", default="top1", help="rank by: top1, top5, i2t_r1, t2i_r1, ... (default top1)")
+        sub.add_argument("--format", default="table", choices=FORMATS)
+        sub.set_defaults(func=func)
+
+    export = commands.add_parser("export", help="write a student as an open_clip local-dir model")
+    export.add_argument("checkpoint", help="a run directory or a checkpoint file")
+    export.add_argument("out")
+    export.add_argument("--model")
+    export.set_defaults(func=_cmd_export)
+
+    export_dataset = commands.add_parser("export-dataset", help="write a built-in test split in clip_benchmark's wds layout")
+    export_dataset.add_argument("dataset", choices=["digits", "fashion-mnist"])
+    export_dataset.add_argument("out")
+    export_dataset.set_defaults(func=_cmd_export_dataset)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evals.datasets import EvalDatasetError
+    from harness.builtin_data import DatasetUnavailableError
     from harness.config import ConfigError
     from harness.models import ModelLoadError
-    from harness.builtin_data import DatasetUnavailableError
     from harness.train import TrainingError, TrainingInterrupted
+    from results.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
@@ -47,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"clipkd: {stop}", file=sys.stderr)
         return 128 + stop.signum
-    except (ConfigError, ModelLoadError, DatasetUnavailableError, TrainingError, ValueError) as error:
+    except (ConfigError, ModelLoadError, DatasetUnavailableError, EvalDatasetError, StoreError, TrainingError,
+            ValueError) as error:
         print(f"clipkd: error: {error}", file=sys.stderr)
         return 2
 

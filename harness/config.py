@@ -15,8 +15,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Fields that name or place a run without changing what it computes; they stay out of the run id.
-COSMETIC_FIELDS = {"name", "output_dir"}
+# Fields that do not change the trained model stay out of the run id: renaming a run, moving it, or adding a
+# benchmark to evaluate reuses the trained run.
+NON_TRAINING_FIELDS = {"name", "output_dir", "eval"}
+# What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
+SETTING_VARIES = {"teacher", "distill", "seed"}
 
 
 class ConfigError(ValueError):
@@ -124,6 +127,18 @@ class TrainSpec(Strict):
         return self
 
 
+class BenchmarkSpec(Strict):
+    dataset: str = Field(description="a built-in dataset, imagefolder, csv, or a clip_benchmark dataset name")
+    root: str | None = Field(None, description="where a clip_benchmark dataset is staged, or the folder / CSV")
+
+
+class EvalSpec(Strict):
+    benchmarks: list[BenchmarkSpec] | None = Field(
+        None, description="what to evaluate; by default the test split of a built-in training dataset"
+    )
+    batch_size: int = Field(256, gt=0)
+
+
 class RunConfig(Strict):
     name: str = "run"
     output_dir: str = "runs"
@@ -134,6 +149,7 @@ class RunConfig(Strict):
     data: DataSpec
     optim: OptimSpec = OptimSpec()
     train: TrainSpec
+    eval: EvalSpec = EvalSpec()
 
     @field_validator("distill")
     @classmethod
@@ -176,12 +192,31 @@ class RunConfig(Strict):
 
     @property
     def run_id(self) -> str:
-        identity = {k: v for k, v in self.resolved().items() if k not in COSMETIC_FIELDS}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return _digest({k: v for k, v in self.resolved().items() if k not in NON_TRAINING_FIELDS})
+
+    @property
+    def setting_id(self) -> str:
+        """Identifies runs that differ only in teacher, method and seed: the baseline's comparison group."""
+        return _digest({k: v for k, v in self.resolved().items() if k not in NON_TRAINING_FIELDS | SETTING_VARIES})
+
+    @property
+    def method_label(self) -> str:
+        return "+".join(sorted(self.distill)) or "baseline"
+
+    def benchmarks(self) -> list[BenchmarkSpec]:
+        from harness.builtin_data import BUILTIN_DATASETS
+
+        if self.eval.benchmarks is not None:
+            return self.eval.benchmarks
+        return [BenchmarkSpec(dataset=self.data.dataset)] if self.data.dataset in BUILTIN_DATASETS else []
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_id
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _format_validation_error(source: str, error: ValidationError) -> str:

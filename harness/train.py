@@ -81,6 +81,10 @@ class Objective(nn.Module):
         terms.update({name: method(batch) for name, method in self.methods.items()})
         return terms
 
+    def student_projection(self) -> nn.Module | None:
+        """The first learned student→teacher projection among the methods, in config order."""
+        return next((p for m in self.methods.values() if (p := m.student_projection()) is not None), None)
+
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return terms["task"] + sum(self.weights[name] * terms[name] for name in self.methods)
 

@@ -53,6 +53,15 @@ class DistillMethod(nn.Module):
     def forward(self, batch: DistillBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def student_projection(self) -> nn.Module | None:
+        """The learned map P of student embeddings into the teacher's space, if this method learns one.
+
+        By convention a method keeps P as ``self.project`` (see :func:`projection`); evaluation uses it to compare
+        student and teacher features when their dims differ.
+        """
+        project = getattr(self, "project", None)
+        return project if isinstance(project, nn.Linear) else None
+
 
 def projection(student_dim: int, teacher_dim: int) -> nn.Module:
     """P: a learnable linear map into the teacher's space when the dims differ, the identity otherwise."""

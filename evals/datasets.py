@@ -1,0 +1,129 @@
+"""Evaluation sets: the built-in test splits, any clip_benchmark dataset with a root, local folders and CSVs.
+
+An evaluation set bundles what clip_benchmark's metric functions need: a classification dataset with
+``.classes`` and ``.templates`` yielding (image, label), and/or a retrieval dataset yielding (image, [captions]).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_task
+from PIL import Image
+from torch.utils.data import Dataset
+
+from harness.builtin_data import BUILTIN_DATASETS, CaptionedImages, load_builtin
+
+LOCAL_KINDS = ("imagefolder", "csv")
+
+
+class EvalDatasetError(ValueError):
+    pass
+
+
+@dataclass
+class EvalSet:
+    benchmark: str  # the name recorded in the store: clip_benchmark's own name where it has one
+    classification: Dataset | None = None
+    retrieval: Dataset | None = None
+
+
+class _BuiltinSplit(Dataset):
+    def __init__(self, split: CaptionedImages, transform: Callable, with_captions: bool):
+        self.split, self.transform, self.with_captions = split, transform, with_captions
+        self.classes, self.templates = split.classnames, split.templates
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, index: int):
+        image = self.transform(Image.fromarray(self.split.images[index]).convert("RGB"))
+        return image, ([self.split.captions[index]] if self.with_captions else int(self.split.labels[index]))
+
+
+class _CaptionCsv(Dataset):
+    """``filepath,caption`` rows; several rows of one image are its several captions."""
+
+    def __init__(self, path: Path, transform: Callable):
+        frame = pd.read_csv(path, sep=None, engine="python")
+        missing = {"filepath", "caption"} - set(frame.columns)
+        if missing:
+            raise EvalDatasetError(f"{path}: needs columns filepath and caption; missing {sorted(missing)}")
+        grouped = frame.groupby("filepath", sort=False)["caption"].apply(list)
+        base = path.parent
+        self.items = [(base / filepath, captions) for filepath, captions in grouped.items()]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, captions = self.items[index]
+        return self.transform(Image.open(path).convert("RGB")), captions
+
+
+def _imagenet_templates() -> list[str]:
+    text = resources.files("clip_benchmark.datasets").joinpath("en_zeroshot_classification_templates.json").read_text()
+    return json.loads(text)["imagenet1k"]
+
+
+def _clip_benchmark_set(name: str, root: str | None, transform: Callable) -> EvalSet:
+    if root is None:
+        raise EvalDatasetError(f"dataset {name!r} is a clip_benchmark dataset and needs --root (where it is staged)")
+    if "://" not in root and not Path(root).exists():
+        raise EvalDatasetError(f"dataset root {root!r} for {name!r} does not exist")
+    task = get_dataset_default_task(name)
+    try:
+        dataset = build_dataset(name, root=root, transform=transform, split="test", download=False, task=task)
+    except ValueError as error:
+        if "Unsupported dataset" in str(error):
+            accepted = ", ".join([*BUILTIN_DATASETS, *LOCAL_KINDS])
+            raise EvalDatasetError(
+                f"unknown dataset {name!r}; accepted: {accepted}, or a clip_benchmark dataset name "
+                "(imagenet1k, imagenetv2, imagenet-r, imagenet-a, imagenet_sketch, mscoco_captions, flickr30k, wds/NAME…)"
+            ) from None
+        raise EvalDatasetError(f"dataset {name!r} at {root!r} could not be opened: {error}") from None
+    except (FileNotFoundError, RuntimeError, OSError) as error:
+        raise EvalDatasetError(f"dataset {name!r} is not staged under {root!r}: {error}") from None
+    if task == "zeroshot_retrieval" or getattr(dataset, "classes", None) is None:
+        return EvalSet(name, retrieval=dataset)
+    return EvalSet(name, classification=dataset)
+
+
+def benchmark_name(name: str, root: str | None) -> str:
+    """The name a set's metrics are stored under: clip_benchmark's own, or the kind and the folder/file name."""
+    if name == "imagefolder":
+        return f"imagefolder:{Path(root or '').name}"
+    if name == "csv":
+        return f"csv:{Path(root or '').stem}"
+    return name
+
+
+def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
+    if name in BUILTIN_DATASETS:
+        split = load_builtin(name, "test")
+        return EvalSet(name, _BuiltinSplit(split, transform, False), _BuiltinSplit(split, transform, True))
+    if name == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        if root is None or not Path(root).is_dir():
+            raise EvalDatasetError(f"dataset 'imagefolder' needs --root, an existing folder of class folders (got {root!r})")
+        folder = ImageFolder(root, transform=transform)
+        folder.templates = _imagenet_templates()
+        return EvalSet(benchmark_name(name, root), classification=folder)
+    if name == "csv":
+        if root is None or not Path(root).is_file():
+            raise EvalDatasetError(f"dataset 'csv' needs --root, an existing filepath,caption CSV (got {root!r})")
+        return EvalSet(benchmark_name(name, root), retrieval=_CaptionCsv(Path(root), transform))
+    return _clip_benchmark_set(name, root, transform)
+
+
+def retrieval_collate(batch):
+    """Images stacked, captions kept as lists: clip_benchmark's layout for retrieval."""
+    images, captions = zip(*batch)
+    return torch.stack(images), list(captions)

@@ -1,0 +1,50 @@
+"""Hand a student and a built-in dataset to other tools: open_clip's ``local-dir:`` and clip_benchmark's wds."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+
+from harness.builtin_data import load_builtin
+from harness.models import create_clip
+
+
+def export_open_clip_dir(model_name: str, checkpoint: Path, out: Path) -> Path:
+    """A folder that ``open_clip.create_model('local-dir:OUT')`` (and so ``clip_benchmark eval``) loads."""
+    bundle = create_clip(model_name, str(checkpoint))
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": open_clip.get_model_config(model_name),
+              "preprocess_cfg": open_clip.get_model_preprocess_cfg(bundle.model)}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    torch.save(bundle.model.state_dict(), out / "open_clip_pytorch_model.bin")
+    return out
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def export_clip_benchmark_wds(dataset: str, out: Path) -> tuple[Path, Path]:
+    """The test split as two clip_benchmark wds datasets: OUT/classification and OUT/retrieval (PNG, lossless)."""
+    import webdataset as wds
+
+    split = load_builtin(dataset, "test")
+    folders = {task: out / task for task in ("classification", "retrieval")}
+    for task, folder in folders.items():
+        (folder / "test").mkdir(parents=True, exist_ok=True)
+        (folder / "test" / "nshards.txt").write_text("1\n")
+        with wds.TarWriter(str(folder / "test" / "0.tar")) as sink:
+            for i, image in enumerate(split.images):
+                sample = {"__key__": f"s{i:06d}", "png": _png(image)}
+                sample.update({"cls": int(split.labels[i])} if task == "classification" else {"txt": split.captions[i]})
+                sink.write(sample)
+    (folders["classification"] / "classnames.txt").write_text("\n".join(split.classnames) + "\n")
+    (folders["classification"] / "zeroshot_classification_templates.txt").write_text("\n".join(split.templates) + "\n")
+    (folders["retrieval"] / "dataset_type.txt").write_text("retrieval\n")
+    return folders["classification"], folders["retrieval"]

@@ -1,0 +1,150 @@
+"""One run from config to store: resolved config → run id → train (checkpointing) → evaluate → store."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.datasets import benchmark_name, load_eval_set
+from evals.similarity import feature_similarity
+from evals.zeroshot import zero_shot_metrics
+from harness import checkpoint
+from harness.config import RunConfig, parse_config
+from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, resolve_teacher_run
+from harness.train import TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
+from harness.distributed import init_distributed
+from results.store import Store, now, terms_json
+
+MAX_CURVE_POINTS = 500
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainedRun:
+    config: RunConfig
+    student: ClipBundle
+    teacher: ClipBundle | None
+    objective: Objective
+
+
+def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
+    config = parse_config(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    final = run_dir / FINAL_CHECKPOINT
+    student = create_clip(config.student.model, str(final), device)
+    teacher = create_teacher(config.teacher, device) if config.teacher else None
+    objective = Objective(config.method_terms(), student.embed_dim, teacher.embed_dim if teacher else None)
+    objective.load_state_dict(checkpoint.load(final)["methods"])
+    return TrainedRun(config, student, teacher, objective.to(device))
+
+
+def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> dict[str, dict[str, float]]:
+    """{benchmark: {metric: value}}: zero-shot metrics, and feature similarity when there is a teacher."""
+    results = {}
+    for spec in benchmarks:
+        eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval)
+        metrics = zero_shot_metrics(
+            trained.student.model, trained.student.tokenizer, eval_set, device, trained.config.eval.batch_size
+        )
+        if trained.teacher is not None:
+            metrics.update(feature_similarity(trained.student, trained.teacher, trained.objective.student_projection(),
+                                              eval_set, device, trained.config.eval.batch_size))
+        results[eval_set.benchmark] = metrics
+    return results
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", str(PROJECT_ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            return sha.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from importlib.metadata import version
+
+    return version("clipkd")
+
+
+def teacher_label(config: RunConfig) -> str | None:
+    if config.teacher is None:
+        return None
+    if config.teacher.run:
+        return f"{resolve_teacher_run(config.teacher.run)[0]}@run:{Path(config.teacher.run).stem}"
+    return f"{config.teacher.model}@{Path(config.teacher.pretrained).name}"
+
+
+def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": config.run_id,
+        "setting_id": config.setting_id,
+        "name": config.name,
+        "teacher": teacher_label(config),
+        "student": config.student.model,
+        "method": config.method_label,
+        "terms": terms_json({name: weight for name, (weight, _) in config.method_terms().items()}),
+        "dataset": config.data.dataset if config.data.dataset in ("digits", "fashion-mnist") else config.data.path,
+        "seed": config.seed,
+        "config": json.dumps(config.resolved(), sort_keys=True),
+        "run_dir": str(config.run_dir.resolve()),
+        **fields,
+    }
+
+
+def training_curves(run_dir: Path) -> list[tuple[str, int, float]]:
+    """Every loss term against step, thinned to at most MAX_CURVE_POINTS steps (the last one always kept)."""
+    records = [json.loads(line) for line in (run_dir / TRAIN_LOG).read_text().splitlines() if line]
+    stride = max(1, -(-len(records) // MAX_CURVE_POINTS))
+    kept = records[::stride] + ([records[-1]] if records and (len(records) - 1) % stride else [])
+    return [(term, r["step"], r[term]) for r in kept for term in r if term not in ("step", "seconds")]
+
+
+def parameter_count(bundle: ClipBundle | None) -> int | None:
+    return sum(p.numel() for p in bundle.model.parameters()) if bundle else None
+
+
+def run(config: RunConfig, store: Store, grid: str | None = None) -> str:
+    """Train, evaluate and store one run; returns its final status. Finished work is never redone."""
+    wanted = {benchmark_name(spec.dataset, spec.root) for spec in config.benchmarks()}
+    existing = store.get_run(config.run_id)
+    if existing and existing["status"] == "done" and wanted <= store.benchmarks(config.run_id):
+        return "done"
+    env = init_distributed()
+    base = run_record(config, grid=grid)
+    if env.is_main:
+        store.put_run({**base, "status": "running", "error": None, "started_at": now(), "host": socket.gethostname(),
+                       "code_version": code_version()})
+    started = time.perf_counter()
+    try:
+        run_dir = train(config, resume=True)
+    except TrainingInterrupted as stop:
+        if env.is_main:
+            store.set_status(config.run_id, "queued", f"interrupted after step {stop.step}; resumes from its checkpoint")
+        raise
+    except Exception as error:
+        if env.is_main:
+            store.set_status(config.run_id, "failed", f"training: {type(error).__name__}: {error}")
+        raise
+    train_seconds = time.perf_counter() - started
+    if not env.is_main:
+        return "done"
+    started = time.perf_counter()
+    try:
+        trained = load_trained_run(run_dir, default_device(env))
+        metrics = evaluate(trained, config.benchmarks(), default_device(env))
+    except Exception as error:  # stored as failed, with no metric of this attempt written
+        store.set_status(config.run_id, "failed", f"evaluation: {type(error).__name__}: {error}")
+        raise
+    store.put_run(
+        {**base, "status": "done", "error": None, "finished_at": now(), "train_seconds": train_seconds,
+         "eval_seconds": time.perf_counter() - started, "student_params": parameter_count(trained.student),
+         "teacher_params": parameter_count(trained.teacher)},
+        metrics=metrics,
+        curves=training_curves(run_dir),
+    )
+    return "done"

@@ -1,0 +1,263 @@
+"""The results store: runs, their metrics and training curves, in any SQLAlchemy database.
+
+SQLite (``results/clipkd.db``) is the default, in WAL mode with a busy timeout, every write transaction begun
+with ``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing on a lock upgrade. A lab's shared store
+is any SQLAlchemy URL (``--db`` or ``CLIPKD_DB``), e.g. ``postgresql+psycopg://host/clipkd``. Every write is one
+transaction and an upsert: writing the same run twice leaves one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+DEFAULT_URL = "sqlite:///results/clipkd.db"
+STATUSES = ("queued", "running", "done", "failed")
+# Upgrades from an older schema: MIGRATIONS[v] takes a store from version v to v + 1.
+MIGRATIONS: dict[int, list[str]] = {}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaInfo(Base):
+    __tablename__ = "clipkd_schema"
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64))
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # hash of the resolved training config
+    setting_id: Mapped[str] = mapped_column(String(32))  # the same, without teacher, method and seed
+    name: Mapped[str] = mapped_column(String(200))
+    teacher: Mapped[str | None] = mapped_column(String(300))
+    student: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(200))  # "baseline", or the sorted loss names joined by "+"
+    terms: Mapped[str] = mapped_column(Text)  # JSON: {name: weight}
+    dataset: Mapped[str] = mapped_column(String(300))
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    config: Mapped[str] = mapped_column(Text)
+    run_dir: Mapped[str | None] = mapped_column(Text)
+    grid: Mapped[str | None] = mapped_column(String(200))
+    host: Mapped[str | None] = mapped_column(String(200))
+    code_version: Mapped[str | None] = mapped_column(String(100))
+    student_params: Mapped[int | None] = mapped_column(Integer)
+    teacher_params: Mapped[int | None] = mapped_column(Integer)
+    train_seconds: Mapped[float | None] = mapped_column(Float)
+    eval_seconds: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[str | None] = mapped_column(String(40))
+    finished_at: Mapped[str | None] = mapped_column(String(40))
+    updated_at: Mapped[str] = mapped_column(String(40))
+    __table_args__ = (
+        Index("ix_runs_cell", "student", "dataset", "teacher", "method"),
+        Index("ix_runs_setting", "setting_id", "method"),
+        Index("ix_runs_status", "status"),
+        Index("ix_runs_grid", "grid", "status"),
+    )
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    benchmark: Mapped[str] = mapped_column(String(200), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)
+    __table_args__ = (Index("ix_metrics_benchmark", "benchmark", "metric", "run_id", "value"),)
+
+
+class CurvePoint(Base):
+    __tablename__ = "curves"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    term: Mapped[str] = mapped_column(String(100), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+RUN_COLUMNS = {column.name for column in Run.__table__.columns}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_url(url: str | None = None) -> str:
+    return url or os.environ.get("CLIPKD_DB") or DEFAULT_URL
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 60})
+    path = engine.url.database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # transactions are begun explicitly below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 60000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _upsert(connection: Connection, table, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # other backends: delete-then-insert inside the caller's transaction
+        keys = [c.name for c in table.primary_key.columns]
+        for row in rows:
+            connection.execute(delete(table).where(*[table.c[k] == row[k] for k in keys]))
+        connection.execute(table.insert(), rows)
+        return
+    statement = insert(table).values(rows)
+    keys = [c.name for c in table.primary_key.columns]
+    updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    connection.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates))
+
+
+class Store:
+    def __init__(self, url: str | None = None, readonly: bool = False):
+        self.url = resolve_url(url)
+        try:
+            self.engine = _sqlite_engine(self.url) if self.url.startswith("sqlite") else create_engine(self.url)
+        except Exception as error:  # a malformed URL or a missing driver
+            raise StoreError(f"cannot open results store {self.url!r}: {error}") from None
+        self._check_schema(readonly)
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # -- schema --------------------------------------------------------------------------------------------------
+    def _check_schema(self, readonly: bool) -> None:
+        with self.transaction() as connection:
+            tables = set(inspect(connection).get_table_names())
+            if tables and SchemaInfo.__tablename__ not in tables:
+                raise StoreError(f"{self.url} is not a clipkd results store (it has tables {sorted(tables)[:5]} "
+                                 f"but no {SchemaInfo.__tablename__})")
+            if not tables:
+                if readonly:
+                    raise StoreError(f"results store {self.url} is empty: run `clipkd run CONFIG` first")
+                Base.metadata.create_all(connection)
+                _upsert(connection, SchemaInfo.__table__, [{"key": "version", "value": str(SCHEMA_VERSION)}])
+                return
+            version = int(connection.execute(select(SchemaInfo.value).where(SchemaInfo.key == "version")).scalar_one())
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"results store {self.url} has schema version {version}, newer than this clipkd's "
+                    f"{SCHEMA_VERSION}: upgrade clipkd to read it (nothing was changed)"
+                )
+            if version < SCHEMA_VERSION:
+                self._upgrade(connection, version, readonly)
+
+    def _upgrade(self, connection: Connection, version: int, readonly: bool) -> None:
+        missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
+        if readonly or missing:
+            raise StoreError(
+                f"results store {self.url} has schema version {version}; this clipkd needs {SCHEMA_VERSION} "
+                + ("and opens it read-only: upgrade it with any write command first" if readonly and not missing
+                   else f"and has no upgrade from version {missing[0]}")
+            )
+        for v in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[v]:
+                connection.exec_driver_sql(statement)
+        _upsert(connection, SchemaInfo.__table__, [{"key": "version", "value": str(SCHEMA_VERSION)}])
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    # -- writes --------------------------------------------------------------------------------------------------
+    def put_run(self, run: dict[str, Any], metrics: dict[str, dict[str, float]] | None = None,
+                curves: Iterable[tuple[str, int, float]] | None = None) -> None:
+        """Insert or update a run; ``metrics`` ({benchmark: {metric: value}}) replace those benchmarks' values."""
+        unknown = set(run) - RUN_COLUMNS
+        if unknown:
+            raise StoreError(f"unknown run fields {sorted(unknown)}")
+        with self.transaction() as connection:
+            self._put(connection, run, metrics, curves)
+
+    def _put(self, connection, run, metrics, curves) -> None:
+        existing = connection.execute(select(Run.__table__).where(Run.id == run["id"])).mappings().first()
+        row = {**(dict(existing) if existing else {}), **run, "updated_at": now()}
+        _upsert(connection, Run.__table__, [row])
+        for benchmark, values in (metrics or {}).items():
+            connection.execute(delete(Metric).where(Metric.run_id == run["id"], Metric.benchmark == benchmark))
+            _upsert(connection, Metric.__table__, [
+                {"run_id": run["id"], "benchmark": benchmark, "metric": m, "value": v} for m, v in values.items()
+            ])
+        if curves is not None:
+            connection.execute(delete(CurvePoint).where(CurvePoint.run_id == run["id"]))
+            _upsert(connection, CurvePoint.__table__, [
+                {"run_id": run["id"], "term": term, "step": step, "value": value} for term, step, value in curves
+            ])
+
+    def set_status(self, run_id: str, status: str, error: str | None = None, **fields: Any) -> None:
+        if status not in STATUSES:
+            raise StoreError(f"unknown status {status!r}; accepted: {', '.join(STATUSES)}")
+        self.put_run({"id": run_id, "status": status, "error": error, **fields})
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(Run.__table__).where(Run.id == run_id)).mappings().first()
+        return dict(row) if row else None
+
+    def benchmarks(self, run_id: str) -> set[str]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(Metric.benchmark).where(Metric.run_id == run_id).distinct())
+            return {r[0] for r in rows}
+
+    def metrics(self, run_id: str) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        with self.engine.connect() as connection:
+            for b, m, v in connection.execute(select(Metric.benchmark, Metric.metric, Metric.value).where(Metric.run_id == run_id)):
+                out.setdefault(b, {})[m] = v
+        return out
+
+    def count_runs(self) -> int:
+        with self.engine.connect() as connection:
+            return len(connection.execute(select(Run.id)).all())
+
+
+def terms_json(terms: dict[str, float]) -> str:
+    return json.dumps(terms, sort_keys=True)
