@@ -1,1 +1,1 @@
-"""app: see the issues for what lands here."""
+"""The Streamlit leaderboard dashboard (issue 5)."""

@@ -1,1 +1,1 @@
-"""evals: see the issues for what lands here."""
+"""Zero-shot classification and retrieval through clip_benchmark; teacher-student feature similarity."""

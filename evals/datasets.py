@@ -6,10 +6,10 @@ An evaluation set bundles what clip_benchmark's metric functions need: a classif
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -18,11 +18,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harness.builtin_data import BUILTIN_DATASETS, CaptionedImages, load_builtin
+from harness.errors import ClipkdError
 
 LOCAL_KINDS = ("imagefolder", "csv")
 
 
-class EvalDatasetError(ValueError):
+class EvalDatasetError(ClipkdError, ValueError):
     pass
 
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import functools
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from harness.errors import ClipkdError
 
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_SEED = 0
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(ClipkdError, RuntimeError):
     pass
 
 
@@ -68,7 +70,7 @@ def _digit_captions(images: np.ndarray, labels: np.ndarray) -> list[str]:
     weight = _tertile_words(stats["mean"], ("thin", "medium", "bold"))
     lean = _tertile_words(stats["slant"], ("left-leaning", "upright", "right-leaning"))
     size = _tertile_words(stats["area"], ("small", "mid-sized", "large"))
-    return [f"a {s}, {w}, {l} {DIGIT_NAMES[y]}" for w, l, s, y in zip(weight, lean, size, labels)]
+    return [f"a {s}, {w}, {slant} {DIGIT_NAMES[y]}" for w, slant, s, y in zip(weight, lean, size, labels)]
 
 
 @functools.cache

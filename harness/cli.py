@@ -6,6 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from harness.errors import ClipkdError
+from results import FORMATS
+
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     import methods
@@ -111,8 +114,6 @@ def _cmd_export_dataset(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from results.queries import FORMATS
-
     parser = argparse.ArgumentParser(prog="clipkd", description="CLIP knowledge distillation benchmark harness")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list the registered distillation methods").set_defaults(func=_cmd_methods)
@@ -165,21 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evals.datasets import EvalDatasetError
-    from harness.builtin_data import DatasetUnavailableError
-    from harness.config import ConfigError
-    from harness.models import ModelLoadError
-    from harness.train import TrainingError, TrainingInterrupted
-    from results.store import StoreError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except TrainingInterrupted as stop:
-        print(f"clipkd: {stop}", file=sys.stderr)
-        return 128 + stop.signum
-    except (ConfigError, ModelLoadError, DatasetUnavailableError, EvalDatasetError, StoreError, TrainingError,
-            ValueError) as error:
+    except ClipkdError as error:
+        signum = getattr(error, "signum", None)  # an interrupted run: checkpointed, exits like the signal
+        print(f"clipkd: {'' if signum else 'error: '}{error}", file=sys.stderr)
+        return 128 + signum if signum else 2
+    except ValueError as error:  # bad values found below the config layer (data files, columns, sizes)
         print(f"clipkd: error: {error}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.errors import ClipkdError
+
 # Fields that do not change the trained model stay out of the run id: renaming a run, moving it, or adding a
 # benchmark to evaluate reuses the trained run.
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval"}
@@ -22,7 +24,7 @@ NON_TRAINING_FIELDS = {"name", "output_dir", "eval"}
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
 
-class ConfigError(ValueError):
+class ConfigError(ClipkdError, ValueError):
     """A configuration that cannot run; the message names the file, field and accepted values."""
 
 
@@ -55,7 +57,7 @@ class TeacherSpec(Strict):
     run: str | None = Field(None, description="a run directory of this project, or the YAML config of that run")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TeacherSpec":
+    def _one_source(self) -> TeacherSpec:
         if self.run is not None:
             if self.model is not None or self.pretrained is not None:
                 raise ValueError("give either `run` or `model` + `pretrained`, not both")
@@ -87,7 +89,7 @@ class DataSpec(Strict):
     workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _source(self) -> "DataSpec":
+    def _source(self) -> DataSpec:
         from harness.data import BUILTIN_DATASETS
 
         accepted = [*BUILTIN_DATASETS, "csv", "webdataset"]
@@ -121,7 +123,7 @@ class TrainSpec(Strict):
     log_every: int = Field(1, gt=0)
 
     @model_validator(mode="after")
-    def _duration(self) -> "TrainSpec":
+    def _duration(self) -> TrainSpec:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of `epochs` or `steps`")
         return self
@@ -171,7 +173,7 @@ class RunConfig(Strict):
         return terms
 
     @model_validator(mode="after")
-    def _teacher_when_distilling(self) -> "RunConfig":
+    def _teacher_when_distilling(self) -> RunConfig:
         if self.distill and self.teacher is None:
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
         return self

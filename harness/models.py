@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
 from torch import nn
 
+from harness.errors import ClipkdError
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FINAL_CHECKPOINT = Path("checkpoints") / "final.pt"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ClipkdError, RuntimeError):
     """A model or its weights could not be built; the message names the model and the file."""
 
 

@@ -16,9 +16,9 @@ from evals.similarity import feature_similarity
 from evals.zeroshot import zero_shot_metrics
 from harness import checkpoint
 from harness.config import RunConfig, parse_config
+from harness.distributed import init_distributed
 from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, resolve_teacher_run
 from harness.train import TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
-from harness.distributed import init_distributed
 from results.store import Store, now, terms_json
 
 MAX_CURVE_POINTS = 500

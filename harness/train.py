@@ -30,6 +30,7 @@ from harness.distributed import (
     gather_with_grad,
     init_distributed,
 )
+from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, create_clip, create_teacher
 
@@ -37,7 +38,7 @@ MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ClipkdError, RuntimeError):
     pass
 
 

@@ -7,7 +7,8 @@ calls ``@register``) or a ``DistillMethod`` subclass (registered under the entry
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from methods.base import DistillMethod
 

@@ -1,1 +1,3 @@
-"""results: see the issues for what lands here."""
+"""The SQL results store (runs, metrics, training curves) and the leaderboard queries over it."""
+
+FORMATS = ("table", "csv", "markdown", "latex")

@@ -10,6 +10,8 @@ import math
 import pandas as pd
 from sqlalchemy import and_, func, select
 
+from harness.errors import ClipkdError
+from results import FORMATS
 from results.store import Metric, Run, Store
 
 # Short names for the columns researchers read; the store keeps clip_benchmark's own metric names.
@@ -27,10 +29,9 @@ METRIC_ALIASES = {
     "sim_gap": "pair_similarity_gap",
 }
 LEADERBOARD_METRICS = ["top1", "top5", "i2t_r1", "t2i_r1", "cos_img", "cos_txt", "cka_img", "cka_txt", "sim_gap"]
-FORMATS = ("table", "csv", "markdown", "latex")
 
 
-class QueryError(ValueError):
+class QueryError(ClipkdError, ValueError):
     pass
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from sqlalchemy import (
     Float,
@@ -24,11 +25,14 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     inspect,
     select,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from harness.errors import ClipkdError
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:///results/clipkd.db"
@@ -37,7 +41,7 @@ STATUSES = ("queued", "running", "done", "failed")
 MIGRATIONS: dict[int, list[str]] = {}
 
 
-class StoreError(RuntimeError):
+class StoreError(ClipkdError, RuntimeError):
     pass
 
 
@@ -105,7 +109,7 @@ RUN_COLUMNS = {column.name for column in Run.__table__.columns}
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -250,13 +254,14 @@ class Store:
     def metrics(self, run_id: str) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         with self.engine.connect() as connection:
-            for b, m, v in connection.execute(select(Metric.benchmark, Metric.metric, Metric.value).where(Metric.run_id == run_id)):
-                out.setdefault(b, {})[m] = v
+            rows = connection.execute(select(Metric.benchmark, Metric.metric, Metric.value).where(Metric.run_id == run_id))
+            for benchmark, metric, value in rows:
+                out.setdefault(benchmark, {})[metric] = value
         return out
 
     def count_runs(self) -> int:
         with self.engine.connect() as connection:
-            return len(connection.execute(select(Run.id)).all())
+            return connection.execute(select(func.count()).select_from(Run)).scalar_one()
 
 
 def terms_json(terms: dict[str, float]) -> str:

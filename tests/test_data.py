@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import require, run_clipkd
+from PIL import Image
+from test_train import write_config
+
 from harness.builtin_data import FASHION_MNIST_DIR, DatasetUnavailableError, load_builtin
 from harness.masking import masked_image_features, patch_grid
 from harness.models import create_clip
-from test_train import write_config
 
 
 def test_digits_splits_are_deterministic_disjoint_and_cover_the_data():

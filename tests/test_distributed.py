@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness.data import CaptionedImagesDataset
 from harness.builtin_data import load_builtin
+from harness.data import CaptionedImagesDataset
 from harness.distributed import average_gradients, init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip

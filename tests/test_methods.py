@@ -93,11 +93,11 @@ def expected(name, method, batch):
         (gvs, gus), (gvt, gut) = grads(pv, pu, ss), grads(vt, ut, st)
         return np.mean((gvt - gvs) ** 2) + np.mean((gut - gus) ** 2)
     if name == "icl":
-        s = min(np.exp(float(method.logit_scale.log_scale)), 100.0)
+        s = min(np.exp(method.logit_scale.log_scale.item()), 100.0)
         pv, pu = _unit(_linear(method.project, vs)), _unit(_linear(method.project, us))
         return _ce_diag(s * pv @ ut.T) + _ce_diag(s * pu @ vt.T)
     if name == "afd":
-        s = min(np.exp(float(method.logit_scale.log_scale)), 100.0)
+        s = min(np.exp(method.logit_scale.log_scale.item()), 100.0)
         pv, pu = _unit(_linear(method.project, vs)), _unit(_linear(method.project, us))
         fv = _unit(_linear(method.fuse_image, np.concatenate([pv, vt], 1)))
         fu = _unit(_linear(method.fuse_text, np.concatenate([pu, ut], 1)))

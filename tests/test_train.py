@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_clipkd
 
 import methods
-from conftest import ROOT, run_clipkd
 from harness.config import parse_config
 from harness.models import create_clip
 from harness.train import NonFiniteLossError, train
@@ -145,15 +145,22 @@ def test_readme_plugin_installs_through_entry_points_and_trains(tmp_path, teache
 
 
 def test_smoke_configs_train_teacher_then_student_and_rerun_is_a_no_op(project):
-    run_clipkd("train", "configs/smoke_teacher.yaml", cwd=project)
-    result = run_clipkd("train", "configs/smoke_kd.yaml", cwd=project)
-    run_dir = project / result.stdout.split()[-1]
+    run_clipkd("run", "configs/smoke_teacher.yaml", cwd=project)
+    result = run_clipkd("run", "configs/smoke_kd.yaml", cwd=project)
+    run_dir = project / result.stdout.split()[3]
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert {"task", "fd", "icl", "crd"} <= records[-1].keys()
     assert records[-1]["crd"] < records[0]["crd"] and records[-1]["icl"] < records[0]["icl"]
     mtime = (run_dir / "checkpoints" / "final.pt").stat().st_mtime_ns
     run_clipkd("train", "configs/smoke_kd.yaml", cwd=project)
     assert (run_dir / "checkpoints" / "final.pt").stat().st_mtime_ns == mtime
+
+    lines = run_clipkd("leaderboard", "--format", "csv", "--method", "crd+fd+icl", cwd=project).stdout.splitlines()
+    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert row["teacher"].startswith("clipkd-tiny-teacher@run:")
+    for column in ("top1", "i2t_r1", "t2i_r1", "cos_img", "cos_txt", "cka_img", "cka_txt", "sim_gap"):
+        assert row[column] not in ("", "nan"), column
+    assert -1 <= float(row["cos_img"]) <= 1 and 0 <= float(row["cka_img"]) <= 1
 
 
 def test_cli_methods_lists_every_builtin_with_a_description(tmp_path):

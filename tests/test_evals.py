@@ -1,0 +1,130 @@
+"""Evaluation: equal to clip_benchmark's own CLI, feature similarity by hand, failures reported and stored."""
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_clipkd
+
+from evals.similarity import linear_cka, pair_similarity_gap
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """The smoke baseline, trained and stored once for this module."""
+    project = tmp_path_factory.mktemp("evals")
+    shutil.copytree(ROOT / "configs", project / "configs")
+    run_clipkd("run", "configs/smoke.yaml", cwd=project)
+    (run_dir,) = (project / "runs").iterdir()
+    return run_dir
+
+
+def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
+    ours = json.loads(run_clipkd("eval", str(trained_run), "--dataset", "digits", cwd=tmp_path).stdout)
+    run_clipkd("export", str(trained_run), str(tmp_path / "model"), cwd=tmp_path)
+    run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), cwd=tmp_path)
+    theirs = {}
+    for task, root in (("zeroshot_classification", "classification"), ("zeroshot_retrieval", "retrieval")):
+        output = tmp_path / f"{task}.json"
+        subprocess.run(
+            [sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", f"local-dir:{tmp_path / 'model'}",
+             "--pretrained", "local", "--dataset", "wds/digits", "--dataset_root", str(tmp_path / "wds" / root),
+             "--task", task, "--no_amp", "--batch_size", "256", "--num_workers", "0", "--recall_k", "1", "5", "10",
+             "--output", str(output), "--quiet"],
+            check=True, capture_output=True, cwd=tmp_path,
+        )
+        theirs.update(json.loads(output.read_text())["metrics"])
+    for metric in ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "text_retrieval_recall@1",
+                   "image_retrieval_recall@5", "text_retrieval_recall@10"]:
+        assert ours["metrics"][metric] == theirs[metric], metric
+    assert ours["benchmark"] == "digits"
+
+
+def test_run_then_leaderboard_shows_top1_and_both_recalls(trained_run):
+    project = trained_run.parents[1]
+    header, row = run_clipkd("leaderboard", "--format", "csv", cwd=project).stdout.splitlines()[:2]
+    columns = dict(zip(header.split(","), row.split(",")))
+    assert columns["method"] == "baseline" and columns["benchmark"] == "digits"
+    for metric in ("top1", "i2t_r1", "t2i_r1"):
+        assert 0 <= float(columns[metric]) <= 100
+    # run again: the finished run is neither retrained nor re-evaluated
+    db = project / "results" / "clipkd.db"
+    before = sqlite3.connect(db).execute("select updated_at from runs").fetchall()
+    run_clipkd("run", "configs/smoke.yaml", cwd=project)
+    assert sqlite3.connect(db).execute("select updated_at from runs").fetchall() == before
+
+
+def test_linear_cka_by_hand():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0)  # invariant to rotation and isotropic scale
+    y = torch.randn(50, 5, generator=g, dtype=torch.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    hsic = lambda a, b: float(torch.trace(a @ a.T @ b @ b.T))  # noqa: E731  (the kernel form of CKA)
+    assert linear_cka(x, y) == pytest.approx(hsic(xc, yc) / (hsic(xc, xc) * hsic(yc, yc)) ** 0.5)
+
+
+def test_pair_similarity_gap_by_hand():
+    images = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    texts = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    cos = [[1 / 2**0.5, 0.0], [1 / 2**0.5, 1.0]]
+    expected = (cos[0][0] + cos[1][1]) / 2 - (cos[0][1] + cos[1][0]) / 2
+    assert pair_similarity_gap(images, texts) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "imagenet-2077", "--root", "."], "unknown dataset 'imagenet-2077'; accepted: digits"),
+        (["--dataset", "imagenet1k", "--root", "/nonexistent/imagenet"],
+         "dataset root '/nonexistent/imagenet' for 'imagenet1k' does not exist"),
+        (["--dataset", "imagenet1k"], "needs --root"),
+        (["--dataset", "imagefolder", "--root", "/nonexistent"], "needs --root, an existing folder"),
+    ],
+)
+def test_eval_dataset_errors_are_one_clear_message(trained_run, tmp_path, args, message):
+    result = run_clipkd("eval", str(trained_run), *args, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_eval_checkpoint_errors_are_one_clear_message(trained_run, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    cases = [
+        ([str(corrupt)], "is not a readable checkpoint"),
+        ([str(corrupt), "--model", "clipkd-tiny"], "is not a readable checkpoint"),
+        ([str(trained_run / "checkpoints" / "final.pt"), "--model", "clipkd-tiny-teacher"], "another architecture"),
+        ([str(tmp_path / "missing.pt")], "does not exist"),
+    ]
+    for args, message in cases:
+        result = run_clipkd("eval", *args, "--dataset", "digits", cwd=tmp_path, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_newer_store_is_one_clear_message(trained_run, tmp_path):
+    db = tmp_path / "store.db"
+    shutil.copy(trained_run.parents[1] / "results" / "clipkd.db", db)
+    with sqlite3.connect(db) as connection:
+        connection.execute("pragma journal_mode = delete")
+        connection.execute("update clipkd_schema set value = '99'")
+    result = run_clipkd("leaderboard", "--db", f"sqlite:///{db}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "schema version 99, newer than this clipkd's" in result.stderr, result.stderr
+
+
+def test_failed_evaluation_is_stored_as_failed_with_its_reason(tmp_path):
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    config = (tmp_path / "configs" / "smoke.yaml").read_text().replace("steps: 60", "steps: 2")
+    config += "eval: {benchmarks: [{dataset: digits}, {dataset: imagenet1k, root: /nonexistent/imagenet}]}\n"
+    (tmp_path / "bad_eval.yaml").write_text(config)
+    result = run_clipkd("run", "bad_eval.yaml", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "/nonexistent/imagenet" in result.stderr and "Traceback" not in result.stderr
+    connection = sqlite3.connect(tmp_path / "results" / "clipkd.db")
+    status, error = connection.execute("select status, error from runs").fetchone()
+    assert status == "failed" and "evaluation" in error and "/nonexistent/imagenet" in error
+    assert connection.execute("select count(*) from metrics").fetchone()[0] == 0  # digits' metrics not half-written

@@ -1,0 +1,120 @@
+"""The results store: concurrent writers, idempotent writes, schema versions, and the leaderboard arithmetic."""
+import math
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from results.queries import ablation, leaderboard, render
+from results.store import SCHEMA_VERSION, Store, StoreError
+
+
+def run_row(run_id, method="baseline", seed=0, teacher=None, setting="s1", status="done", student="tiny"):
+    return {
+        "id": run_id, "setting_id": setting, "name": run_id, "teacher": teacher, "student": student, "method": method,
+        "terms": "{}", "dataset": "digits", "seed": seed, "status": status, "config": "{}",
+    }
+
+
+def _write_runs(url, worker, count):
+    store = Store(url)
+    for i in range(count):
+        run_id = f"w{worker}-r{i}"
+        metrics = {"digits": {"acc1": i / count, "text_retrieval_recall@1": 0.5}}
+        store.put_run(run_row(run_id, seed=i), metrics=metrics, curves=[("task", 1, 4.0), ("task", 2, 3.5)])
+        if i % 10 == 0:  # a retried write of the same run must not double it
+            store.put_run(run_row(run_id, seed=i), metrics=metrics)
+
+
+def test_eight_processes_writing_fifty_runs_each(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_write_runs, args=(url, w, 50)) for w in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    connection = sqlite3.connect(tmp_path / "store.db")
+    assert connection.execute("select count(*) from runs").fetchone()[0] == 400
+    assert connection.execute("select count(distinct id) from runs").fetchone()[0] == 400
+    assert connection.execute("select count(*) from metrics").fetchone()[0] == 800
+    assert connection.execute("select count(*) from curves").fetchone()[0] == 800
+    assert connection.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_writes_are_idempotent_and_metrics_replace(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.put_run(run_row("a"), metrics={"digits": {"acc1": 0.1, "acc5": 0.5}})
+    store.put_run(run_row("a"), metrics={"digits": {"acc1": 0.2}})
+    assert store.count_runs() == 1
+    assert store.metrics("a") == {"digits": {"acc1": 0.2}}
+    store.set_status("a", "failed", "evaluation: boom")
+    assert store.get_run("a")["status"] == "failed" and store.get_run("a")["student"] == "tiny"  # fields kept
+    with pytest.raises(StoreError, match="unknown status 'finished'; accepted: queued, running, done, failed"):
+        store.set_status("a", "finished")
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "store.db"
+    Store(f"sqlite:///{path}").put_run(run_row("a"))
+    with sqlite3.connect(path) as connection:
+        connection.execute("update clipkd_schema set value = ? where key = 'version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this clipkd's {SCHEMA_VERSION}"):
+        Store(f"sqlite:///{path}")
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_foreign_database_and_empty_readonly_store_are_refused(tmp_path):
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("create table items (x)")
+    with pytest.raises(StoreError, match="is not a clipkd results store"):
+        Store(f"sqlite:///{foreign}")
+    with pytest.raises(StoreError, match="is empty: run `clipkd run CONFIG` first"):
+        Store(f"sqlite:///{tmp_path / 'new.db'}", readonly=True)
+
+
+def filled_store(tmp_path) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    rows = [("b0", "baseline", 0, 0.30), ("b1", "baseline", 1, 0.32),
+            ("f0", "fd", 0, 0.40), ("f1", "fd", 1, 0.44), ("c0", "crd+fd+icl", 0, 0.50)]
+    for run_id, method, seed, acc in rows:
+        teacher = None if method == "baseline" else "big@teacher.pt"
+        metrics = {"digits": {"acc1": acc, "image_retrieval_recall@1": acc / 2, "text_retrieval_recall@1": acc / 4}}
+        if teacher:
+            metrics["digits"]["feature_cosine_image"] = acc + 0.3
+        store.put_run(run_row(run_id, method, seed, teacher), metrics=metrics)
+    store.put_run(run_row("other", "baseline", 0, setting="s2"), metrics={"digits": {"acc1": 0.9}})
+    store.put_run(run_row("broken", "fd", 3, "big@teacher.pt", status="failed"), metrics={"digits": {"acc1": 0.99}})
+    return store
+
+
+def test_leaderboard_mean_std_over_seeds_and_delta_against_the_same_settings_baseline(tmp_path):
+    table = leaderboard(filled_store(tmp_path))
+    s1 = table[table["top1"] != 0.9].set_index("method")
+    assert list(table["method"])[:3] == ["baseline", "crd+fd+icl", "fd"]  # ranked by top1: s2's baseline first
+    assert s1.loc["fd", "seeds"] == 2
+    assert s1.loc["fd", "top1"] == pytest.approx(0.42)
+    assert s1.loc["fd", "top1_std"] == pytest.approx(math.sqrt(2 * 0.02**2))  # sample std over seeds
+    assert s1.loc["fd", "top1_delta"] == pytest.approx(0.42 - 0.31)
+    assert s1.loc["crd+fd+icl", "t2i_r1_delta"] == pytest.approx(0.25 - 0.155)
+    assert s1.loc["fd", "cos_img"] == pytest.approx(0.72) and math.isnan(s1.loc["baseline", "cos_img"])
+    assert 0.99 not in set(table["top1"])  # failed runs are not ranked
+    assert "0.42" not in render(table, "csv") and "42.0" in render(table, "csv")  # percentages
+    assert "42.00 ± 2.83" in render(table, "table")
+
+
+def test_filters_are_bound_parameters(tmp_path):
+    store = filled_store(tmp_path)
+    for hostile in ["x' OR '1'='1", "'; DROP TABLE runs; --", 'big"teacher', "%", "_"]:
+        for field in ("teacher", "student", "dataset", "method", "benchmark"):
+            assert leaderboard(store, **{field: hostile}).query("method != 'baseline'").empty
+    assert store.count_runs() == 7
+
+
+def test_ablation_has_methods_as_rows_and_benchmarks_as_columns(tmp_path):
+    table = ablation(filled_store(tmp_path), student="tiny").set_index("method")
+    assert {"digits top1", "digits I2T R@1", "digits T2I R@1"} <= set(table.columns)
+    assert table.loc["fd", "digits top1"] == pytest.approx(0.42)
