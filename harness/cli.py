@@ -113,6 +113,80 @@ def _cmd_export_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+SLURM_FLAGS = {  # CLI flag -> grid file's slurm field
+    "partition": str, "account": str, "qos": str, "nodes": int, "gpus_per_node": int, "tasks_per_node": int,
+    "cpus_per_task": int, "mem_gb": float, "timeout_min": int, "array_parallelism": int, "max_parallel": int,
+}
+
+
+def _slurm_spec(grid, args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from harness.grid import GridError, SlurmSpec
+
+    updates = {k: getattr(args, k) for k in SLURM_FLAGS if getattr(args, k, None) is not None}
+    extra = {}
+    for flag in args.sbatch or []:
+        key, sep, value = flag.partition("=")
+        if not sep:
+            raise GridError(f"--sbatch {flag!r}: expected KEY=VALUE, e.g. --sbatch constraint=a100")
+        extra[key] = value
+    try:
+        return SlurmSpec.model_validate({**grid.spec.slurm.model_dump(), **updates,
+                                         "additional": {**grid.spec.slurm.additional, **extra}})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'slurm'}: {e['msg']}" for e in error.errors())
+        raise GridError(f"bad SLURM option: {problems}") from None
+
+
+def _print_cells(grid, states, live=()) -> None:
+    width = max(len(c.name) for c in grid.cells)
+    print(f"{'cell':<{width}}  {'run id':<12}  {'state':<8}  waits for")
+    for cell in grid.cells:
+        state = states[cell.name] + ("*" if cell.run_id in live else "")
+        print(f"{cell.name:<{width}}  {cell.run_id:<12}  {state:<8}  {', '.join(cell.needs) or '-'}")
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from harness import dispatch
+    from harness.grid import load_grid
+    from results.store import Store
+
+    grid = load_grid(args.grid)
+    spec = _slurm_spec(grid, args) if args.grid_command == "submit" else grid.spec.slurm
+    if args.grid_command == "submit" and args.dry_run:
+        print(dispatch.sbatch_script(grid, spec))
+        return 0
+    store = Store(args.db)
+    if args.grid_command == "plan":
+        _print_cells(grid, dispatch.cell_states(grid, store), dispatch.in_flight(grid))
+        print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first)")
+    elif args.grid_command == "status":
+        if any(j["executor"] == "slurm" for j in dispatch.load_jobs(grid).values()):
+            dispatch.reconcile_slurm(grid, store)
+        states = dispatch.cell_states(grid, store)
+        _print_cells(grid, states, dispatch.in_flight(grid))
+        print(dispatch.summarize(states))
+    elif args.grid_command == "cancel":
+        cancelled = dispatch.cancel(grid, store)
+        print(f"cancelled {len(cancelled)} cells" + "".join(f"\n  {c}" for c in cancelled))
+    else:
+        todo, skipped = dispatch.plan_submission(grid, store, args.retry_failed)
+        print(f"{len(todo)} cells to submit, {len(skipped)} skipped ({dispatch.summarize(dispatch.cell_states(grid, store))})")
+        if todo and args.executor == "slurm":
+            submission = dispatch.submit_slurm(grid, store, todo, spec)
+            print(f"submitted {len(todo)} cells to SLURM: jobs {', '.join(sorted(set(submission.job_ids.values())))}")
+            if args.wait:
+                dispatch.wait(grid, store)
+        elif todo:
+            dispatch.run_local(grid, store, todo, spec)
+        states = dispatch.cell_states(grid, store)
+        print(dispatch.summarize(states))
+        if any(states[c.name] == "failed" for c in todo) and (args.wait or args.executor == "local"):
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkd", description="CLIP knowledge distillation benchmark harness")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--metric", default="top1", help="rank by: top1, top5, i2t_r1, t2i_r1, ... (default top1)")
         sub.add_argument("--format", default="table", choices=FORMATS)
         sub.set_defaults(func=func)
+
+    grid = commands.add_parser("grid", help="plan, submit, follow and cancel a grid of runs")
+    grid_commands = grid.add_subparsers(dest="grid_command", required=True)
+    for name, text in (("plan", "list the cells with their run ids and state"),
+                       ("submit", "submit the cells not done as one job array (local or SLURM)"),
+                       ("status", "the state of every cell"), ("cancel", "cancel the grid's queued and running jobs")):
+        sub = grid_commands.add_parser(name, help=text)
+        sub.add_argument("grid", help="grid file (YAML)")
+        sub.add_argument("--db", help=db_help)
+        sub.set_defaults(func=_cmd_grid)
+        if name == "submit":
+            sub.add_argument("--executor", choices=["local", "slurm"], default="local")
+            sub.add_argument("--wait", action="store_true", help="follow the SLURM jobs until every cell has ended")
+            sub.add_argument("--retry-failed", action="store_true", help="submit failed cells again")
+            sub.add_argument("--dry-run", action="store_true", help="print the sbatch script of one cell and stop")
+            for flag, kind in SLURM_FLAGS.items():
+                sub.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help="overrides the grid's slurm:")
+            sub.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="an extra sbatch flag (repeatable)")
 
     export = commands.add_parser("export", help="write a student as an open_clip local-dir model")
     export.add_argument("checkpoint", help="a run directory or a checkpoint file")

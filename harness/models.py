@@ -73,12 +73,17 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
     return ClipBundle(model, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
 
 
-def resolve_teacher_run(run: str) -> tuple[str, str]:
-    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
+def teacher_run_dir(run: str) -> Path:
+    """A teacher given as a run directory, or as the YAML config of that run."""
     from harness.config import load_config
 
     path = Path(run)
-    run_dir = load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
+    return load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
+
+
+def resolve_teacher_run(run: str) -> tuple[str, str]:
+    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
+    run_dir = teacher_run_dir(run)
     config_file, checkpoint = run_dir / "config.json", run_dir / FINAL_CHECKPOINT
     if not config_file.is_file():
         raise ModelLoadError(f"teacher run {run!r}: {config_file} not found; is it a run directory of this project?")

@@ -17,8 +17,9 @@ from evals.zeroshot import zero_shot_metrics
 from harness import checkpoint
 from harness.config import RunConfig, parse_config
 from harness.distributed import init_distributed
-from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, resolve_teacher_run
+from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, teacher_run_dir
 from harness.train import TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
+from results.records import ingest, read_record, write_record
 from results.store import Store, now, terms_json
 
 MAX_CURVE_POINTS = 500
@@ -74,8 +75,10 @@ def code_version() -> str:
 def teacher_label(config: RunConfig) -> str | None:
     if config.teacher is None:
         return None
-    if config.teacher.run:
-        return f"{resolve_teacher_run(config.teacher.run)[0]}@run:{Path(config.teacher.run).stem}"
+    if config.teacher.run:  # named by the teacher run's model once it has started (a grid submits it untrained)
+        config_file = teacher_run_dir(config.teacher.run) / "config.json"
+        model = json.loads(config_file.read_text())["student"]["model"] if config_file.is_file() else "run"
+        return f"{model}@run:{Path(config.teacher.run).stem}"
     return f"{config.teacher.model}@{Path(config.teacher.pretrained).name}"
 
 
@@ -108,27 +111,43 @@ def parameter_count(bundle: ClipBundle | None) -> int | None:
     return sum(p.numel() for p in bundle.model.parameters()) if bundle else None
 
 
-def run(config: RunConfig, store: Store, grid: str | None = None) -> str:
-    """Train, evaluate and store one run; returns its final status. Finished work is never redone."""
+class _Publisher:
+    """Writes a run's status, metrics and curves to its record file, and to the store when there is one."""
+
+    def __init__(self, run_dir: Path, store: Store | None):
+        self.run_dir, self.store = run_dir, store
+
+    def __call__(self, run: dict[str, Any], metrics=None, curves=None) -> None:
+        record = write_record(self.run_dir, run, metrics, curves)
+        if self.store is not None:
+            self.store.put_run(record["run"], metrics=metrics, curves=curves)
+
+
+def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
+    """Train, evaluate and record one run; returns its final status. Finished work is never redone."""
     wanted = {benchmark_name(spec.dataset, spec.root) for spec in config.benchmarks()}
-    existing = store.get_run(config.run_id)
-    if existing and existing["status"] == "done" and wanted <= store.benchmarks(config.run_id):
+    record = read_record(config.run_dir)
+    if record and record["run"].get("status") == "done" and wanted <= set(record["metrics"]):
+        if store is not None:
+            ingest(store, [config.run_dir])
         return "done"
     env = init_distributed()
+    publish = _Publisher(config.run_dir, store if env.is_main else None)
     base = run_record(config, grid=grid)
     if env.is_main:
-        store.put_run({**base, "status": "running", "error": None, "started_at": now(), "host": socket.gethostname(),
-                       "code_version": code_version()})
+        publish({**base, "status": "running", "error": None, "started_at": now(), "host": socket.gethostname(),
+                 "code_version": code_version()})
     started = time.perf_counter()
     try:
         run_dir = train(config, resume=True)
     except TrainingInterrupted as stop:
         if env.is_main:
-            store.set_status(config.run_id, "queued", f"interrupted after step {stop.step}; resumes from its checkpoint")
+            publish({"id": config.run_id, "status": "queued",
+                     "error": f"interrupted after step {stop.step}; resumes from its checkpoint"})
         raise
     except Exception as error:
         if env.is_main:
-            store.set_status(config.run_id, "failed", f"training: {type(error).__name__}: {error}")
+            publish({"id": config.run_id, "status": "failed", "error": f"training: {type(error).__name__}: {error}"})
         raise
     train_seconds = time.perf_counter() - started
     if not env.is_main:
@@ -137,10 +156,10 @@ def run(config: RunConfig, store: Store, grid: str | None = None) -> str:
     try:
         trained = load_trained_run(run_dir, default_device(env))
         metrics = evaluate(trained, config.benchmarks(), default_device(env))
-    except Exception as error:  # stored as failed, with no metric of this attempt written
-        store.set_status(config.run_id, "failed", f"evaluation: {type(error).__name__}: {error}")
+    except Exception as error:  # recorded as failed, with no metric of this attempt written
+        publish({"id": config.run_id, "status": "failed", "error": f"evaluation: {type(error).__name__}: {error}"})
         raise
-    store.put_run(
+    publish(
         {**base, "status": "done", "error": None, "finished_at": now(), "train_seconds": train_seconds,
          "eval_seconds": time.perf_counter() - started, "student_params": parameter_count(trained.student),
          "teacher_params": parameter_count(trained.teacher)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from harness.models import ClipBundle, create_clip, create_teacher
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
+EVENTS_LOG = "events.jsonl"
 
 
 class TrainingError(ClipkdError, RuntimeError):
@@ -139,9 +141,10 @@ def parameter_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 class _StopSignals:
-    """Turns SIGTERM/SIGINT/SIGUSR1 (SLURM's pre-timeout signal) into a flag checked between steps."""
+    """Turns stop signals into a flag checked between steps: SIGTERM (scancel, preemption), SIGINT, and the
+    pre-time-limit signals of SLURM (``--signal=USR1@…``) and of submitit (USR2)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.received: int | None = None
@@ -327,7 +330,13 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.resolved(), indent=2) + "\n")
-    if resume and latest.exists():
+    resumed = resume and latest.exists()
+    if resumed:
         trainer.restore(latest)
+    if env.is_main:
+        with (run_dir / EVENTS_LOG).open("a") as events:
+            events.write(json.dumps({"event": "resume" if resumed else "start", "step": trainer.step,
+                                     "time": time.time(), "host": os.uname().nodename,
+                                     "slurm_job": os.environ.get("SLURM_JOB_ID")}) + "\n")
     trainer.fit()
     return run_dir

@@ -222,7 +222,8 @@ class Store:
 
     def _put(self, connection, run, metrics, curves) -> None:
         existing = connection.execute(select(Run.__table__).where(Run.id == run["id"])).mappings().first()
-        row = {**(dict(existing) if existing else {}), **run, "updated_at": now()}
+        row = {**(dict(existing) if existing else {}), **run}
+        row["updated_at"] = run.get("updated_at") or now()  # an ingested record keeps its own time
         _upsert(connection, Run.__table__, [row])
         for benchmark, values in (metrics or {}).items():
             connection.execute(delete(Metric).where(Metric.run_id == run["id"], Metric.benchmark == benchmark))

@@ -1,0 +1,315 @@
+"""Dispatching grid cells through submitit: one job array per stage, on SLURM or on this machine.
+
+SLURM: teachers the grid trains form a first array; the students' array depends on it (``afterok``) and is
+submitted at once, so ``submit`` returns immediately. Local: submitit's local executor has no queue, so cells run
+in the foreground, at most ``max_parallel`` at a time, stage by stage. Either way a cell's job is a
+:class:`CellJob`, which checkpoints and requeues on SLURM's time-limit signal, and records its result in its
+run directory; the store ingests those records (see ``results/records.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from harness.errors import ClipkdError
+from harness.grid import Cell, Grid, SlurmSpec
+from results.records import ingest, read_record
+from results.store import Store
+
+EXECUTORS = ("local", "slurm")
+JOBS_FILE = "jobs.json"
+
+
+class DispatchError(ClipkdError, RuntimeError):
+    pass
+
+
+class CellJob:
+    """What one cell's job runs: train, evaluate and record the run. submitit calls ``checkpoint`` to requeue."""
+
+    def __init__(self, config: dict[str, Any], grid: str, store_url: str | None, threads: int | None):
+        self.config, self.grid, self.store_url, self.threads = config, grid, store_url, threads
+
+    def __call__(self) -> str:
+        import torch
+
+        from harness.config import parse_config
+        from harness.pipeline import run
+        from harness.train import TrainingInterrupted
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if submitit.JobEnvironment().num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR…
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        config = parse_config(self.config, f"grid {self.grid}")
+        try:
+            return run(config, Store(self.store_url) if self.store_url else None, grid=self.grid)
+        except TrainingInterrupted as stop:
+            # The trainer saved a checkpoint at a step boundary. Hand the signal back to submitit: on its
+            # time-limit/preemption signal it calls checkpoint() below and requeues the job, which resumes.
+            signal.raise_signal(stop.signum)
+            raise
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self)
+
+
+@dataclass
+class Submission:
+    submitted: list[Cell] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # cell name -> why
+    job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
+
+
+def _jobs_path(grid: Grid) -> Path:
+    return grid.state_dir / JOBS_FILE
+
+
+def load_jobs(grid: Grid) -> dict[str, dict[str, Any]]:
+    path = _jobs_path(grid)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_jobs(grid: Grid, jobs: dict[str, dict[str, Any]]) -> None:
+    path = _jobs_path(grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(jobs, indent=1))
+    os.replace(tmp, path)
+
+
+def _slurm_in_flight(job_ids: list[str]) -> set[str]:
+    if not job_ids:
+        return set()
+    result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    listed = set(result.stdout.split())
+    # squeue shows a pending array as 123_[0-4]: count every task of a listed array as in flight
+    arrays = {i.split("_")[0] for i in listed if "[" in i}
+    return {j for j in job_ids if j in listed or j.split("_")[0] in arrays}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def in_flight(grid: Grid) -> set[str]:
+    """Run ids whose recorded job is still pending or running."""
+    jobs = load_jobs(grid)
+    slurm = {rid: j["job_id"] for rid, j in jobs.items() if j["executor"] == "slurm"}
+    live = _slurm_in_flight(list(slurm.values())) if slurm else set()
+    return {rid for rid, jid in slurm.items() if jid in live} | {
+        rid for rid, j in jobs.items() if j["executor"] == "local" and j.get("pid") and _pid_alive(j["pid"])
+    }
+
+
+def cell_states(grid: Grid, store: Store) -> dict[str, str]:
+    """new / queued / running / done / failed for every cell, after ingesting the runs' records."""
+    ingest(store, [c.config.run_dir for c in grid.cells])
+    states = {}
+    for cell in grid.cells:
+        run = store.get_run(cell.run_id)
+        states[cell.name] = run["status"] if run else "new"
+    return states
+
+
+def executor_parameters(spec: SlurmSpec, kind: str, grid_name: str) -> dict[str, Any]:
+    common = {"timeout_min": spec.timeout_min, "nodes": spec.nodes, "tasks_per_node": spec.tasks,
+              "cpus_per_task": spec.cpus_per_task, "name": f"clipkd-{grid_name}"}
+    if spec.gpus_per_node:
+        common["gpus_per_node"] = spec.gpus_per_node
+    if kind == "local":
+        return common
+    slurm = {"slurm_partition": spec.partition, "slurm_account": spec.account, "slurm_qos": spec.qos,
+             "mem_gb": spec.mem_gb, "slurm_array_parallelism": spec.array_parallelism,
+             "slurm_setup": list(spec.setup) or None,
+             "slurm_additional_parameters": {"kill-on-invalid-dep": "yes", **spec.additional}}
+    return {**common, **{k: v for k, v in slurm.items() if v is not None}}
+
+
+def make_executor(grid: Grid, kind: str, spec: SlurmSpec) -> submitit.AutoExecutor:
+    if kind not in EXECUTORS:
+        raise DispatchError(f"unknown executor {kind!r}; accepted: {', '.join(EXECUTORS)}")
+    # cluster= always: AutoExecutor would otherwise pick SLURM whenever srun is on PATH
+    executor = submitit.AutoExecutor(folder=grid.state_dir / "jobs" / "%j", cluster=kind)
+    executor.update_parameters(**executor_parameters(spec, kind, grid.name))
+    return executor
+
+
+def _job(cell: Cell, grid: Grid, store_url: str | None, threads: int | None) -> CellJob:
+    return CellJob(cell.config.resolved(), grid.name, store_url, threads)
+
+
+def _direct_store_url(store: Store) -> str | None:
+    """Jobs write the store directly only when it is a server database (see results/records.py)."""
+    return None if store.engine.dialect.name == "sqlite" else store.url
+
+
+def plan_submission(grid: Grid, store: Store, retry_failed: bool) -> tuple[list[Cell], dict[str, str]]:
+    states, live = cell_states(grid, store), in_flight(grid)
+    todo, skipped = [], {}
+    for cell in grid.cells:
+        state = states[cell.name]
+        if state == "done":
+            skipped[cell.name] = "done"
+        elif state == "failed" and not retry_failed:
+            skipped[cell.name] = "failed (resubmit with --retry-failed)"
+        elif cell.run_id in live:
+            skipped[cell.name] = f"{state}: its job is still in the queue"
+        else:
+            todo.append(cell)
+    return todo, skipped
+
+
+def sbatch_script(grid: Grid, spec: SlurmSpec) -> str:
+    """The sbatch file submitit would write for one cell (submitit renders it only internally)."""
+    executor = make_executor(grid, "slurm", spec)._executor
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="<uid>")
+
+
+def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -> Submission:
+    submission = Submission(submitted=cells)
+    jobs = load_jobs(grid)
+    teacher_jobs: dict[str, str] = {}
+    for stage in (0, 1):
+        stage_cells = [c for c in cells if c.stage == stage]
+        if not stage_cells:
+            continue
+        executor = make_executor(grid, "slurm", spec)
+        waits = sorted({teacher_jobs[n] for c in stage_cells for n in c.needs if n in teacher_jobs})
+        if waits:
+            additional = executor_parameters(spec, "slurm", grid.name)["slurm_additional_parameters"]
+            executor.update_parameters(slurm_additional_parameters={**additional,
+                                                                     "dependency": "afterok:" + ":".join(waits)})
+        with executor.batch():
+            submitted = [executor.submit(_job(c, grid, _direct_store_url(store), spec.cpus_per_task)) for c in stage_cells]
+        for cell, job in zip(stage_cells, submitted):
+            jobs[cell.run_id] = {"executor": "slurm", "job_id": job.job_id, "cell": cell.name}
+            submission.job_ids[cell.run_id] = job.job_id
+            if stage == 0:
+                teacher_jobs[cell.name] = job.job_id
+            store.put_run(_queued(cell, grid))
+    _save_jobs(grid, jobs)
+    return submission
+
+
+def _queued(cell: Cell, grid: Grid) -> dict[str, Any]:
+    from harness.pipeline import run_record
+
+    return {**run_record(cell.config, grid=grid.name), "status": "queued", "error": None}
+
+
+def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
+              report: Callable[[str], None] = print) -> Submission:
+    """Run cells on this machine, ``spec.max_parallel`` at a time; students start once their teacher is done."""
+    submission = Submission(submitted=cells)
+    jobs = load_jobs(grid)
+    threads = max(1, (os.cpu_count() or 1) // spec.max_parallel)
+    executor = make_executor(grid, "local", spec)
+    failed: set[str] = set()
+    for stage in (0, 1):
+        queue = [c for c in cells if c.stage == stage]
+        running: dict[Any, Cell] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < spec.max_parallel:
+                    cell = queue.pop(0)
+                    blocked = [n for n in cell.needs if n in failed]
+                    if blocked:
+                        store.put_run({**_queued(cell, grid), "status": "failed",
+                                       "error": f"teacher cell {blocked[0]} failed"})
+                        failed.add(cell.name)
+                        continue
+                    job = executor.submit(_job(cell, grid, _direct_store_url(store), threads))
+                    running[job] = cell
+                    jobs[cell.run_id] = {"executor": "local", "job_id": job.job_id, "cell": cell.name,
+                                         "pid": job._process.pid}
+                    _save_jobs(grid, jobs)
+                    store.put_run({**_queued(cell, grid), "status": "running"})
+                    report(f"started  {cell.name}")
+                time.sleep(0.5)
+                for job in [j for j in running if j.done()]:
+                    cell = running.pop(job)
+                    ingest(store, [cell.config.run_dir])
+                    error = job.exception()  # LocalJob.state says FINISHED for failed jobs too
+                    if error is not None:
+                        failed.add(cell.name)
+                        _mark_failed_without_record(store, cell, grid, f"{type(error).__name__}: {error}")
+                    report(f"{'failed ' if error else 'done    '} {cell.name}")
+        except KeyboardInterrupt:
+            for job, cell in running.items():
+                job.cancel()
+                store.set_status(cell.run_id, "queued", "interrupted: resubmit to resume from its checkpoint")
+            raise
+    return submission
+
+
+def _mark_failed_without_record(store: Store, cell: Cell, grid: Grid, reason: str) -> None:
+    record = read_record(cell.config.run_dir)
+    if record is None or record["run"].get("status") != "failed":
+        store.put_run({**_queued(cell, grid), "status": "failed", "error": reason[-2000:]})
+
+
+def reconcile_slurm(grid: Grid, store: Store) -> None:
+    """Cells whose SLURM job ended before a final record (scancel, node failure, a teacher that failed) stay
+    queued with the reason: resubmitting the grid resumes them from their last checkpoint."""
+    jobs, live, states = load_jobs(grid), in_flight(grid), cell_states(grid, store)
+    for cell in grid.cells:
+        job = jobs.get(cell.run_id)
+        if not job or job["executor"] != "slurm" or cell.run_id in live or states[cell.name] in ("done", "failed"):
+            continue
+        record = read_record(cell.config.run_dir)
+        why = (record or {}).get("run", {}).get("error") or "it never started"
+        log = grid.state_dir / "jobs" / job["job_id"] / f"{job['job_id']}_0_log.err"
+        store.set_status(cell.run_id, "queued", f"slurm job {job['job_id']} ended before finishing ({why}); "
+                                                f"resubmit the grid to resume it; log: {log}")
+
+
+def wait(grid: Grid, store: Store, report: Callable[[str], None] = print, poll_s: float = 2.0) -> dict[str, str]:
+    """Follow a SLURM submission until no cell of the grid is in flight."""
+    last = None
+    while True:
+        live = in_flight(grid)
+        states = cell_states(grid, store)
+        summary = summarize(states)
+        if summary != last:
+            report(summary)
+            last = summary
+        if not live:
+            reconcile_slurm(grid, store)
+            return cell_states(grid, store)
+        time.sleep(poll_s)
+
+
+def summarize(states: dict[str, str]) -> str:
+    counts = {s: 0 for s in ("new", "queued", "running", "done", "failed")}
+    for state in states.values():
+        counts[state] = counts.get(state, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def cancel(grid: Grid, store: Store) -> list[str]:
+    jobs, live = load_jobs(grid), in_flight(grid)
+    cancelled = []
+    for run_id in live:
+        job = jobs[run_id]
+        if job["executor"] == "slurm":
+            subprocess.run(["scancel", job["job_id"]], check=False)
+        else:
+            os.kill(job["pid"], signal.SIGTERM)
+        store.set_status(run_id, "failed", "cancelled by `clipkd grid cancel`")
+        cancelled.append(job["cell"])
+    return cancelled
+

@@ -1,0 +1,251 @@
+"""Grid files: a base run config and axes (teachers × students × methods × datasets × seeds) → grid cells.
+
+Teachers that the grid trains itself are cells of a first stage; the students that use them wait for them.
+Everything is checked at plan time, before anything is submitted: each cell's config, duplicate cells,
+that every teacher is reachable without a download, and the SLURM options.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harness.config import ConfigError, DistillTerm, RunConfig, _format_validation_error, parse_config
+from harness.errors import ClipkdError
+
+AXES = ("teachers", "students", "methods", "datasets", "seeds")
+
+
+class GridError(ClipkdError, ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SlurmSpec(_Strict):
+    """Resources of every cell's job; the names follow sbatch's options."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int | None = Field(None, ge=1, description="default: one task per GPU")
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    timeout_min: int = Field(60, ge=1, description="the job's time limit; it checkpoints and requeues before it")
+    array_parallelism: int = Field(256, ge=1)
+    max_parallel: int = Field(2, ge=1, description="cells at once with the local executor, which has no queue")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load …)")
+    additional: dict[str, str | int | bool] = Field(default_factory=dict, description="extra sbatch flags")
+
+    @model_validator(mode="after")
+    def _sbatch_names(self) -> SlurmSpec:
+        for name in self.additional:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+                raise ValueError(f"additional: {name!r} is not an sbatch long option name (e.g. constraint, exclude)")
+        return self
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+
+class Axes(_Strict):
+    teachers: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
+    students: list[dict[str, Any]]
+    methods: dict[str, dict[str, DistillTerm]]
+    datasets: list[str | dict[str, Any]] = Field(default_factory=lambda: [{}])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_axes(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(AXES))
+            if unknown:
+                raise ValueError(f"unknown axis {', '.join(map(repr, unknown))}; accepted: {', '.join(AXES)}")
+        return data
+
+
+class Override(_Strict):
+    match: dict[str, Any] = Field(description="axis values: teacher, student, method, dataset, seed")
+    set: dict[str, Any]
+
+
+class GridFile(_Strict):
+    name: str
+    output_dir: str = "runs"
+    base: dict[str, Any] = Field(default_factory=dict)
+    teachers: dict[str, dict[str, Any]] = Field(default_factory=dict, description="teachers the grid trains first")
+    axes: Axes
+    overrides: list[Override] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description="axis values of cells to leave out")
+    slurm: SlurmSpec = SlurmSpec()
+
+
+@dataclass
+class Cell:
+    name: str
+    stage: int  # 0: teachers trained by the grid, 1: everything else
+    config: RunConfig
+    needs: list[str] = field(default_factory=list)  # names of the cells it waits for
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+
+@dataclass
+class Grid:
+    path: Path
+    spec: GridFile
+    cells: list[Cell]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def state_dir(self) -> Path:
+        """Where submitit's files and the record of submitted jobs live."""
+        return Path(self.spec.output_dir) / ".grids" / re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+    def stages(self) -> list[list[Cell]]:
+        return [[c for c in self.cells if c.stage == s] for s in (0, 1) if any(c.stage == s for c in self.cells)]
+
+
+def deep_merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "distill":
+                merged[key] = deep_merge(merged[key], value)
+            else:
+                merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _teacher_label(ref: dict[str, Any]) -> str:
+    if not ref:
+        return "-"
+    if "cell" in ref:
+        return ref["cell"]
+    return ref.get("model") or Path(str(ref.get("run"))).stem
+
+
+def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
+    """A teacher must be loadable without a download: a file, a finished run, or a tag open_clip knows."""
+    import open_clip
+
+    from harness.models import known_model_names, resolve_teacher_run
+
+    if "run" in ref:
+        try:
+            resolve_teacher_run(ref["run"])
+        except ClipkdError as error:
+            raise GridError(f"{where}: teacher unreachable: {error}") from None
+        return
+    model, pretrained = ref.get("model"), ref.get("pretrained")
+    if model is None or pretrained is None:
+        raise GridError(f"{where}: a teacher needs `cell` (a teacher of this grid), `run`, or `model` + `pretrained`")
+    if model not in known_model_names():
+        raise GridError(f"{where}: unknown teacher model {model!r}")
+    if "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}:
+        if not Path(pretrained).is_file():
+            raise GridError(f"{where}: teacher unreachable: checkpoint file {pretrained!r} does not exist")
+    elif pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise GridError(f"{where}: teacher unreachable: {pretrained!r} is not an open_clip tag of {model!r}; "
+                        f"tags: {', '.join(tags) or 'none'}")
+
+
+def _matches(values: dict[str, Any], rule: dict[str, Any]) -> bool:
+    unknown = set(rule) - {"teacher", "student", "method", "dataset", "seed"}
+    if unknown:
+        raise GridError(f"cannot match on {sorted(unknown)}; accepted: teacher, student, method, dataset, seed")
+    return all(str(values.get(k)) == str(v) for k, v in rule.items())
+
+
+def _cell_config(data: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return parse_config(data, source)
+    except ConfigError as error:
+        raise GridError(str(error)) from None
+
+
+def expand(spec: GridFile, source: str) -> list[Cell]:
+    base = {**spec.base, "output_dir": spec.output_dir}
+    cells: list[Cell] = []
+    teacher_dirs: dict[str, str] = {}
+    for name, partial in spec.teachers.items():
+        config = _cell_config(deep_merge(base, partial, {"name": f"{spec.name}/teacher/{name}", "distill": {}}),
+                              f"{source} teacher {name!r}")
+        cells.append(Cell(f"teacher/{name}", 0, config))
+        teacher_dirs[name] = str(config.run_dir)
+
+    seen: dict[str, str] = {c.run_id: c.name for c in cells}
+    checked: set[str] = set()
+    axes = spec.axes
+    for teacher, student, (method, terms), dataset, seed in itertools.product(
+        axes.teachers, axes.students, axes.methods.items(), axes.datasets, axes.seeds
+    ):
+        dataset = {"dataset": dataset} if isinstance(dataset, str) else dataset
+        values = {"teacher": _teacher_label(teacher) if terms else "-", "student": student.get("model"),
+                  "method": method, "dataset": dataset.get("dataset", base.get("data", {}).get("dataset")), "seed": seed}
+        name = "/".join(str(values[k]) for k in ("teacher", "student", "method", "dataset")) + f"/s{seed}"
+        if any(_matches(values, rule) for rule in spec.exclude):
+            continue
+        needs = []
+        teacher_spec = None
+        if terms:
+            if "cell" in teacher:
+                if teacher["cell"] not in teacher_dirs:
+                    raise GridError(f"{source}: cell {name}: teacher cell {teacher['cell']!r} is not among the grid's "
+                                    f"teachers ({', '.join(teacher_dirs) or 'none'})")
+                teacher_spec, needs = {"run": teacher_dirs[teacher["cell"]]}, [f"teacher/{teacher['cell']}"]
+            else:
+                key = repr(sorted(teacher.items()))
+                if key not in checked:
+                    _check_teacher_reachable(teacher, f"{source}: cell {name}")
+                    checked.add(key)
+                teacher_spec = teacher
+        data = deep_merge(base, {"name": f"{spec.name}/{name}", "student": student, "teacher": teacher_spec,
+                                 "distill": terms, "data": dataset, "seed": seed})
+        for override in spec.overrides:
+            if _matches(values, override.match):
+                data = deep_merge(data, override.set)
+        config = _cell_config(data, f"{source} cell {name}")
+        if config.run_id in seen:
+            if not terms:  # the baseline has no teacher: one run serves every teacher of the axis
+                continue
+            raise GridError(f"{source}: duplicate cell: {name} and {seen[config.run_id]} resolve to the same run "
+                            f"{config.run_id}")
+        seen[config.run_id] = name
+        cells.append(Cell(name, 1, config, needs))
+    return cells
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise GridError(f"{path}: cannot read grid file ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise GridError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise GridError(f"{path}: a grid file is a YAML mapping")
+    try:
+        spec = GridFile.model_validate(data)
+    except ValidationError as error:
+        raise GridError(_format_validation_error(str(path), error).replace("run configuration", "grid file")) from None
+    return Grid(path, spec, expand(spec, str(path)))
