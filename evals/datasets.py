@@ -17,7 +17,7 @@ from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_t
 from PIL import Image
 from torch.utils.data import Dataset
 
-from harness.builtin_data import BUILTIN_DATASETS, CaptionedImages, load_builtin
+from harness.builtin_data import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
 from harness.errors import ClipkdError
 
 LOCAL_KINDS = ("imagefolder", "csv")
@@ -108,7 +108,8 @@ def benchmark_name(name: str, root: str | None) -> str:
 def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
     if name in BUILTIN_DATASETS:
         split = load_builtin(name, "test")
-        return EvalSet(name, _BuiltinSplit(split, transform, False), _BuiltinSplit(split, transform, True))
+        return EvalSet(name, _BuiltinSplit(split, transform, False),
+                       _BuiltinSplit(retrieval_gallery(split), transform, True))
     if name == "imagefolder":
         from torchvision.datasets import ImageFolder
 

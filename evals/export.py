@@ -9,7 +9,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from harness.builtin_data import load_builtin
+from harness.builtin_data import load_builtin, retrieval_gallery
 from harness.models import create_clip
 
 
@@ -37,12 +37,13 @@ def export_clip_benchmark_wds(dataset: str, out: Path) -> tuple[Path, Path]:
     split = load_builtin(dataset, "test")
     folders = {task: out / task for task in ("classification", "retrieval")}
     for task, folder in folders.items():
+        images = split if task == "classification" else retrieval_gallery(split)
         (folder / "test").mkdir(parents=True, exist_ok=True)
         (folder / "test" / "nshards.txt").write_text("1\n")
         with wds.TarWriter(str(folder / "test" / "0.tar")) as sink:
-            for i, image in enumerate(split.images):
+            for i, image in enumerate(images.images):
                 sample = {"__key__": f"s{i:06d}", "png": _png(image)}
-                sample.update({"cls": int(split.labels[i])} if task == "classification" else {"txt": split.captions[i]})
+                sample.update({"cls": int(images.labels[i])} if task == "classification" else {"txt": images.captions[i]})
                 sink.write(sample)
     (folders["classification"] / "classnames.txt").write_text("\n".join(split.classnames) + "\n")
     (folders["classification"] / "zeroshot_classification_templates.txt").write_text("\n".join(split.templates) + "\n")

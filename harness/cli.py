@@ -162,8 +162,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         _print_cells(grid, dispatch.cell_states(grid, store), dispatch.in_flight(grid))
         print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first)")
     elif args.grid_command == "status":
-        if any(j["executor"] == "slurm" for j in dispatch.load_jobs(grid).values()):
-            dispatch.reconcile_slurm(grid, store)
+        dispatch.reconcile(grid, store)
         states = dispatch.cell_states(grid, store)
         _print_cells(grid, states, dispatch.in_flight(grid))
         print(dispatch.summarize(states))
@@ -174,8 +173,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         todo, skipped = dispatch.plan_submission(grid, store, args.retry_failed)
         print(f"{len(todo)} cells to submit, {len(skipped)} skipped ({dispatch.summarize(dispatch.cell_states(grid, store))})")
         if todo and args.executor == "slurm":
-            submission = dispatch.submit_slurm(grid, store, todo, spec)
-            print(f"submitted {len(todo)} cells to SLURM: jobs {', '.join(sorted(set(submission.job_ids.values())))}")
+            job_ids = dispatch.submit_slurm(grid, store, todo, spec)
+            print(f"submitted {len(todo)} cells to SLURM: jobs {', '.join(sorted(set(job_ids.values())))}")
             if args.wait:
                 dispatch.wait(grid, store)
         elif todo:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,6 @@ class CellJob:
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self)
-
-
-@dataclass
-class Submission:
-    submitted: list[Cell] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # cell name -> why
-    job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
 
 
 def _jobs_path(grid: Grid) -> Path:
@@ -162,12 +154,15 @@ def plan_submission(grid: Grid, store: Store, retry_failed: bool) -> tuple[list[
     todo, skipped = [], {}
     for cell in grid.cells:
         state = states[cell.name]
+        failed_teachers = [n for n in cell.needs if states[n] == "failed" and not retry_failed]
         if state == "done":
             skipped[cell.name] = "done"
         elif state == "failed" and not retry_failed:
             skipped[cell.name] = "failed (resubmit with --retry-failed)"
         elif cell.run_id in live:
             skipped[cell.name] = f"{state}: its job is still in the queue"
+        elif failed_teachers:
+            skipped[cell.name] = f"its teacher {failed_teachers[0]} failed (resubmit with --retry-failed)"
         else:
             todo.append(cell)
     return todo, skipped
@@ -179,10 +174,12 @@ def sbatch_script(grid: Grid, spec: SlurmSpec) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, uid="<uid>")
 
 
-def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -> Submission:
-    submission = Submission(submitted=cells)
-    jobs = load_jobs(grid)
-    teacher_jobs: dict[str, str] = {}
+def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -> dict[str, str]:
+    """Submit ``cells`` as one array per stage; returns run id -> job id."""
+    job_ids: dict[str, str] = {}
+    jobs, live = load_jobs(grid), in_flight(grid)
+    # students wait for their teacher's job, whether submitted now or still queued from an earlier submission
+    teacher_jobs = {c.name: jobs[c.run_id]["job_id"] for c in grid.cells if c.stage == 0 and c.run_id in live}
     for stage in (0, 1):
         stage_cells = [c for c in cells if c.stage == stage]
         if not stage_cells:
@@ -197,12 +194,12 @@ def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -
             submitted = [executor.submit(_job(c, grid, _direct_store_url(store), spec.cpus_per_task)) for c in stage_cells]
         for cell, job in zip(stage_cells, submitted):
             jobs[cell.run_id] = {"executor": "slurm", "job_id": job.job_id, "cell": cell.name}
-            submission.job_ids[cell.run_id] = job.job_id
+            job_ids[cell.run_id] = job.job_id
             if stage == 0:
                 teacher_jobs[cell.name] = job.job_id
             store.put_run(_queued(cell, grid))
     _save_jobs(grid, jobs)
-    return submission
+    return job_ids
 
 
 def _queued(cell: Cell, grid: Grid) -> dict[str, Any]:
@@ -212,16 +209,16 @@ def _queued(cell: Cell, grid: Grid) -> dict[str, Any]:
 
 
 def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
-              report: Callable[[str], None] = print) -> Submission:
+              report: Callable[[str], None] = print) -> None:
     """Run cells on this machine, ``spec.max_parallel`` at a time; students start once their teacher is done."""
-    submission = Submission(submitted=cells)
     jobs = load_jobs(grid)
-    threads = max(1, (os.cpu_count() or 1) // spec.max_parallel)
     executor = make_executor(grid, "local", spec)
     failed: set[str] = set()
     for stage in (0, 1):
         queue = [c for c in cells if c.stage == stage]
         running: dict[Any, Cell] = {}
+        # share the cores between the cells that run side by side (a lone teacher gets them all)
+        threads = max(1, (os.cpu_count() or 1) // max(1, min(spec.max_parallel, len(queue))))
         try:
             while queue or running:
                 while queue and len(running) < spec.max_parallel:
@@ -253,7 +250,6 @@ def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
                 job.cancel()
                 store.set_status(cell.run_id, "queued", "interrupted: resubmit to resume from its checkpoint")
             raise
-    return submission
 
 
 def _mark_failed_without_record(store: Store, cell: Cell, grid: Grid, reason: str) -> None:
@@ -262,19 +258,19 @@ def _mark_failed_without_record(store: Store, cell: Cell, grid: Grid, reason: st
         store.put_run({**_queued(cell, grid), "status": "failed", "error": reason[-2000:]})
 
 
-def reconcile_slurm(grid: Grid, store: Store) -> None:
-    """Cells whose SLURM job ended before a final record (scancel, node failure, a teacher that failed) stay
-    queued with the reason: resubmitting the grid resumes them from their last checkpoint."""
+def reconcile(grid: Grid, store: Store) -> None:
+    """Cells whose job ended before a final record (scancel, a killed process, node failure, a teacher that
+    failed) stay queued with the reason: resubmitting the grid resumes them from their last checkpoint."""
     jobs, live, states = load_jobs(grid), in_flight(grid), cell_states(grid, store)
     for cell in grid.cells:
         job = jobs.get(cell.run_id)
-        if not job or job["executor"] != "slurm" or cell.run_id in live or states[cell.name] in ("done", "failed"):
+        if not job or cell.run_id in live or states[cell.name] in ("done", "failed"):
             continue
         record = read_record(cell.config.run_dir)
         why = (record or {}).get("run", {}).get("error") or "it never started"
         log = grid.state_dir / "jobs" / job["job_id"] / f"{job['job_id']}_0_log.err"
-        store.set_status(cell.run_id, "queued", f"slurm job {job['job_id']} ended before finishing ({why}); "
-                                                f"resubmit the grid to resume it; log: {log}")
+        store.set_status(cell.run_id, "queued", f"{job['executor']} job {job['job_id']} ended before finishing "
+                                                f"({why}); resubmit the grid to resume it; log: {log}")
 
 
 def wait(grid: Grid, store: Store, report: Callable[[str], None] = print, poll_s: float = 2.0) -> dict[str, str]:
@@ -288,7 +284,7 @@ def wait(grid: Grid, store: Store, report: Callable[[str], None] = print, poll_s
             report(summary)
             last = summary
         if not live:
-            reconcile_slurm(grid, store)
+            reconcile(grid, store)
             return cell_states(grid, store)
         time.sleep(poll_s)
 
@@ -309,7 +305,7 @@ def cancel(grid: Grid, store: Store) -> list[str]:
             subprocess.run(["scancel", job["job_id"]], check=False)
         else:
             os.kill(job["pid"], signal.SIGTERM)
-        store.set_status(run_id, "failed", "cancelled by `clipkd grid cancel`")
+        store.set_status(run_id, "queued", "cancelled by `clipkd grid cancel`; resubmit the grid to resume it")
         cancelled.append(job["cell"])
     return cancelled
 

@@ -66,6 +66,8 @@ ClusterName=clipkd
 SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job waits for the credential lifetime before it may start again (default 120 s)
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=$STATE/slurmctld.pid

@@ -1,0 +1,108 @@
+"""Grid files: planning (with every error found before anything is submitted) and local dispatch."""
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run_clipkd
+
+HF_OFFLINE = {"HF_HUB_OFFLINE": "1"}  # planning must never download
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "grids", tmp_path / "grids")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    return tmp_path
+
+
+def test_plan_lists_the_papers_cells_without_downloading(workdir):
+    out = run_clipkd("grid", "plan", "grids/paper_ablation.yaml", cwd=workdir, env=HF_OFFLINE).stdout
+    assert "10 cells (1 teachers trained first)" in out
+    for method in ["baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "fd+icl", "clip-kd"]:
+        assert f"/ViT-T-16/{method}/" in out
+    assert "teacher/vit-b-16" in out and "new" in out
+    for grid in ("paper_students", "paper_laion", "demo", "smoke"):
+        run_clipkd("grid", "plan", f"grids/{grid}.yaml", cwd=workdir, env=HF_OFFLINE)
+
+
+def test_dry_run_shows_the_sbatch_script_with_the_grids_resources(workdir):
+    out = run_clipkd("grid", "submit", "grids/paper_ablation.yaml", "--executor", "slurm", "--dry-run",
+                     cwd=workdir).stdout
+    for line in ["#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --time=2880",
+                 "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@90", "#SBATCH --requeue"]:
+        assert line in out, line
+    out = run_clipkd("grid", "submit", "grids/paper_ablation.yaml", "--executor", "slurm", "--dry-run",
+                     "--partition", "a100", "--timeout-min", "60", "--sbatch", "constraint=h100", cwd=workdir).stdout
+    assert "#SBATCH --partition=a100" in out and "#SBATCH --time=60" in out and "#SBATCH --constraint=h100" in out
+    assert not (workdir / "runs").exists()  # nothing submitted
+
+
+def _grid(workdir: Path, **changes) -> Path:
+    grid = yaml.safe_load((workdir / "grids" / "smoke.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            grid.pop(key, None)
+        else:
+            grid[key] = value
+    path = workdir / "grids" / "bad.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"fd": {"fd": 1}}, "tasks": [1]}},
+         "unknown axis 'tasks'; accepted: teachers, students, methods, datasets, seeds"),
+        ({"axes": {"teachers": [{"cell": "tiny-teacher"}], "students": [{"model": "clipkd-tiny"}],
+                   "methods": {"fd": {"fd": 1}, "fd-again": {"fd": 1}}}}, "duplicate cell"),
+        ({"axes": {"teachers": [{"model": "clipkd-tiny-teacher", "pretrained": "missing/teacher.pt"}],
+                   "students": [{"model": "clipkd-tiny"}], "methods": {"fd": {"fd": 1}}}},
+         "teacher unreachable: checkpoint file 'missing/teacher.pt' does not exist"),
+        ({"axes": {"teachers": [{"model": "ViT-B-16", "pretrained": "laion5000m"}],
+                   "students": [{"model": "clipkd-tiny"}], "methods": {"fd": {"fd": 1}}}},
+         "'laion5000m' is not an open_clip tag of 'ViT-B-16'; tags: "),
+        ({"axes": {"teachers": [{"cell": "huge-teacher"}], "students": [{"model": "clipkd-tiny"}],
+                   "methods": {"fd": {"fd": 1}}}}, "teacher cell 'huge-teacher' is not among the grid's teachers"),
+        ({"axes": {"teachers": [{"run": "runs/never-trained"}], "students": [{"model": "clipkd-tiny"}],
+                   "methods": {"fd": {"fd": 1}}}}, "teacher unreachable"),
+        ({"slurm": {"gpus_per_node": -1}}, "slurm.gpus_per_node: Input should be greater than or equal to 0"),
+        ({"slurm": {"gpu": 8}}, "slurm.gpu: unknown field"),
+        ({"slurm": {"additional": {"Bad Flag": 1}}}, "'Bad Flag' is not an sbatch long option name"),
+        ({"axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"x": {"kd": 1}}}},
+         "distill: unknown method 'kd'"),
+    ],
+)
+def test_bad_grids_fail_at_plan_time_with_one_message(workdir, changes, message):
+    path = _grid(workdir, **changes)
+    for command in (["plan"], ["submit", "--executor", "slurm"]):
+        result = run_clipkd("grid", *command, str(path), cwd=workdir, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (workdir / "runs" / ".grids").exists()  # nothing was submitted
+
+
+def test_bad_slurm_flag_on_the_command_line(workdir):
+    result = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "slurm", "--gpus-per-node", "-2",
+                        cwd=workdir, check=False)
+    assert result.returncode == 2 and "bad SLURM option: gpus_per_node" in result.stderr
+    result = run_clipkd("grid", "submit", "grids/smoke.yaml", "--sbatch", "exclusive", cwd=workdir, check=False)
+    assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
+
+
+def test_local_executor_runs_the_grid_and_resubmitting_submits_nothing(workdir):
+    out = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout
+    assert "9 cells to submit" in out and "9 done" in out
+    db = sqlite3.connect(workdir / "results" / "clipkd.db")
+    assert db.execute("select count(*) from runs where status = 'done' and grid = 'smoke'").fetchone()[0] == 9
+    assert db.execute("select count(distinct run_id) from metrics where metric = 'acc1'").fetchone()[0] == 9
+    # students started only after their teacher finished
+    teacher_end = db.execute("select finished_at from runs where name = 'smoke/teacher/tiny-teacher'").fetchone()[0]
+    first_student = db.execute("select min(started_at) from runs where teacher is not null").fetchone()[0]
+    assert first_student >= teacher_end
+    again = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout
+    assert "0 cells to submit, 9 skipped" in again
+    ablation = run_clipkd("ablation", cwd=workdir).stdout
+    for method in ["baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "crd+fd+icl"]:
+        assert f" {method} " in ablation

@@ -1,0 +1,100 @@
+"""Grids on a real SLURM cluster (scripts/slurm_cluster.sh; .ci/run installs and starts it): one job array per
+stage, every cell done with its metrics stored, interrupted cells resuming from their checkpoints."""
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, require, run_clipkd
+
+SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
+
+
+def _cluster_up() -> bool:
+    return subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not _cluster_up() and os.geteuid() == 0 and shutil.which("slurmctld"):
+        subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, timeout=180)
+    require(_cluster_up(), "no SLURM cluster is running: `sudo scripts/slurm_cluster.sh install && "
+                           "sudo scripts/slurm_cluster.sh start` (needs root)")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "grids", tmp_path / "grids")
+    return tmp_path
+
+
+def test_smoke_grid_as_job_arrays_every_cell_done_and_resubmit_is_a_no_op(slurm, workdir):
+    out = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
+    assert "9 cells to submit" in out and out.strip().endswith("0 new, 0 queued, 0 running, 9 done, 0 failed")
+    jobs = json.loads((workdir / "runs" / ".grids" / "smoke" / "jobs.json").read_text())
+    arrays = {job["job_id"].split("_")[0] for job in jobs.values()}
+    assert len(jobs) == 9 and len(arrays) == 2  # the teacher's array, then the students' array
+    db = sqlite3.connect(workdir / "results" / "clipkd.db")
+    assert db.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 9
+    assert db.execute("select count(distinct run_id) from metrics where metric = 'acc1'").fetchone()[0] == 9
+    assert db.execute("select count(*) from metrics where metric = 'feature_cka_image'").fetchone()[0] == 7
+    again = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "slurm", cwd=workdir).stdout
+    assert "0 cells to submit, 9 skipped" in again and "submitted" not in again
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "train_log.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir):
+    grid = {
+        "name": "interrupt", "output_dir": "runs",
+        "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 5},
+                 "train": {"batch_size": 64, "steps": 300, "checkpoint_every": 25}},
+        "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0, 1]},
+        "slurm": {"cpus_per_task": 1, "timeout_min": 20},
+    }
+    (workdir / "grids" / "interrupt.yaml").write_text(yaml.safe_dump(grid))
+    run_clipkd("grid", "submit", "grids/interrupt.yaml", "--executor", "slurm", cwd=workdir)
+    jobs = json.loads((workdir / "runs" / ".grids" / "interrupt" / "jobs.json").read_text())
+    (timed_out, timed_out_job), (cancelled, cancelled_job) = sorted(
+        ((workdir / "runs" / run_id, job["job_id"]) for run_id, job in jobs.items()), key=lambda item: item[1])
+    _wait_until(lambda: len(_steps(timed_out)) >= 30 and len(_steps(cancelled)) >= 30, 240, "both cells to train")
+
+    # the time-limit signal submitit asks SLURM for (--signal=USR2@90): checkpoint, requeue, resume
+    subprocess.run(["scancel", "--signal=USR2", timed_out_job], check=True)
+    # a plain scancel: the job checkpoints on SIGTERM and ends; resubmitting the grid resumes it
+    subprocess.run(["scancel", cancelled_job], check=True)
+    _wait_until(lambda: (json.loads((timed_out / "record.json").read_text())["run"]["status"] == "done"), 300,
+                "the requeued cell to finish")
+    events = _events(timed_out)
+    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] >= 30
+    assert events[0]["slurm_job"] == events[1]["slurm_job"]  # the same job, requeued
+
+    status = run_clipkd("grid", "status", "grids/interrupt.yaml", cwd=workdir).stdout
+    assert "1 queued" in status and "1 done" in status  # interrupted, not failed
+    out = run_clipkd("grid", "submit", "grids/interrupt.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
+    assert "1 cells to submit, 1 skipped" in out and out.strip().endswith("2 done, 0 failed")
+    events = _events(cancelled)
+    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] >= 30
+    assert events[0]["slurm_job"] != events[1]["slurm_job"]  # a new job resumed the run
+    for run_dir in (timed_out, cancelled):
+        assert _steps(run_dir) == list(range(1, 301))  # every step exactly once across the interruption
