@@ -71,8 +71,10 @@ def _grid(workdir: Path, **changes) -> Path:
         ({"slurm": {"gpus_per_node": -1}}, "slurm.gpus_per_node: Input should be greater than or equal to 0"),
         ({"slurm": {"gpu": 8}}, "slurm.gpu: unknown field"),
         ({"slurm": {"additional": {"Bad Flag": 1}}}, "'Bad Flag' is not an sbatch long option name"),
-        ({"axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"x": {"kd": 1}}}},
-         "distill: unknown method 'kd'"),
+        ({"axes": {"teachers": [{"cell": "tiny-teacher"}], "students": [{"model": "clipkd-tiny"}],
+                   "methods": {"x": {"kd": 1}}}}, "distill: unknown method 'kd'"),
+        ({"axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"fd": {"fd": 1}}}},
+         "a teacher needs `cell` (a teacher of this grid), `run`, or `model` + `pretrained`"),
     ],
 )
 def test_bad_grids_fail_at_plan_time_with_one_message(workdir, changes, message):
