@@ -150,7 +150,7 @@ def test_learnable_parameters_get_gradients_and_scales_are_exponentiated():
     assert icl.logit_scale.log_scale.grad is not None and icl.project.weight.grad is not None
     with torch.no_grad():
         icl.logit_scale.log_scale.fill_(10.0)
-    assert float(icl.logit_scale()) == 100.0  # clamped like CLIP's own scale
+    assert icl.logit_scale().item() == 100.0  # clamped like CLIP's own scale
 
 
 def test_gd_closed_form_equals_autograd_of_infonce():
