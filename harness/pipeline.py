@@ -36,11 +36,12 @@ class TrainedRun:
 
 def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
     config = parse_config(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
-    final = run_dir / FINAL_CHECKPOINT
-    student = create_clip(config.student.model, str(final), device)
+    state = checkpoint.load(run_dir / FINAL_CHECKPOINT)  # read once: student weights and loss-side modules
+    student = create_clip(config.student.model, device=device)
+    student.model.load_state_dict(state["state_dict"])
     teacher = create_teacher(config.teacher, device) if config.teacher else None
     objective = Objective(config.method_terms(), student.embed_dim, teacher.embed_dim if teacher else None)
-    objective.load_state_dict(checkpoint.load(final)["methods"])
+    objective.load_state_dict(state["methods"])
     return TrainedRun(config, student, teacher, objective.to(device))
 
 
