@@ -119,9 +119,6 @@ class Grid:
         """Where submitit's files and the record of submitted jobs live."""
         return Path(self.spec.output_dir) / ".grids" / re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
 
-    def stages(self) -> list[list[Cell]]:
-        return [[c for c in self.cells if c.stage == s] for s in (0, 1) if any(c.stage == s for c in self.cells)]
-
 
 def deep_merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
