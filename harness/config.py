@@ -221,8 +221,8 @@ def _digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid run configuration"]
+def _format_validation_error(source: str, error: ValidationError, kind: str = "run configuration") -> str:
+    lines = [f"{source}: invalid {kind}"]
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")

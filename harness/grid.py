@@ -244,5 +244,5 @@ def load_grid(path: str | Path) -> Grid:
     try:
         spec = GridFile.model_validate(data)
     except ValidationError as error:
-        raise GridError(_format_validation_error(str(path), error).replace("run configuration", "grid file")) from None
+        raise GridError(_format_validation_error(str(path), error, kind="grid file")) from None
     return Grid(path, spec, expand(spec, str(path)))
