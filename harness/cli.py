@@ -170,8 +170,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         cancelled = dispatch.cancel(grid, store)
         print(f"cancelled {len(cancelled)} cells" + "".join(f"\n  {c}" for c in cancelled))
     else:
-        todo, skipped = dispatch.plan_submission(grid, store, args.retry_failed)
-        print(f"{len(todo)} cells to submit, {len(skipped)} skipped ({dispatch.summarize(dispatch.cell_states(grid, store))})")
+        todo, skipped, states = dispatch.plan_submission(grid, store, args.retry_failed)
+        print(f"{len(todo)} cells to submit, {len(skipped)} skipped ({dispatch.summarize(states)})")
         if todo and args.executor == "slurm":
             job_ids = dispatch.submit_slurm(grid, store, todo, spec)
             print(f"submitted {len(todo)} cells to SLURM: jobs {', '.join(sorted(set(job_ids.values())))}")

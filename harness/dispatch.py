@@ -149,7 +149,8 @@ def _direct_store_url(store: Store) -> str | None:
     return None if store.engine.dialect.name == "sqlite" else store.url
 
 
-def plan_submission(grid: Grid, store: Store, retry_failed: bool) -> tuple[list[Cell], dict[str, str]]:
+def plan_submission(grid: Grid, store: Store, retry_failed: bool) -> tuple[list[Cell], dict[str, str], dict[str, str]]:
+    """The cells to submit, the skipped ones with the reason, and every cell's state."""
     states, live = cell_states(grid, store), in_flight(grid)
     todo, skipped = [], {}
     for cell in grid.cells:
@@ -165,7 +166,7 @@ def plan_submission(grid: Grid, store: Store, retry_failed: bool) -> tuple[list[
             skipped[cell.name] = f"its teacher {failed_teachers[0]} failed (resubmit with --retry-failed)"
         else:
             todo.append(cell)
-    return todo, skipped
+    return todo, skipped, states
 
 
 def sbatch_script(grid: Grid, spec: SlurmSpec) -> str:

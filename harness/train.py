@@ -254,7 +254,8 @@ class Trainer:
                 self.student.model, self.teacher.model if self.teacher else None, self.objective, images, texts, noise
             )
             loss = self.objective.total(terms)
-        values = {name: float(value.detach()) for name, value in terms.items()}
+        # one device-to-host transfer for every term, not one sync per term
+        values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(
