@@ -1,1 +1,1 @@
-"""The Streamlit leaderboard dashboard (issue 5)."""
+"""The leaderboard dashboard: a Streamlit app over the results store, read-only (``clipkd app``)."""

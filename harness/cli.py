@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -186,6 +187,29 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    """Serve the dashboard; a store that does not exist yet shows what to run, so it is not an error here."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from results.store import resolve_url
+
+    url = resolve_url(args.db)
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ClipkdError(f"--db {url!r} is not an SQLAlchemy URL (e.g. sqlite:///results/clipkd.db, "
+                          "postgresql+psycopg://host/clipkd)") from None
+    if not 0 < args.port < 65536:
+        raise ClipkdError(f"--port {args.port}: a TCP port is 1-65535")
+    main_script = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    print(f"clipkd dashboard on http://{args.host}:{args.port} (store {url}, read-only); Ctrl-C stops it", flush=True)
+    command = [sys.executable, "-m", "streamlit", "run", str(main_script), "--server.address", args.host,
+               "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
+    os.execve(sys.executable, command, {**os.environ, "CLIPKD_DB": url})  # Ctrl-C and signals go to streamlit
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkd", description="CLIP knowledge distillation benchmark harness")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
             for flag, kind in SLURM_FLAGS.items():
                 sub.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help="overrides the grid's slurm:")
             sub.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="an extra sbatch flag (repeatable)")
+
+    app = commands.add_parser("app", help="serve the leaderboard dashboard (Streamlit) over the store, read-only")
+    app.add_argument("--db", help=db_help)
+    app.add_argument("--port", type=int, default=8501, help="default 8501")
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 serves every interface)")
+    app.set_defaults(func=_cmd_app)
 
     export = commands.add_parser("export", help="write a student as an open_clip local-dir model")
     export.add_argument("checkpoint", help="a run directory or a checkpoint file")

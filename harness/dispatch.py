@@ -109,6 +109,7 @@ def in_flight(grid: Grid) -> set[str]:
 
 def cell_states(grid: Grid, store: Store) -> dict[str, str]:
     """new / queued / running / done / failed for every cell, after ingesting the runs' records."""
+    store.register_grid(grid.name, {c.run_id: c.name for c in grid.cells})  # the dashboard counts "new" cells
     ingest(store, [c.config.run_dir for c in grid.cells])
     states = {}
     for cell in grid.cells:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, case, func, literal, select, union
+from sqlalchemy.orm import aliased
 
 from harness.errors import ClipkdError
 from results import FORMATS
-from results.store import Metric, Run, Store
+from results.store import STATUSES, CurvePoint, GridCell, Metric, Run, Store
 
 # Short names for the columns researchers read; the store keeps clip_benchmark's own metric names.
 METRIC_ALIASES = {
@@ -39,16 +40,24 @@ def metric_name(name: str) -> str:
     return METRIC_ALIASES.get(name, name)
 
 
+def run_filters(teacher=None, student=None, dataset=None, method=None, search=None) -> list:
+    """SQL conditions on runs; every value is a bound parameter. The no-KD baseline has no teacher but stays
+    in a teacher's comparison. ``search`` matches a substring of the run's name or id."""
+    filters = [column == value for column, value in
+               ((Run.student, student), (Run.dataset, dataset), (Run.method, method)) if value is not None]
+    if teacher is not None:
+        filters.append((Run.teacher == teacher) | (Run.method == "baseline"))
+    if search:
+        filters.append(Run.name.contains(search, autoescape=True) | Run.id.contains(search, autoescape=True))
+    return filters
+
+
 def _aggregate(store: Store, metrics: list[str], benchmark=None, teacher=None, student=None, dataset=None,
                method=None) -> pd.DataFrame:
     """One row per (setting, teacher, student, dataset, method, benchmark, metric) with n, mean and std."""
-    filters = [Run.status == "done", Metric.metric.in_(metrics)]
-    for column, value in ((Metric.benchmark, benchmark), (Run.student, student), (Run.dataset, dataset),
-                          (Run.method, method)):
-        if value is not None:
-            filters.append(column == value)
-    if teacher is not None:  # the baseline has no teacher but must stay in the comparison
-        filters.append((Run.teacher == teacher) | (Run.method == "baseline"))
+    filters = [Run.status == "done", Metric.metric.in_(metrics), *run_filters(teacher, student, dataset, method)]
+    if benchmark is not None:
+        filters.append(Metric.benchmark == benchmark)
     group = [Run.setting_id, Run.teacher, Run.student, Run.dataset, Run.method, Metric.benchmark, Metric.metric]
     query = (
         select(*group, func.count().label("n"), func.avg(Metric.value).label("mean"),
@@ -104,20 +113,82 @@ def ablation(store: Store, teacher=None, student=None, dataset=None) -> pd.DataF
         return pd.DataFrame()
     frame["teacher"] = frame["teacher"].fillna("-")
     frame["column"] = frame["benchmark"] + " " + frame["metric"].map(metrics)
-    table = frame.pivot_table(index=["student", "teacher", "method"], columns="column", values="mean", aggfunc="mean")
+    table = frame.pivot_table(index=["dataset", "student", "teacher", "method"], columns="column", values="mean",
+                              aggfunc="mean")
     return table.reset_index()
 
 
-def _is_percent(column: str) -> bool:
+def filter_options(store: Store) -> dict[str, list[str]]:
+    """The distinct values each filter offers, and the benchmarks and metrics stored."""
+    columns = {"teacher": Run.teacher, "student": Run.student, "dataset": Run.dataset, "method": Run.method,
+               "grid": Run.grid, "benchmark": Metric.benchmark, "metric": Metric.metric}
+    with store.engine.connect() as connection:
+        return {name: sorted(v for (v,) in connection.execute(select(column).distinct()) if v is not None)
+                for name, column in columns.items()}
+
+
+def list_runs(store: Store, status=None, offset: int = 0, limit: int = 50, **filters) -> tuple[pd.DataFrame, int]:
+    """One page of runs (newest first) and how many match in all."""
+    conditions = run_filters(**filters) + ([Run.status == status] if status else [])
+    columns = [Run.id, Run.name, Run.status, Run.teacher, Run.student, Run.dataset, Run.method, Run.seed, Run.grid,
+               Run.updated_at]
+    with store.engine.connect() as connection:
+        total = connection.execute(select(func.count()).select_from(Run).where(*conditions)).scalar_one()
+        rows = connection.execute(select(*columns).where(*conditions).order_by(Run.updated_at.desc(), Run.id)
+                                  .offset(offset).limit(limit)).mappings().all()
+    return pd.DataFrame(rows, columns=[c.name for c in columns]), total
+
+
+def similarity_points(store: Store, benchmark: str, similarity: str = "cos_img", accuracy: str = "top1",
+                      **filters) -> pd.DataFrame:
+    """One point per finished run: its teacher-student feature similarity and its accuracy on ``benchmark``."""
+    similar, accurate = aliased(Metric), aliased(Metric)
+    query = (
+        select(Run.id, Run.name, Run.method, Run.teacher, Run.student, Run.seed,
+               similar.value.label("similarity"), accurate.value.label("accuracy"))
+        .join(similar, and_(similar.run_id == Run.id, similar.benchmark == benchmark,
+                            similar.metric == metric_name(similarity)))
+        .join(accurate, and_(accurate.run_id == Run.id, accurate.benchmark == benchmark,
+                             accurate.metric == metric_name(accuracy)))
+        .where(Run.status == "done", *run_filters(**filters))
+    )
+    with store.engine.connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    return pd.DataFrame(rows, columns=["id", "name", "method", "teacher", "student", "seed", "similarity", "accuracy"])
+
+
+def training_curves(store: Store, run_ids: list[str]) -> pd.DataFrame:
+    query = (select(Run.id, Run.name, CurvePoint.term, CurvePoint.step, CurvePoint.value)
+             .join(CurvePoint, CurvePoint.run_id == Run.id).where(Run.id.in_(run_ids))
+             .order_by(Run.id, CurvePoint.term, CurvePoint.step))
+    with store.engine.connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    return pd.DataFrame(rows, columns=["id", "name", "term", "step", "value"])
+
+
+def grid_progress(store: Store) -> pd.DataFrame:
+    """Per grid, its cells counted by state; a registered cell with no run yet is "new"."""
+    cells = union(select(GridCell.grid, GridCell.run_id),
+                  select(Run.grid, Run.id.label("run_id")).where(Run.grid.is_not(None))).subquery()
+    state = func.coalesce(Run.status, literal("new"))
+    counts = [func.sum(case((state == s, 1), else_=0)).label(s) for s in ("new", *STATUSES)]
+    query = (select(cells.c.grid, *counts, func.count().label("cells"))
+             .select_from(cells).outerjoin(Run, Run.id == cells.c.run_id).group_by(cells.c.grid).order_by(cells.c.grid))
+    with store.engine.connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    return pd.DataFrame(rows, columns=["grid", "new", *STATUSES, "cells"])
+
+
+def is_percent(column: str) -> bool:
     return column.split("_std")[0].split("_delta")[0] in {"top1", "top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} or (
         column.endswith(("top1", "R@1")))
 
 
-def _mean_pm_std(frame: pd.DataFrame) -> pd.DataFrame:
+def mean_pm_std(frame: pd.DataFrame) -> pd.DataFrame:
     """Human formats show "mean ± std" (std over seeds, omitted for a single seed) in one column."""
     shown = frame.copy()
     for column in [c for c in frame.columns if f"{c}_std" in frame.columns]:
-        digits = 2 if _is_percent(column) else 3
+        digits = 2 if is_percent(column) else 3
         shown[column] = [
             "-" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
             for m, s in zip(frame[column], frame[f"{column}_std"])
@@ -126,19 +197,25 @@ def _mean_pm_std(frame: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def as_percent(frame: pd.DataFrame) -> pd.DataFrame:
+    """Accuracies and recalls (and their std and delta) as rounded percentages; other numbers to 4 places."""
+    numbers = frame.copy()
+    for column in numbers.columns:
+        if numbers[column].dtype.kind == "f":
+            numbers[column] = (numbers[column] * 100).round(2) if is_percent(column) else numbers[column].round(4)
+    return numbers
+
+
 def render(frame: pd.DataFrame, fmt: str) -> str:
     """Accuracies and recalls as percentages, like the paper's tables; csv keeps every number in its own column."""
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
     if frame.empty:
         return "no finished runs match; run `clipkd run CONFIG` (or a grid) first\n"
-    numbers = frame.copy()
-    for column in numbers.columns:
-        if numbers[column].dtype.kind == "f":
-            numbers[column] = (numbers[column] * 100).round(2) if _is_percent(column) else numbers[column].round(4)
+    numbers = as_percent(frame)
     if fmt == "csv":
         return numbers.to_csv(index=False)
-    shown = _mean_pm_std(numbers)
+    shown = mean_pm_std(numbers)
     if fmt == "markdown":
         return shown.to_markdown(index=False, floatfmt=".2f") + "\n"
     if fmt == "latex":

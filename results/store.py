@@ -3,13 +3,15 @@
 SQLite (``results/clipkd.db``) is the default, in WAL mode with a busy timeout, every write transaction begun
 with ``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing on a lock upgrade. A lab's shared store
 is any SQLAlchemy URL (``--db`` or ``CLIPKD_DB``), e.g. ``postgresql+psycopg://host/clipkd``. Every write is one
-transaction and an upsert: writing the same run twice leaves one run.
+transaction and an upsert: writing the same run twice leaves one run. A read-only store (the dashboard's) opens
+SQLite with ``mode=ro`` and PostgreSQL with read-only transactions, so a reader can never change what is stored.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,16 +31,15 @@ from sqlalchemy import (
     inspect,
     select,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import QueuePool
 
 from harness.errors import ClipkdError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
-# Upgrades from an older schema: MIGRATIONS[v] takes a store from version v to v + 1.
-MIGRATIONS: dict[int, list[str]] = {}
 
 
 class StoreError(ClipkdError, RuntimeError):
@@ -105,6 +106,18 @@ class CurvePoint(Base):
     value: Mapped[float | None] = mapped_column(Float)
 
 
+class GridCell(Base):
+    """The cells a grid expands to, so progress can count those not yet submitted ("new")."""
+    __tablename__ = "grid_cells"
+    grid: Mapped[str] = mapped_column(String(200), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cell: Mapped[str] = mapped_column(String(300))
+
+
+# Upgrades from an older schema: MIGRATIONS[v] takes a store from version v to v + 1.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: lambda connection: GridCell.__table__.create(connection),
+}
 RUN_COLUMNS = {column.name for column in Run.__table__.columns}
 
 
@@ -138,6 +151,17 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def _readonly_sqlite_engine(url: str) -> Engine:
+    path = make_url(url).database
+    if not path or path == ":memory:" or not Path(path).is_file():
+        raise StoreError(f"results store {url} does not exist: run `clipkd run CONFIG` or `clipkd grid submit GRID` "
+                         "first, or pass --db URL")
+    # mode=ro: SQLite itself refuses every write; WAL readers still see the writers' committed transactions
+    uri = f"file:{Path(path).resolve()}?mode=ro"
+    return create_engine("sqlite://", poolclass=QueuePool,
+                         creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=60))
+
+
 def _upsert(connection: Connection, table, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -160,9 +184,15 @@ def _upsert(connection: Connection, table, rows: list[dict[str, Any]]) -> None:
 
 class Store:
     def __init__(self, url: str | None = None, readonly: bool = False):
-        self.url = resolve_url(url)
+        self.url, self.readonly = resolve_url(url), readonly
         try:
-            self.engine = _sqlite_engine(self.url) if self.url.startswith("sqlite") else create_engine(self.url)
+            if self.url.startswith("sqlite"):
+                self.engine = _readonly_sqlite_engine(self.url) if readonly else _sqlite_engine(self.url)
+            else:
+                readonly_options = {"postgresql_readonly": True} if readonly and self.url.startswith("postgresql") else {}
+                self.engine = create_engine(self.url, execution_options=readonly_options)
+        except StoreError:
+            raise
         except Exception as error:  # a malformed URL or a missing driver
             raise StoreError(f"cannot open results store {self.url!r}: {error}") from None
         self._check_schema(readonly)
@@ -201,12 +231,15 @@ class Store:
                    else f"and has no upgrade from version {missing[0]}")
             )
         for v in range(version, SCHEMA_VERSION):
-            for statement in MIGRATIONS[v]:
-                connection.exec_driver_sql(statement)
+            MIGRATIONS[v](connection)
         _upsert(connection, SchemaInfo.__table__, [{"key": "version", "value": str(SCHEMA_VERSION)}])
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
+        if self.readonly:  # BEGIN IMMEDIATE takes a write lock, which a read-only connection cannot
+            with self.engine.connect() as connection:
+                yield connection
+            return
         with self.engine.begin() as connection:
             yield connection
 
@@ -236,6 +269,12 @@ class Store:
                 {"run_id": run["id"], "term": term, "step": step, "value": value} for term, step, value in curves
             ])
 
+    def register_grid(self, grid: str, cells: dict[str, str]) -> None:
+        """Record the cells ({run id: cell name}) grid ``grid`` expands to now, replacing an earlier expansion."""
+        with self.transaction() as connection:
+            connection.execute(delete(GridCell).where(GridCell.grid == grid))
+            _upsert(connection, GridCell.__table__, [{"grid": grid, "run_id": r, "cell": c} for r, c in cells.items()])
+
     def set_status(self, run_id: str, status: str, error: str | None = None, **fields: Any) -> None:
         if status not in STATUSES:
             raise StoreError(f"unknown status {status!r}; accepted: {', '.join(STATUSES)}")
@@ -263,6 +302,14 @@ class Store:
     def count_runs(self) -> int:
         with self.engine.connect() as connection:
             return connection.execute(select(func.count()).select_from(Run)).scalar_one()
+
+    def revision(self) -> tuple:
+        """Changes whenever a run, a metric or a grid's cells are written: the key of a reader's cache."""
+        with self.engine.connect() as connection:
+            runs = connection.execute(select(func.count(), func.max(Run.updated_at))).one()
+            metrics = connection.execute(select(func.count()).select_from(Metric)).scalar_one()
+            cells = connection.execute(select(func.count()).select_from(GridCell)).scalar_one()
+        return (*runs, metrics, cells)
 
 
 def terms_json(terms: dict[str, float]) -> str:

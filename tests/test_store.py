@@ -4,6 +4,7 @@ import multiprocessing as mp
 import sqlite3
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from results.queries import ablation, leaderboard, render
 from results.store import SCHEMA_VERSION, Store, StoreError
@@ -72,8 +73,37 @@ def test_foreign_database_and_empty_readonly_store_are_refused(tmp_path):
         connection.execute("create table items (x)")
     with pytest.raises(StoreError, match="is not a clipkd results store"):
         Store(f"sqlite:///{foreign}")
-    with pytest.raises(StoreError, match="is empty: run `clipkd run CONFIG` first"):
+    with pytest.raises(StoreError, match="new.db does not exist: run `clipkd run CONFIG` or `clipkd grid submit GRID`"):
         Store(f"sqlite:///{tmp_path / 'new.db'}", readonly=True)
+    sqlite3.connect(tmp_path / "blank.db").close()
+    with pytest.raises(StoreError, match="is empty: run `clipkd run CONFIG` first"):
+        Store(f"sqlite:///{tmp_path / 'blank.db'}", readonly=True)
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_a_readonly_store_cannot_write(tmp_path):
+    path = tmp_path / "store.db"
+    Store(f"sqlite:///{path}").put_run(run_row("a"))
+    before = path.read_bytes()
+    reader = Store(f"sqlite:///{path}", readonly=True)
+    assert reader.get_run("a")["status"] == "done"
+    with pytest.raises(OperationalError, match="readonly database"):
+        reader.put_run(run_row("b"))
+    assert path.read_bytes() == before and Store(f"sqlite:///{path}").count_runs() == 1
+
+
+def test_a_version_1_store_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_path):
+    path = tmp_path / "store.db"
+    Store(f"sqlite:///{path}").put_run(run_row("a"))
+    with sqlite3.connect(path) as connection:  # what clipkd's first schema looked like: no grid_cells table
+        connection.execute("drop table grid_cells")
+        connection.execute("update clipkd_schema set value = '1' where key = 'version'")
+    with pytest.raises(StoreError, match="schema version 1; this clipkd needs 2 and opens it read-only"):
+        Store(f"sqlite:///{path}", readonly=True)
+    store = Store(f"sqlite:///{path}")
+    store.register_grid("g", {"a": "g/a"})
+    assert store.get_run("a")["status"] == "done"
+    assert Store(f"sqlite:///{path}", readonly=True).revision()[-1] == 1
 
 
 def filled_store(tmp_path) -> Store:

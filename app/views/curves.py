@@ -1,0 +1,32 @@
+"""Each loss term against step for the selected runs."""
+import plotly.express as px
+import streamlit as st
+
+from app.data import filter_boxes, open_reader
+from results.queries import filter_options, list_runs, training_curves
+
+CHOICES = 500  # runs offered at once: narrow with the filters or the search box beyond that
+
+st.title("Training curves")
+read = open_reader()
+if read is not None:
+    filters = filter_boxes(read(filter_options), ("teacher", "student", "dataset", "method"), key="curves")
+    search = st.text_input("search run name or id", key="curves_search")
+    runs, total = read(list_runs, limit=CHOICES, search=search or None, **filters)
+    if runs.empty:
+        st.info("No run matches these filters; clear the search box or widen the filters.")
+    else:
+        labels = dict(zip(runs["id"], runs["name"] + " · " + runs["id"]))
+        if total > CHOICES:
+            st.caption(f"{total} runs match; the newest {CHOICES} are offered: narrow the filters to reach the others.")
+        chosen = st.multiselect("runs", list(labels), default=list(labels)[:3], format_func=labels.get,
+                                key="curves_runs")
+        curves = read(training_curves, chosen) if chosen else None
+        if curves is None or curves.empty:
+            st.info("The chosen runs have no training curve yet: a run stores its curves when it finishes.")
+        else:
+            log_scale = st.toggle("log scale", key="curves_log")
+            for term, points in curves.groupby("term", sort=True):
+                figure = px.line(points, x="step", y="value", color="name", log_y=log_scale, title=term,
+                                 hover_data={"id": True})
+                st.plotly_chart(figure, key=f"curve_{term}")

@@ -1,0 +1,37 @@
+"""The paper's published numbers (``paper_numbers.yaml``), matched to rows of our ablation table."""
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
+ABLATION_METRIC_NAMES = {"top1": "top1", "i2t_r1": "I2T R@1", "t2i_r1": "T2I R@1"}
+
+
+@cache
+def _published() -> dict:
+    return yaml.safe_load(PAPER_NUMBERS.read_text())
+
+
+def paper_column() -> str:
+    """The ablation column the published numbers sit beside."""
+    published = _published()
+    return f"{published['benchmark']} {ABLATION_METRIC_NAMES[published['metric']]}"
+
+
+def paper_values(rows: pd.DataFrame) -> pd.Series:
+    """For each ablation row (dataset, student, teacher, method) the paper's number for that cell, else NaN."""
+    published = _published()
+    trained_on_paper_data = rows["dataset"].map(lambda d: re.match(published["train_data"], d) is not None)
+    values = pd.Series(float("nan"), index=rows.index)
+    for teacher, student, method, value, _where in published["cells"]:
+        has_teacher = rows["teacher"] != "-"
+        teacher_matches = (~has_teacher if teacher is None
+                           else has_teacher & rows["teacher"].map(lambda t, p=teacher: re.match(p, t) is not None))
+        matches = trained_on_paper_data & teacher_matches & (rows["student"] == student) & (rows["method"] == method)
+        values[matches] = value
+    return values
