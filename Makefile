@@ -19,12 +19,12 @@ test: $(INSTALLED)
 
 # The paper's loss ablation in miniature on Fashion-MNIST, on this machine's CPUs (about 20 minutes on 2 cores).
 demo: $(INSTALLED)
-	bash scripts/install_fashion_mnist.sh
+	bash scripts/install_debian.sh fashion-mnist
 	$(VENV)/bin/clipkd grid submit grids/demo.yaml --executor local
 	@echo
 	$(VENV)/bin/clipkd ablation --format markdown
 	@echo
-	@echo "Browse the results: $(VENV)/bin/clipkd leaderboard   (the Streamlit dashboard, clipkd app, arrives with issue 5)"
+	@echo "Browse the results in the dashboard: $(VENV)/bin/clipkd app   then open http://127.0.0.1:8501"
 
 clean:
 	rm -rf $(VENV) runs

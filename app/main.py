@@ -5,7 +5,7 @@ import streamlit as st
 
 VIEWS = Path(__file__).with_name("views")
 
-st.set_page_config(page_title="clipkd leaderboard", page_icon=":material/leaderboard:", layout="wide")
+st.set_page_config(page_title="clipkd leaderboard", page_icon="📊", layout="wide")  # a material icon here is fetched from Google
 pages = [
     st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/leaderboard:", default=True),
     st.Page(VIEWS / "ablation.py", title="Ablation", icon=":material/table_chart:"),

@@ -117,7 +117,7 @@ def _fashion_mnist(part: str) -> tuple[np.ndarray, np.ndarray]:
     if not images_file.is_file():
         raise DatasetUnavailableError(
             f"fashion-mnist needs Debian's package `dataset-fashion-mnist` ({images_file} not found); "
-            "install it with `apt-get install dataset-fashion-mnist` (scripts/install_fashion_mnist.sh)"
+            "install it with `apt-get install dataset-fashion-mnist` (scripts/install_debian.sh fashion-mnist)"
         )
     return _read_idx(images_file), _read_idx(FASHION_MNIST_DIR / f"{part}-labels-idx1-ubyte.gz").astype(np.int64)
 

@@ -26,7 +26,7 @@ def paper_column() -> str:
 def paper_values(rows: pd.DataFrame) -> pd.Series:
     """For each ablation row (dataset, student, teacher, method) the paper's number for that cell, else NaN."""
     published = _published()
-    trained_on_paper_data = rows["dataset"].map(lambda d: re.match(published["train_data"], d) is not None)
+    trained_on_paper_data = rows["dataset"].map(lambda d: re.search(published["train_data"], d) is not None)
     values = pd.Series(float("nan"), index=rows.index)
     for teacher, student, method, value, _where in published["cells"]:
         has_teacher = rows["teacher"] != "-"

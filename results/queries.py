@@ -40,13 +40,14 @@ def metric_name(name: str) -> str:
     return METRIC_ALIASES.get(name, name)
 
 
-def run_filters(teacher=None, student=None, dataset=None, method=None, search=None) -> list:
+def run_filters(teacher=None, student=None, dataset=None, method=None, search=None, baselines_too=True) -> list:
     """SQL conditions on runs; every value is a bound parameter. The no-KD baseline has no teacher but stays
-    in a teacher's comparison. ``search`` matches a substring of the run's name or id."""
+    in a teacher's comparison unless ``baselines_too`` is false. ``search`` matches a substring of the run's name
+    or id."""
     filters = [column == value for column, value in
                ((Run.student, student), (Run.dataset, dataset), (Run.method, method)) if value is not None]
     if teacher is not None:
-        filters.append((Run.teacher == teacher) | (Run.method == "baseline"))
+        filters.append((Run.teacher == teacher) | (Run.method == "baseline") if baselines_too else Run.teacher == teacher)
     if search:
         filters.append(Run.name.contains(search, autoescape=True) | Run.id.contains(search, autoescape=True))
     return filters
@@ -128,8 +129,8 @@ def filter_options(store: Store) -> dict[str, list[str]]:
 
 
 def list_runs(store: Store, status=None, offset: int = 0, limit: int = 50, **filters) -> tuple[pd.DataFrame, int]:
-    """One page of runs (newest first) and how many match in all."""
-    conditions = run_filters(**filters) + ([Run.status == status] if status else [])
+    """One page of runs (newest first) and how many match in all; a teacher filter keeps that teacher's runs only."""
+    conditions = run_filters(**filters, baselines_too=False) + ([Run.status == status] if status else [])
     columns = [Run.id, Run.name, Run.status, Run.teacher, Run.student, Run.dataset, Run.method, Run.seed, Run.grid,
                Run.updated_at]
     with store.engine.connect() as connection:

@@ -62,7 +62,7 @@ def fill(store: Store, runs: int = SEEDS * len(STUDENTS) * len(DATASETS) * (1 + 
         metrics += [{"run_id": run_id, "benchmark": b, "metric": m, "value": v}
                     for b, named in values.items() for m, v in named.items()]
         curves += [{"run_id": run_id, "term": term, "step": step, "value": 5.0 / step ** 0.3}
-                   for term in ["total", "task", *method.split("+")] if term != "baseline" for step in (1, 100, 1000)]
+                   for term in ["loss", "task", *method.split("+")] if term != "baseline" for step in (1, 100, 1000)]
     with store.transaction() as connection:
         for table, batch in ((Run, rows), (Metric, metrics), (CurvePoint, curves), (GridCell, cells)):
             connection.execute(table.__table__.insert(), batch)

@@ -38,3 +38,13 @@ def project(tmp_path: Path) -> Path:
     """A scratch copy of the project's configs, so runs land in tmp_path/runs."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def smoke_grid(tmp_path_factory) -> tuple[Path, str]:
+    """grids/smoke.yaml run once on the local executor (a teacher, then 8 students): its folder and the output
+    of that first submission. Several test modules read its store."""
+    workdir = tmp_path_factory.mktemp("smoke_grid")
+    shutil.copytree(ROOT / "grids", workdir / "grids")
+    shutil.copytree(ROOT / "configs", workdir / "configs")
+    return workdir, run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout

@@ -39,7 +39,8 @@ def test_digit_captions_come_from_the_pixels():
 
 
 def test_fashion_mnist_from_debian_package():
-    require(FASHION_MNIST_DIR.is_dir(), "Debian's dataset-fashion-mnist is not installed (scripts/install_fashion_mnist.sh)")
+    require(FASHION_MNIST_DIR.is_dir(),
+            "Debian's dataset-fashion-mnist is not installed (scripts/install_debian.sh fashion-mnist)")
     test = load_builtin("fashion-mnist", "test")
     assert test.images.shape == (10000, 28, 28) and len(set(test.captions)) > 100
     assert len(load_builtin("fashion-mnist", "train").labels) == 55000

@@ -93,8 +93,8 @@ def test_bad_slurm_flag_on_the_command_line(workdir):
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
 
 
-def test_local_executor_runs_the_grid_and_resubmitting_submits_nothing(workdir):
-    out = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout
+def test_local_executor_runs_the_grid_and_resubmitting_submits_nothing(smoke_grid):
+    workdir, out = smoke_grid
     assert "9 cells to submit" in out and "9 done" in out
     db = sqlite3.connect(workdir / "results" / "clipkd.db")
     assert db.execute("select count(*) from runs where status = 'done' and grid = 'smoke'").fetchone()[0] == 9

@@ -22,7 +22,9 @@ if read is not None:
                    "student, data and schedule (accuracies and recalls in %).")
         st.download_button("Download CSV", render(table, "csv"), file_name=f"leaderboard-{benchmark}-{rank_by}.csv",
                            mime="text/csv", icon=":material/download:")
-        page = mean_pm_std(as_percent(paginate(table, key="leaderboard_page")))
+        ranked = table.copy()
+        ranked.insert(0, "rank", range(1, len(ranked) + 1))
+        page = mean_pm_std(as_percent(paginate(ranked, key="leaderboard_page")))
         deltas = [c for c in page.columns if c.endswith("_delta")]
         page = page.rename(columns={c: "Δ " + c.removesuffix("_delta") for c in deltas})
         deltas = ["Δ " + c.removesuffix("_delta") for c in deltas]

@@ -58,7 +58,8 @@ def show_run_dir(run_dir: str | None) -> None:
 st.title("Run detail")
 read = open_reader()
 if read is not None:
-    wanted = st.query_params.get("run")
+    # a link (?run=ID) picks the run when the page opens; from then on the filters and the run box do
+    wanted = st.query_params.get("run") if "run_choice" not in st.session_state else None
     if wanted and read.store.get_run(wanted) is None:
         st.warning(f"No run has id {wanted!r}; pick one below.")
         wanted = None

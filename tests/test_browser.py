@@ -1,0 +1,107 @@
+"""The dashboard served by `clipkd app` on localhost and driven in Debian's headless Chromium: each page loads,
+shows its data (the leaderboard rows, the scatter plot's points), and raises no error, in the page or the console.
+CLIPKD_SCREENSHOTS=DIR also keeps the screenshots there (the README's comes from this test)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, require
+
+CHROMIUM = "/usr/bin/chromium"
+# page title in the sidebar -> what shows the page has its data
+PAGES = {
+    "Leaderboard": "[data-testid=stDataFrame] [role=row]",
+    "Ablation": "[data-testid=stDataFrame] [role=row]",
+    "Feature similarity vs accuracy": ".js-plotly-plot .scatterlayer .point",
+    "Training curves": ".js-plotly-plot .scatterlayer .trace",
+    "Run detail": "[data-testid=stDataFrame] [role=row]",
+    "Grid progress": ".js-plotly-plot .barlayer .point",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on at ``port`` (from /proc/net/tcp: hex address, hex port)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+@pytest.fixture(scope="module")
+def served_app(smoke_grid):
+    workdir = smoke_grid[0]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "harness.cli", "app", "--port", str(port)], cwd=workdir,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"clipkd app did not start:\n{server.stdout.read()}")
+            time.sleep(0.5)
+    yield url, port
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_app_listens_on_localhost_only(served_app):
+    assert listening_addresses(served_app[1]) == {"127.0.0.1"}
+
+
+def test_every_page_in_headless_chromium(served_app, tmp_path):
+    require(Path(CHROMIUM).is_file(), "Chromium is not installed (scripts/install_debian.sh chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, _ = served_app
+    problems = []
+    keep = os.environ.get("CLIPKD_SCREENSHOTS")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(url)
+        for title, data in PAGES.items():
+            # through the sidebar, as a reader moves between pages (Streamlit's own first load of a page's URL
+            # probes <page>/_stcore/health, a 404 in the console: streamlit/streamlit#7074)
+            page.locator("[data-testid=stSidebarNav] a", has_text=title).click()
+            page.wait_for_selector(f"h1:has-text('{title}')", timeout=60_000)
+            page.wait_for_selector(data, state="attached", timeout=60_000)  # a table's rows are its a11y DOM
+            page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=60_000)  # rerun done
+            assert page.locator("[data-testid=stException]").count() == 0, title
+            assert page.locator("[data-testid=stAlertContentError]").count() == 0, title
+            name = title.lower().replace(" ", "-") + ".png"
+            page.screenshot(path=tmp_path / name, full_page=True)
+            if keep:
+                shutil.copy(tmp_path / name, Path(keep) / name)
+            if title == "Leaderboard":
+                rows = page.locator("[data-testid=stDataFrame] [role=row]").all_text_contents()
+                assert len(rows) == 1 + 9  # the header and the smoke grid's nine runs
+                assert any("crd+fd+icl" in row for row in rows) and any("baseline" in row for row in rows)
+            if title == "Feature similarity vs accuracy":
+                assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
+                assert "fit (r = " in page.locator(".js-plotly-plot").inner_text()
+        browser.close()
+    assert problems == []
