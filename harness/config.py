@@ -55,6 +55,9 @@ class TeacherSpec(Strict):
     model: str | None = None
     pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint file")
     run: str | None = Field(None, description="a run directory of this project, or the YAML config of that run")
+    embeddings: Literal["live", "cached"] = Field(
+        "live", description="live: the teacher embeds every batch; cached: its embeddings of the training set are "
+        "computed once (un-augmented view) and read by sample index (harness/teacher_cache.py)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSpec:
@@ -87,6 +90,7 @@ class DataSpec(Strict):
     separator: str = "\t"
     num_samples: int | None = Field(None, gt=0, description="samples per epoch of a webdataset (it has no length)")
     workers: int = Field(0, ge=0)
+    augment: bool = Field(True, description="open_clip's random training transform; false: the evaluation transform")
 
     @model_validator(mode="after")
     def _source(self) -> DataSpec:
@@ -176,6 +180,9 @@ class RunConfig(Strict):
     def _teacher_when_distilling(self) -> RunConfig:
         if self.distill and self.teacher is None:
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
+        if self.teacher and self.teacher.embeddings == "cached" and self.data.dataset == "webdataset":
+            raise ValueError("teacher.embeddings: cached reads embeddings by sample index, which a webdataset stream "
+                             "does not have; use `live`, or a csv / built-in dataset")
         return self
 
     def method_terms(self) -> dict[str, tuple[float, dict[str, Any]]]:

@@ -42,7 +42,8 @@ class CaptionedImagesDataset(Dataset):
 
 
 class SeededItems(Dataset):
-    """Wraps a map-style dataset; item (seed, index) is computed under a torch RNG seeded with that seed."""
+    """Wraps a map-style dataset; item (seed, index) is (*dataset[index], index), computed under a torch RNG
+    seeded with that seed. The index lets a cached teacher's embeddings be looked up."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -51,7 +52,7 @@ class SeededItems(Dataset):
         seed, index = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            return (*self.dataset[index], index)
 
 
 class RankBlockSampler(Sampler):
@@ -100,7 +101,7 @@ class WebDatasetStream(IterableDataset):
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, self.epoch, position))
-                yield self.transform(image), self.tokenizer([caption])[0]
+                yield self.transform(image), self.tokenizer([caption])[0], position  # a stream position, not a sample index
 
 
 @dataclass
@@ -130,6 +131,13 @@ def _csv_dataset(spec, transform, tokenizer) -> Dataset:
     return CsvDataset(spec.path, transform, spec.image_key, spec.caption_key, sep=spec.separator, tokenizer=tokenizer)
 
 
+def training_dataset(spec, transform, tokenizer) -> Dataset:
+    """A map-style training set (csv or built-in) as (image, tokens) pairs, in sample-index order."""
+    if spec.dataset == "csv":
+        return _csv_dataset(spec, transform, tokenizer)
+    return CaptionedImagesDataset(load_builtin(spec.dataset, "train"), transform, tokenizer)
+
+
 def build_train_data(spec, transform, tokenizer, batch_size: int, seed: int, rank: int, world_size: int) -> TrainData:
     if batch_size % world_size:
         raise ValueError(f"train.batch_size {batch_size} is not divisible by the {world_size} processes")
@@ -150,10 +158,7 @@ def build_train_data(spec, transform, tokenizer, batch_size: int, seed: int, ran
 
         return TrainData(spec.num_samples, batch_size, wds_loader)
 
-    if spec.dataset == "csv":
-        dataset = _csv_dataset(spec, transform, tokenizer)
-    else:
-        dataset = CaptionedImagesDataset(load_builtin(spec.dataset, "train"), transform, tokenizer)
+    dataset = training_dataset(spec, transform, tokenizer)
     if len(dataset) < batch_size:
         raise ValueError(f"train.batch_size {batch_size} exceeds the {len(dataset)} training samples of {spec.dataset!r}")
     items = SeededItems(dataset)

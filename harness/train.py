@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import methods
-from harness import checkpoint
+from harness import checkpoint, teacher_cache
 from harness.config import RunConfig
 from harness.data import build_train_data
 from harness.distributed import (
@@ -34,6 +34,7 @@ from harness.distributed import (
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, create_clip, create_teacher
+from harness.teacher_cache import TeacherEmbeddings
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
@@ -99,12 +100,35 @@ def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistE
     return noise[env.rank * block : (env.rank + 1) * block]
 
 
+class LiveTeacher:
+    """The frozen teacher run on every batch: its normalised embeddings and its temperature."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor | None):
+        return (methods.normalize(self.model.encode_image(images)), methods.normalize(self.model.encode_text(texts)),
+                self.model.logit_scale.exp())
+
+
+class CachedTeacher:
+    """The teacher's embeddings of the batch's samples, read from its cache by sample index: it never runs."""
+
+    def __init__(self, embeddings: TeacherEmbeddings):
+        self.embeddings = embeddings
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor | None):
+        image, text = self.embeddings.rows(indices, images.device)
+        return image, text, torch.tensor(self.embeddings.logit_scale, device=images.device)
+
+
 def compute_losses(
     student: nn.Module,
-    teacher: nn.Module | None,
+    teacher: LiveTeacher | CachedTeacher | None,
     objective: Objective,
     images: torch.Tensor,
     texts: torch.Tensor,
+    indices: torch.Tensor | None = None,
     masked_noise: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one step on the global batch: this rank's embeddings gathered with all others'."""
@@ -116,9 +140,8 @@ def compute_losses(
         batch = methods.DistillBatch(student_image, student_text, zero, zero, student_scale, student_scale)
         return objective(batch)
     with torch.no_grad():
-        teacher_image = gather(methods.normalize(teacher.encode_image(images)))
-        teacher_text = gather(methods.normalize(teacher.encode_text(texts)))
-        teacher_scale = teacher.logit_scale.exp()
+        teacher_image, teacher_text, teacher_scale = teacher(images, texts, indices)
+        teacher_image, teacher_text = gather(teacher_image), gather(teacher_text)
     masked = None
     if objective.image_mask_ratio is not None:
         masked = gather_with_grad(masked_image_features(student, images, masked_noise, objective.image_mask_ratio))
@@ -174,8 +197,7 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self.student: ClipBundle = create_clip(cfg.student.model, cfg.student.pretrained, self.device)
-        self.teacher: ClipBundle | None = create_teacher(cfg.teacher, self.device) if cfg.teacher else None
-        teacher_dim = self.teacher.embed_dim if self.teacher else None
+        self.teacher, teacher_dim = self._teacher()
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device)
         broadcast_parameters(self.student.model)
         broadcast_parameters(self.objective)
@@ -189,13 +211,16 @@ class Trainer:
         )
         self.data = build_train_data(
             cfg.data,
-            self.student.preprocess_train,
+            self.student.preprocess_train if cfg.data.augment else self.student.preprocess_eval,
             self.student.tokenizer,
             cfg.train.batch_size,
             cfg.seed,
             self.env.rank,
             self.env.world_size,
         )
+        if isinstance(self.teacher, CachedTeacher) and len(self.teacher.embeddings.image) != self.data.num_samples:
+            raise TrainingError(f"the teacher-embedding cache has {len(self.teacher.embeddings.image)} samples, the "
+                                f"training set {self.data.num_samples}: delete {teacher_cache.cache_dir(cfg)}")
         epochs = cfg.train.epochs
         self.total_steps = cfg.train.steps or max(1, round(epochs * self.data.steps_per_epoch))
         self.schedule = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, self.total_steps)
@@ -203,6 +228,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         self.step = 0
+
+    def _teacher(self) -> tuple[LiveTeacher | CachedTeacher | None, int | None]:
+        teacher = self.config.teacher
+        if teacher is None:
+            return None, None
+        if teacher.embeddings == "cached":
+            embeddings = TeacherEmbeddings.open(teacher_cache.ensure(self.config, self.device, self.env))
+            return CachedTeacher(embeddings), embeddings.embed_dim
+        bundle = create_teacher(teacher, self.device)
+        return LiveTeacher(bundle.model), bundle.embed_dim
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -237,7 +272,7 @@ class Trainer:
         self.step = state["step"]
 
     # -- loop ------------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         lr = self.schedule(self.step)
         noise = None
@@ -250,9 +285,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with autocast:
-            terms = compute_losses(
-                self.student.model, self.teacher.model if self.teacher else None, self.objective, images, texts, noise
-            )
+            terms = compute_losses(self.student.model, self.teacher, self.objective, images, texts, indices, noise)
             loss = self.objective.total(terms)
         # one device-to-host transfer for every term, not one sync per term
         values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
@@ -294,9 +327,9 @@ class Trainer:
         ) as progress:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, spe)
-                for images, texts in self.data.loader_for(epoch, start_batch):
+                for images, texts, indices in self.data.loader_for(epoch, start_batch):
                     started = time.perf_counter()
-                    record = self.train_step(images.to(self.device), texts.to(self.device))
+                    record = self.train_step(images.to(self.device), texts.to(self.device), indices)
                     if log is not None and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
                         record["seconds"] = round(time.perf_counter() - started, 4)
                         log.write(json.dumps(record) + "\n")

@@ -11,7 +11,7 @@ from harness.data import CaptionedImagesDataset
 from harness.distributed import average_gradients, init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip
-from harness.train import Objective, compute_losses, mask_noise
+from harness.train import LiveTeacher, Objective, compute_losses, mask_noise
 
 TERMS = {name: (1.0, {}) for name in ["fd", "mfd", "gd", "icl", "afd", "crd", "open_clip_distill", "tinyclip"]}
 GLOBAL_BATCH, SEED, STEP = 8, 3, 5
@@ -32,7 +32,7 @@ def _losses_and_grads(rank_env, images, texts):
     student, teacher, objective, _, _ = _setup()
     rows, cols = patch_grid(student.model.visual, images.shape[-1])
     noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
-    terms = compute_losses(student.model, teacher.model, objective, images, texts, noise)
+    terms = compute_losses(student.model, LiveTeacher(teacher.model), objective, images, texts, masked_noise=noise)
     objective.total(terms).backward()
     parameters = [p for m in (student.model, objective) for p in m.parameters()]
     average_gradients(parameters)
