@@ -48,3 +48,16 @@ def smoke_grid(tmp_path_factory) -> tuple[Path, str]:
     shutil.copytree(ROOT / "grids", workdir / "grids")
     shutil.copytree(ROOT / "configs", workdir / "configs")
     return workdir, run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A teacher as a plain checkpoint file in open_clip's {"state_dict": ...} layout."""
+    import torch
+
+    from harness.models import create_clip
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(7)
+    torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, path)
+    return path

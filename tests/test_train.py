@@ -36,15 +36,6 @@ def write_config(directory: Path, name: str, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory) -> Path:
-    """A teacher as a plain checkpoint file in open_clip's {"state_dict": ...} layout."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(7)
-    torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, path)
-    return path
-
-
 def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
 
