@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from evals.datasets import EvalSet, retrieval_collate
+from evals.zeroshot import RetrievalEmbeddings
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -42,15 +43,14 @@ def _embed(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device
 
 
 @torch.no_grad()
-def feature_similarity(
-    student, teacher, projection: nn.Module | None, eval_set: EvalSet, device: torch.device, batch_size: int = 256
-) -> dict[str, float]:
-    """Metrics over the set's image-caption pairs; empty when the set has no captions."""
-    if eval_set.retrieval is None:
+def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection: nn.Module | None, eval_set: EvalSet,
+                       device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Metrics over the set's image-caption pairs (the student's embeddings are those its retrieval evaluation
+    computed); empty when the set has no captions."""
+    if eval_set.retrieval is None or student is None:
         return {}
     loader = DataLoader(eval_set.retrieval, batch_size=batch_size, shuffle=False, collate_fn=retrieval_collate)
-    student.model.eval()
-    student_images, student_texts = _embed(student.model, student.tokenizer, loader, device)
+    student_images, student_texts = student.images, student.first_texts
     teacher_images, teacher_texts = _embed(teacher.model, teacher.tokenizer, loader, device)
     metrics = {
         "feature_cka_image": linear_cka(student_images, teacher_images),

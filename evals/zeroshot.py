@@ -1,12 +1,24 @@
-"""Zero-shot classification and retrieval, computed by clip_benchmark's own metric functions.
+"""Zero-shot classification and retrieval, scored by clip_benchmark's own metric functions on embeddings
+computed once.
+
+clip_benchmark's ``evaluate`` functions embed everything they need on every call. The loops below feed the same
+functions (``zero_shot_classifier``, ``run_classification``, ``accuracy``, ``recall_at_k``) the same batches, so the
+numbers are clip_benchmark's (a test compares them with ``clip_benchmark eval``), but a model's class-prompt
+classifier is built once per class list and template set (ImageNet, -V2 and -Sketch share one), and the retrieval
+embeddings are returned for the feature-similarity pass instead of being computed again.
 
 numpy 2.4 breaks clip_benchmark 1.6.2's ``accuracy()`` (``float()`` of a 1-element array raises TypeError);
 the project pins ``numpy<2.4`` in pyproject.toml for that reason rather than patching the library.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+import torch.nn.functional as F
+from clip_benchmark.metrics.zeroshot_classification import accuracy, run_classification, zero_shot_classifier
+from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 
 from evals.datasets import EvalSet, retrieval_collate
@@ -19,20 +31,74 @@ def use_amp(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256) -> dict:
+@dataclass
+class Classifiers:
+    """A model's zero-shot classifiers, by (class names, templates): built once, reused by every benchmark."""
+    built: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def get(self, model, tokenizer, classes, templates, device: torch.device) -> torch.Tensor:
+        key = (tuple(classes), tuple(templates) if isinstance(templates, list) else repr(templates))
+        if key not in self.built:
+            self.built[key] = zero_shot_classifier(model, tokenizer, classes, templates, device.type, amp=use_amp(device))
+        return self.built[key]
+
+
+@dataclass
+class RetrievalEmbeddings:
+    """The retrieval set's raw embeddings: every image, and the first caption of each image (aligned pairs)."""
+    images: torch.Tensor
+    first_texts: torch.Tensor
+
+
+def classification_metrics(model, tokenizer, dataset, device: torch.device, batch_size: int,
+                           classifiers: Classifiers) -> dict[str, float]:
+    classifier = classifiers.get(model, tokenizer, dataset.classes, dataset.templates, device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    logits, target = run_classification(model, classifier, loader, device.type, amp=use_amp(device))
+    if len(dataset.classes) >= 5:  # clip_benchmark's rule for top-5
+        acc1, acc5 = accuracy(logits, target, topk=(1, 5))
+    else:
+        (acc1,), acc5 = accuracy(logits, target, topk=(1,)), float("nan")
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(axis=1))}
+
+
+@torch.no_grad()
+def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_size: int
+                      ) -> tuple[dict[str, float], RetrievalEmbeddings]:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=retrieval_collate)
+    images, texts = [], []
+    text_image, first_text = [], []  # each caption's image; each image's first caption
+    for batch_images, batch_captions in loader:
+        for captions in batch_captions:
+            first_text.append(len(text_image))
+            text_image.extend([len(first_text) - 1] * len(captions))
+        with torch.autocast(device.type, enabled=use_amp(device)):
+            images.append(model.encode_image(batch_images.to(device)).float().cpu())
+            tokens = tokenizer([caption for captions in batch_captions for caption in captions]).to(device)
+            texts.append(model.encode_text(tokens).float().cpu())
+    raw_images, raw_texts = torch.cat(images), torch.cat(texts)
+    scores = F.normalize(raw_texts, dim=-1) @ F.normalize(raw_images, dim=-1).T
+    positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
+    positive_pairs[torch.arange(len(scores)), text_image] = True
+    metrics = {}
+    for k in RECALL_K:  # recall@k as clip_benchmark computes it, batch by batch of the first embedding batch
+        metrics[f"image_retrieval_recall@{k}"] = (
+            batchify(recall_at_k, scores, positive_pairs, len(images[0]), device.type, k=k) > 0).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = (
+            batchify(recall_at_k, scores.T, positive_pairs.T, len(images[0]), device.type, k=k) > 0).float().mean().item()
+    return metrics, RetrievalEmbeddings(raw_images, raw_texts[first_text])
+
+
+def zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256,
+                      classifiers: Classifiers | None = None) -> tuple[dict[str, float], RetrievalEmbeddings | None]:
+    """The set's metrics, and its retrieval embeddings (None without captions) for the feature-similarity pass."""
     model.eval()
     metrics: dict[str, float] = {}
-    amp = use_amp(device)
+    embedded = None
     if eval_set.classification is not None:
-        dataset = eval_set.classification
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        result = zeroshot_classification.evaluate(
-            model, loader, tokenizer, dataset.classes, dataset.templates, device.type, amp=amp
-        )
-        metrics.update(result)
+        metrics.update(classification_metrics(model, tokenizer, eval_set.classification, device, batch_size,
+                                              classifiers or Classifiers()))
     if eval_set.retrieval is not None:
-        loader = DataLoader(eval_set.retrieval, batch_size=batch_size, shuffle=False, collate_fn=retrieval_collate)
-        metrics.update(
-            zeroshot_retrieval.evaluate(model, loader, tokenizer, device.type, amp=amp, recall_k_list=list(RECALL_K))
-        )
-    return {name: float(value) for name, value in metrics.items()}
+        retrieval, embedded = retrieval_metrics(model, tokenizer, eval_set.retrieval, device, batch_size)
+        metrics.update(retrieval)
+    return {name: float(value) for name, value in metrics.items()}, embedded

@@ -70,7 +70,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bundle = create_clip(_checkpoint_model(checkpoint, args.model), str(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
-    metrics = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size)
+    metrics, _ = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size)
     print(json.dumps({"benchmark": eval_set.benchmark, "metrics": metrics}, indent=2))
     return 0
 
@@ -161,7 +161,9 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     store = Store(args.db)
     if args.grid_command == "plan":
         _print_cells(grid, dispatch.cell_states(grid, store), dispatch.in_flight(grid))
-        print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first)")
+        caches = sum(c.kind == "teacher-cache" for c in grid.cells)
+        print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first"
+              + (f", {caches} teacher-embedding caches built next" if caches else "") + ")")
     elif args.grid_command == "status":
         dispatch.reconcile(grid, store)
         states = dispatch.cell_states(grid, store)

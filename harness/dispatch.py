@@ -1,7 +1,8 @@
 """Dispatching grid cells through submitit: one job array per stage, on SLURM or on this machine.
 
-SLURM: teachers the grid trains form a first array; the students' array depends on it (``afterok``) and is
-submitted at once, so ``submit`` returns immediately. Local: submitit's local executor has no queue, so cells run
+SLURM: teachers the grid trains form a first array, teacher-embedding caches a second, the students a third;
+each depends on the arrays of the cells it needs (``afterok``) and all are submitted at once, so ``submit``
+returns immediately. Local: submitit's local executor has no queue, so cells run
 in the foreground, at most ``max_parallel`` at a time, stage by stage. Either way a cell's job is a
 :class:`CellJob`, which checkpoints and requeues on SLURM's time-limit signal, and records its result in its
 run directory; the store ingests those records (see ``results/records.py``).
@@ -20,7 +21,7 @@ from typing import Any
 import submitit
 
 from harness.errors import ClipkdError
-from harness.grid import Cell, Grid, SlurmSpec
+from harness.grid import RUN, TEACHER_CACHE, Cell, Grid, SlurmSpec
 from results.records import ingest, read_record
 from results.store import Store
 
@@ -42,14 +43,17 @@ class CellJob:
         import torch
 
         from harness.config import parse_config
-        from harness.pipeline import run
-        from harness.train import TrainingInterrupted
 
         if self.threads:
             torch.set_num_threads(self.threads)
         if submitit.JobEnvironment().num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR…
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        config = parse_config(self.config, f"grid {self.grid}")
+        return self.work(parse_config(self.config, f"grid {self.grid}"))
+
+    def work(self, config) -> str:
+        from harness.pipeline import run
+        from harness.train import TrainingInterrupted
+
         try:
             return run(config, Store(self.store_url) if self.store_url else None, grid=self.grid)
         except TrainingInterrupted as stop:
@@ -60,6 +64,26 @@ class CellJob:
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self)
+
+
+class CacheJob(CellJob):
+    """A teacher-cache cell's job: build the cache (on every GPU of the job), or find it built. A requeued job
+    starts the build again; a failure leaves its reason beside the cache folder for ``grid status``."""
+
+    def work(self, config) -> str:
+        from harness import teacher_cache
+        from harness.distributed import init_distributed
+        from harness.train import default_device
+
+        failed = teacher_cache.failure_file(config)
+        failed.unlink(missing_ok=True)
+        try:
+            teacher_cache.ensure(config, default_device(init_distributed()))
+        except Exception as error:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(error).__name__}: {error}")
+            raise
+        return "done"
 
 
 def _jobs_path(grid: Grid) -> Path:
@@ -108,14 +132,28 @@ def in_flight(grid: Grid) -> set[str]:
 
 
 def cell_states(grid: Grid, store: Store) -> dict[str, str]:
-    """new / queued / running / done / failed for every cell, after ingesting the runs' records."""
-    store.register_grid(grid.name, {c.run_id: c.name for c in grid.cells})  # the dashboard counts "new" cells
-    ingest(store, [c.config.run_dir for c in grid.cells])
+    """new / queued / running / done / failed for every cell, after ingesting the runs' records. A cache cell is
+    done when its cache is complete and failed when its last build left a reason."""
+    from harness import teacher_cache
+
+    runs = [c for c in grid.cells if c.kind == RUN]
+    store.register_grid(grid.name, {c.run_id: c.name for c in runs})  # the dashboard counts "new" cells
+    ingest(store, [c.config.run_dir for c in runs])
     states = {}
     for cell in grid.cells:
-        run = store.get_run(cell.run_id)
-        states[cell.name] = run["status"] if run else "new"
+        if cell.kind == TEACHER_CACHE:
+            done, failed = teacher_cache.is_built(cell.config), teacher_cache.failure_file(cell.config).is_file()
+            states[cell.name] = "done" if done else "failed" if failed else "new"
+        else:
+            run = store.get_run(cell.run_id)
+            states[cell.name] = run["status"] if run else "new"
     return states
+
+
+def _record(store: Store, cell: Cell, grid: Grid, status: str, error: str | None = None) -> None:
+    """Write a run cell's state to the store (a cache cell is not a run: its state is its folder)."""
+    if cell.kind == RUN:
+        store.put_run({**_queued(cell, grid), "status": status, "error": error})
 
 
 def executor_parameters(spec: SlurmSpec, kind: str, grid_name: str) -> dict[str, Any]:
@@ -142,7 +180,8 @@ def make_executor(grid: Grid, kind: str, spec: SlurmSpec) -> submitit.AutoExecut
 
 
 def _job(cell: Cell, grid: Grid, store_url: str | None, threads: int | None) -> CellJob:
-    return CellJob(cell.config.resolved(), grid.name, store_url, threads)
+    job = CacheJob if cell.kind == TEACHER_CACHE else CellJob
+    return job(cell.config.resolved(), grid.name, store_url, threads)
 
 
 def _direct_store_url(store: Store) -> str | None:
@@ -180,14 +219,12 @@ def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -
     """Submit ``cells`` as one array per stage; returns run id -> job id."""
     job_ids: dict[str, str] = {}
     jobs, live = load_jobs(grid), in_flight(grid)
-    # students wait for their teacher's job, whether submitted now or still queued from an earlier submission
-    teacher_jobs = {c.name: jobs[c.run_id]["job_id"] for c in grid.cells if c.stage == 0 and c.run_id in live}
-    for stage in (0, 1):
+    # a cell waits for the jobs of the cells it needs, whether submitted now or queued from an earlier submission
+    needed_jobs = {c.name: jobs[c.run_id]["job_id"] for c in grid.cells if c.run_id in live}
+    for stage in sorted({c.stage for c in cells}):
         stage_cells = [c for c in cells if c.stage == stage]
-        if not stage_cells:
-            continue
         executor = make_executor(grid, "slurm", spec)
-        waits = sorted({teacher_jobs[n] for c in stage_cells for n in c.needs if n in teacher_jobs})
+        waits = sorted({needed_jobs[n] for c in stage_cells for n in c.needs if n in needed_jobs})
         if waits:
             additional = executor_parameters(spec, "slurm", grid.name)["slurm_additional_parameters"]
             executor.update_parameters(slurm_additional_parameters={**additional,
@@ -196,10 +233,8 @@ def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -
             submitted = [executor.submit(_job(c, grid, _direct_store_url(store), spec.cpus_per_task)) for c in stage_cells]
         for cell, job in zip(stage_cells, submitted):
             jobs[cell.run_id] = {"executor": "slurm", "job_id": job.job_id, "cell": cell.name}
-            job_ids[cell.run_id] = job.job_id
-            if stage == 0:
-                teacher_jobs[cell.name] = job.job_id
-            store.put_run(_queued(cell, grid))
+            job_ids[cell.run_id] = needed_jobs[cell.name] = job.job_id
+            _record(store, cell, grid, "queued")
     _save_jobs(grid, jobs)
     return job_ids
 
@@ -212,11 +247,11 @@ def _queued(cell: Cell, grid: Grid) -> dict[str, Any]:
 
 def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
               report: Callable[[str], None] = print) -> None:
-    """Run cells on this machine, ``spec.max_parallel`` at a time; students start once their teacher is done."""
+    """Run cells on this machine, ``spec.max_parallel`` at a time; a stage starts once the one before is done."""
     jobs = load_jobs(grid)
     executor = make_executor(grid, "local", spec)
     failed: set[str] = set()
-    for stage in (0, 1):
+    for stage in sorted({c.stage for c in cells}):
         queue = [c for c in cells if c.stage == stage]
         running: dict[Any, Cell] = {}
         # share the cores between the cells that run side by side (a lone teacher gets them all)
@@ -227,8 +262,7 @@ def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
                     cell = queue.pop(0)
                     blocked = [n for n in cell.needs if n in failed]
                     if blocked:
-                        store.put_run({**_queued(cell, grid), "status": "failed",
-                                       "error": f"teacher cell {blocked[0]} failed"})
+                        _record(store, cell, grid, "failed", f"cell {blocked[0]}, which it needs, failed")
                         failed.add(cell.name)
                         continue
                     job = executor.submit(_job(cell, grid, _direct_store_url(store), threads))
@@ -236,12 +270,13 @@ def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
                     jobs[cell.run_id] = {"executor": "local", "job_id": job.job_id, "cell": cell.name,
                                          "pid": job._process.pid}
                     _save_jobs(grid, jobs)
-                    store.put_run({**_queued(cell, grid), "status": "running"})
+                    _record(store, cell, grid, "running")
                     report(f"started  {cell.name}")
                 time.sleep(0.5)
                 for job in [j for j in running if j.done()]:
                     cell = running.pop(job)
-                    ingest(store, [cell.config.run_dir])
+                    if cell.kind == RUN:
+                        ingest(store, [cell.config.run_dir])
                     error = job.exception()  # LocalJob.state says FINISHED for failed jobs too
                     if error is not None:
                         failed.add(cell.name)
@@ -250,14 +285,14 @@ def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
         except KeyboardInterrupt:
             for job, cell in running.items():
                 job.cancel()
-                store.set_status(cell.run_id, "queued", "interrupted: resubmit to resume from its checkpoint")
+                _record(store, cell, grid, "queued", "interrupted: resubmit to resume from its checkpoint")
             raise
 
 
 def _mark_failed_without_record(store: Store, cell: Cell, grid: Grid, reason: str) -> None:
     record = read_record(cell.config.run_dir)
     if record is None or record["run"].get("status") != "failed":
-        store.put_run({**_queued(cell, grid), "status": "failed", "error": reason[-2000:]})
+        _record(store, cell, grid, "failed", reason[-2000:])
 
 
 def reconcile(grid: Grid, store: Store) -> None:
@@ -266,7 +301,7 @@ def reconcile(grid: Grid, store: Store) -> None:
     jobs, live, states = load_jobs(grid), in_flight(grid), cell_states(grid, store)
     for cell in grid.cells:
         job = jobs.get(cell.run_id)
-        if not job or cell.run_id in live or states[cell.name] in ("done", "failed"):
+        if not job or cell.run_id in live or states[cell.name] in ("done", "failed") or cell.kind != RUN:
             continue
         record = read_record(cell.config.run_dir)
         why = (record or {}).get("run", {}).get("error") or "it never started"
@@ -307,7 +342,8 @@ def cancel(grid: Grid, store: Store) -> list[str]:
             subprocess.run(["scancel", job["job_id"]], check=False)
         else:
             os.kill(job["pid"], signal.SIGTERM)
-        store.set_status(run_id, "queued", "cancelled by `clipkd grid cancel`; resubmit the grid to resume it")
+        if store.get_run(run_id):  # a cache cell has no run
+            store.set_status(run_id, "queued", "cancelled by `clipkd grid cancel`; resubmit the grid to resume it")
         cancelled.append(job["cell"])
     return cancelled
 

@@ -1,6 +1,8 @@
 """Grid files: a base run config and axes (teachers × students × methods × datasets × seeds) → grid cells.
 
-Teachers that the grid trains itself are cells of a first stage; the students that use them wait for them.
+Teachers that the grid trains itself are cells of a first stage; teacher-embedding caches (for runs with
+``teacher: {embeddings: cached}``, e.g. set in ``base``) are built by cells of a second stage, one per cache key;
+the students wait for the cells they need.
 Everything is checked at plan time, before anything is submitted: each cell's config, duplicate cells,
 that every teacher is reachable without a download, and the SLURM options.
 """
@@ -92,15 +94,25 @@ class GridFile(_Strict):
     slurm: SlurmSpec = SlurmSpec()
 
 
+RUN, TEACHER_CACHE = "run", "teacher-cache"
+
+
 @dataclass
 class Cell:
+    """A run of the grid, or (kind teacher-cache) the building of a teacher-embedding cache that runs share."""
     name: str
-    stage: int  # 0: teachers trained by the grid, 1: everything else
-    config: RunConfig
+    stage: int  # 0: teachers trained by the grid, 1: teacher-embedding caches, 2: every other run
+    config: RunConfig  # a cache cell carries the config of the first run that reads the cache
     needs: list[str] = field(default_factory=list)  # names of the cells it waits for
+    kind: str = RUN
 
     @property
     def run_id(self) -> str:
+        """The run id, or for a cache cell the cache's key (both name the cell's job in the grid's records)."""
+        if self.kind == TEACHER_CACHE:
+            from harness.teacher_cache import CacheSpec
+
+            return CacheSpec.of(self.config).key
         return self.config.run_id
 
 
@@ -184,13 +196,14 @@ def expand(spec: GridFile, source: str) -> list[Cell]:
     cells: list[Cell] = []
     teacher_dirs: dict[str, str] = {}
     for name, partial in spec.teachers.items():
-        config = _cell_config(deep_merge(base, partial, {"name": f"{spec.name}/teacher/{name}", "distill": {}}),
-                              f"{source} teacher {name!r}")
+        config = _cell_config(deep_merge(base, partial, {"name": f"{spec.name}/teacher/{name}", "distill": {},
+                                                         "teacher": None}), f"{source} teacher {name!r}")
         cells.append(Cell(f"teacher/{name}", 0, config))
         teacher_dirs[name] = str(config.run_dir)
 
     seen: dict[str, str] = {c.run_id: c.name for c in cells}
     checked: set[str] = set()
+    caches: dict[str, str] = {}  # cache key -> the name of the cell that builds it
     axes = spec.axes
     for teacher, student, (method, terms), dataset, seed in itertools.product(
         axes.teachers, axes.students, axes.methods.items(), axes.datasets, axes.seeds
@@ -227,8 +240,19 @@ def expand(spec: GridFile, source: str) -> list[Cell]:
             raise GridError(f"{source}: duplicate cell: {name} and {seen[config.run_id]} resolve to the same run "
                             f"{config.run_id}")
         seen[config.run_id] = name
-        cells.append(Cell(name, 1, config, needs))
+        if config.teacher and config.teacher.embeddings == "cached":
+            needs = needs + [_cache_cell(config, needs, caches, cells)]
+        cells.append(Cell(name, 2, config, needs))
     return cells
+
+
+def _cache_cell(config: RunConfig, needs: list[str], caches: dict[str, str], cells: list[Cell]) -> str:
+    """The name of the cell that builds ``config``'s teacher-embedding cache, added on the first run needing it."""
+    cache = Cell("", 1, config, needs, TEACHER_CACHE)
+    if cache.run_id not in caches:
+        cache.name = caches[cache.run_id] = f"teacher-cache/{cache.run_id}"
+        cells.append(cache)
+    return caches[cache.run_id]
 
 
 def load_grid(path: str | Path) -> Grid:

@@ -13,7 +13,7 @@ import torch
 
 from evals.datasets import benchmark_name, load_eval_set
 from evals.similarity import feature_similarity
-from evals.zeroshot import zero_shot_metrics
+from evals.zeroshot import Classifiers, zero_shot_metrics
 from harness import checkpoint
 from harness.config import RunConfig, parse_config
 from harness.distributed import init_distributed
@@ -47,14 +47,13 @@ def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
 
 def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> dict[str, dict[str, float]]:
     """{benchmark: {metric: value}}: zero-shot metrics, and feature similarity when there is a teacher."""
-    results = {}
+    results, classifiers = {}, Classifiers()  # benchmarks sharing classes and prompts share the classifier
     for spec in benchmarks:
         eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval)
-        metrics = zero_shot_metrics(
-            trained.student.model, trained.student.tokenizer, eval_set, device, trained.config.eval.batch_size
-        )
+        metrics, embedded = zero_shot_metrics(trained.student.model, trained.student.tokenizer, eval_set, device,
+                                              trained.config.eval.batch_size, classifiers)
         if trained.teacher is not None:
-            metrics.update(feature_similarity(trained.student, trained.teacher, trained.objective.student_projection(),
+            metrics.update(feature_similarity(embedded, trained.teacher, trained.objective.student_projection(),
                                               eval_set, device, trained.config.eval.batch_size))
         results[eval_set.benchmark] = metrics
     return results

@@ -92,6 +92,15 @@ def cache_dir(config: RunConfig) -> Path:
     return Path(config.output_dir) / CACHE_DIR / CacheSpec.of(config).key
 
 
+def is_built(config: RunConfig) -> bool:
+    return (cache_dir(config) / META).is_file()
+
+
+def failure_file(config: RunConfig) -> Path:
+    """Where a failed build leaves its reason (a grid's cache cell is then failed)."""
+    return cache_dir(config).with_suffix(".failed")
+
+
 @dataclass
 class TeacherEmbeddings:
     """A finished cache, memory-mapped: rows are sample indices of the training set."""
@@ -126,7 +135,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) -> Path:
     """The cache folder of ``config``'s teacher and data, built first if it does not exist yet."""
     folder = cache_dir(config)
-    if (folder / META).is_file():
+    if is_built(config):
         return folder
     env = env or init_distributed()
     if env.distributed:  # every rank embeds its share into the folder rank 0 names

@@ -105,8 +105,10 @@ class LiveTeacher:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.samples_embedded = 0  # on this process, for benchmarks/grid.py
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor | None):
+        self.samples_embedded += images.shape[0]
         return (methods.normalize(self.model.encode_image(images)), methods.normalize(self.model.encode_text(texts)),
                 self.model.logit_scale.exp())
 
@@ -345,6 +347,11 @@ class Trainer:
                         break
         self.save(checkpoint.LATEST)
         self.save(checkpoint.FINAL)
+        if self.env.is_main:
+            embedded = getattr(self.teacher, "samples_embedded", 0) * self.env.world_size  # every rank its block
+            with (self.run_dir / EVENTS_LOG).open("a") as events:
+                events.write(json.dumps({"event": "finish", "step": self.step, "time": time.time(),
+                                         "teacher_forward_samples": embedded}) + "\n")
 
 
 def default_device(env: DistEnv) -> torch.device:

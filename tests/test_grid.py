@@ -1,4 +1,5 @@
 """Grid files: planning (with every error found before anything is submitted) and local dispatch."""
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -108,3 +109,38 @@ def test_local_executor_runs_the_grid_and_resubmitting_submits_nothing(smoke_gri
     ablation = run_clipkd("ablation", cwd=workdir).stdout
     for method in ["baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "crd+fd+icl"]:
         assert f" {method} " in ablation
+
+
+def cached_teacher_grid(workdir: Path) -> Path:
+    """The smoke grid's teacher, with the baseline and two distilled students reading its cached embeddings."""
+    grid = yaml.safe_load((workdir / "grids" / "smoke.yaml").read_text())
+    grid["name"] = "cached"
+    grid["base"]["teacher"] = {"embeddings": "cached"}
+    grid["base"]["data"]["augment"] = False
+    grid["axes"]["methods"] = {"baseline": {}, "fd": {"fd": 2000}, "clip-kd": {"fd": 2000, "icl": 1, "crd": 1}}
+    path = workdir / "grids" / "cached.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_a_cached_teacher_grid_builds_the_cache_as_a_step_the_students_wait_for(workdir):
+    from harness.builtin_data import load_builtin
+    from harness.grid import load_grid
+
+    grid = load_grid(cached_teacher_grid(workdir))
+    cells = {c.name: c for c in grid.cells}
+    (cache,) = [c for c in grid.cells if c.kind == "teacher-cache"]
+    assert cache.stage == 1 and cache.needs == ["teacher/tiny-teacher"]
+    distilled = [c for c in grid.cells if c.kind == "run" and c.config.distill]
+    assert len(distilled) == 2 and all(c.needs == ["teacher/tiny-teacher", cache.name] for c in distilled)
+    assert [c.needs for c in cells.values() if c.kind == "run" and c.stage == 2 and not c.config.distill] == [[]]
+    out = run_clipkd("grid", "submit", "grids/cached.yaml", "--executor", "local", cwd=workdir).stdout
+    assert "5 cells to submit" in out and "5 done" in out
+    assert out.index(f"done     {cache.name}") < min(out.index(f"started  {c.name}") for c in distilled)
+    caches = [p for p in (workdir / "runs" / ".teacher-embeddings").iterdir() if p.is_dir()]
+    assert [p.name for p in caches] == [cache.run_id]
+    assert json.loads((caches[0] / "meta.json").read_text())["samples"] == len(load_builtin("digits", "train").labels)
+    db = sqlite3.connect(workdir / "results" / "clipkd.db")
+    assert db.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 4  # caches are no runs
+    again = run_clipkd("grid", "submit", "grids/cached.yaml", "--executor", "local", cwd=workdir).stdout
+    assert "0 cells to submit, 5 skipped" in again

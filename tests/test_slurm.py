@@ -86,7 +86,7 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     _wait_until(lambda: (json.loads((timed_out / "record.json").read_text())["run"]["status"] == "done"), 300,
                 "the requeued cell to finish")
     events = _events(timed_out)
-    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] >= 30
+    assert [e["event"] for e in events] == ["start", "resume", "finish"] and events[1]["step"] >= 30
     assert events[0]["slurm_job"] == events[1]["slurm_job"]  # the same job, requeued
 
     status = run_clipkd("grid", "status", "grids/interrupt.yaml", cwd=workdir).stdout
@@ -94,7 +94,29 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     out = run_clipkd("grid", "submit", "grids/interrupt.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
     assert "1 cells to submit, 1 skipped" in out and out.strip().endswith("2 done, 0 failed")
     events = _events(cancelled)
-    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] >= 30
+    assert [e["event"] for e in events] == ["start", "resume", "finish"] and events[1]["step"] >= 30
     assert events[0]["slurm_job"] != events[1]["slurm_job"]  # a new job resumed the run
     for run_dir in (timed_out, cancelled):
         assert _steps(run_dir) == list(range(1, 301))  # every step exactly once across the interruption
+
+
+def test_a_cached_teacher_grid_runs_its_cache_step_as_an_array_between_teacher_and_students(slurm, workdir):
+    from test_grid import cached_teacher_grid
+
+    cached_teacher_grid(workdir)
+    out = run_clipkd("grid", "submit", "grids/cached.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
+    assert "5 cells to submit" in out and out.strip().endswith("0 new, 0 queued, 0 running, 5 done, 0 failed")
+    jobs = json.loads((workdir / "runs" / ".grids" / "cached" / "jobs.json").read_text())
+    arrays: dict[int, list[str]] = {}
+    for job in jobs.values():
+        arrays.setdefault(int(job["job_id"].split("_")[0]), []).append(job["cell"].split("/")[0])
+    # three arrays in submission order: the teacher, the cache, then the students (the baseline among them)
+    assert [sorted(cells) for _, cells in sorted(arrays.items())][:2] == [["teacher"], ["teacher-cache"]]
+    assert len(arrays) == 3 and sum(map(len, arrays.values())) == 5
+    (cache,) = [p for p in (workdir / "runs" / ".teacher-embeddings").iterdir() if p.is_dir()]
+    built = (cache / "meta.json").stat().st_mtime
+    db = sqlite3.connect(workdir / "results" / "clipkd.db")
+    started = [row[0] for row in db.execute("select run_dir from runs where teacher is not null")]
+    assert len(started) == 2
+    for run_dir in started:  # the distilled students started after the cache was complete (afterok)
+        assert json.loads((Path(run_dir) / "events.jsonl").read_text().splitlines()[0])["time"] >= built

@@ -1,0 +1,111 @@
+"""clipkd's zero-shot evaluation against clip_benchmark's on the same model and data: the same numbers, and the
+speed ratio (target ≥ 1.0×, i.e. at least as fast).
+
+    python benchmarks/eval.py [--dataset fashion-mnist|digits] [--model clipkd-tiny] [--batch 256]
+
+Two comparisons, both with classification (the whole test split) and retrieval (the 1,000-image gallery):
+- in one process, the evaluation work only: ``evals.zeroshot.zero_shot_metrics`` against clip_benchmark's
+  ``zeroshot_classification.evaluate`` + ``zeroshot_retrieval.evaluate`` on the same model and loaders;
+- on the command line, what a user runs: ``clipkd eval`` against ``clip_benchmark eval`` once per task (it takes
+  one task per call), on the model exported as open_clip ``local-dir:`` and the data as clip_benchmark wds.
+Then two benchmarks sharing classes and prompts (as ImageNet and ImageNet-V2 do): the class-prompt classifier
+is built once for both.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+from torch.utils.data import DataLoader
+
+from evals.datasets import load_eval_set, retrieval_collate
+from evals.zeroshot import RECALL_K, Classifiers, zero_shot_metrics
+from harness.models import create_clip
+
+COMPARED = ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "text_retrieval_recall@1"]
+
+
+def timed(call):
+    started = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - started
+
+
+def run_timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    return timed(lambda: subprocess.run(command, check=True, capture_output=True, text=True))
+
+
+def clip_benchmark_in_process(bundle, eval_set, batch: int) -> dict:
+    cpu = "cpu"
+    classification = zeroshot_classification.evaluate(
+        bundle.model, DataLoader(eval_set.classification, batch_size=batch), bundle.tokenizer,
+        eval_set.classification.classes, eval_set.classification.templates, cpu, amp=False)
+    retrieval = zeroshot_retrieval.evaluate(
+        bundle.model, DataLoader(eval_set.retrieval, batch_size=batch, collate_fn=retrieval_collate), bundle.tokenizer,
+        cpu, amp=False, recall_k_list=list(RECALL_K))
+    return {**classification, **retrieval}
+
+
+def command_lines(args, checkpoint: Path, folder: Path) -> tuple[dict, float, dict, float]:
+    clipkd = [sys.executable, "-m", "harness.cli"]
+    subprocess.run([*clipkd, "export", str(checkpoint), str(folder / "model"), "--model", args.model], check=True,
+                   capture_output=True)
+    subprocess.run([*clipkd, "export-dataset", args.dataset, str(folder / "wds")], check=True, capture_output=True)
+    ours, our_seconds = run_timed([*clipkd, "eval", str(checkpoint), "--model", args.model, "--dataset", args.dataset,
+                                   "--batch-size", str(args.batch)])
+    theirs, their_seconds = {}, 0.0
+    for task, root in (("zeroshot_classification", "classification"), ("zeroshot_retrieval", "retrieval")):
+        output = folder / f"{task}.json"
+        _, seconds = run_timed(
+            [sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", f"local-dir:{folder / 'model'}",
+             "--pretrained", "local", "--dataset", f"wds/{args.dataset}", "--dataset_root", str(folder / "wds" / root),
+             "--task", task, "--no_amp", "--batch_size", str(args.batch), "--num_workers", "0", "--recall_k",
+             *map(str, RECALL_K), "--output", str(output), "--quiet"])
+        their_seconds += seconds
+        theirs.update(json.loads(output.read_text())["metrics"])
+    return json.loads(ours.stdout)["metrics"], our_seconds, theirs, their_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist" if Path("/usr/share/datasets/fashion-mnist").is_dir()
+                        else "digits")
+    parser.add_argument("--model", default="clipkd-tiny")
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bundle = create_clip(args.model)
+    bundle.model.eval()
+    eval_set = load_eval_set(args.dataset, None, bundle.preprocess_eval)
+    cpu = torch.device("cpu")
+    (ours, _), our_seconds = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch))
+    theirs, their_seconds = timed(lambda: clip_benchmark_in_process(bundle, eval_set, args.batch))
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = Path(scratch) / "model.pt"
+        torch.save({"state_dict": bundle.model.state_dict()}, checkpoint)
+        cli_ours, cli_our_seconds, cli_theirs, cli_their_seconds = command_lines(args, checkpoint, Path(scratch))
+    classifiers = Classifiers()
+    _, first = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch, classifiers))
+    _, second = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch, classifiers))
+
+    print(f"{args.model} (random init) on {args.dataset}: {len(eval_set.classification)} images classified, "
+          f"{len(eval_set.retrieval)} in the retrieval gallery; batch {args.batch}, fp32, CPU, "
+          f"{torch.get_num_threads()} threads")
+    for where, (a, b) in {"in-process": (ours, theirs), "command line": (cli_ours, cli_theirs)}.items():
+        same = all(a[m] == b[m] for m in COMPARED)
+        print(f"{where:13s} numbers {'identical' if same else 'DIFFER'}: " + ", ".join(f"{m} {a[m]:.4f}" for m in COMPARED))
+    print(f"in-process    clipkd {our_seconds:6.2f} s, clip_benchmark {their_seconds:6.2f} s: "
+          f"{their_seconds / our_seconds:.2f}x its speed")
+    print(f"command line  clipkd {cli_our_seconds:6.2f} s, clip_benchmark {cli_their_seconds:6.2f} s (2 calls): "
+          f"{cli_their_seconds / cli_our_seconds:.2f}x its speed")
+    print(f"a second benchmark with the same classes and prompts: {second:.2f} s after {first:.2f} s "
+          f"(classifiers built: {len(classifiers.built)})")
+
+
+if __name__ == "__main__":
+    main()
