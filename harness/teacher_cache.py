@@ -135,11 +135,11 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) -> Path:
     """The cache folder of ``config``'s teacher and data, built first if it does not exist yet."""
     folder = cache_dir(config)
-    if is_built(config):
-        return folder
     env = env or init_distributed()
     if env.distributed:  # every rank embeds its share into the folder rank 0 names
         return _build_distributed(config, folder, device, env)
+    if is_built(config):
+        return folder
     with _exclusive(folder.with_suffix(".lock")):
         if not (folder / META).is_file():  # another builder may have finished while this one waited
             partial = folder.with_name(f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
@@ -151,9 +151,11 @@ def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) 
 def _build_distributed(config: RunConfig, folder: Path, device: torch.device, env: DistEnv) -> Path:
     import torch.distributed as dist
 
-    names = [f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"]
-    dist.broadcast_object_list(names, src=0)
-    partial = folder.with_name(names[0])
+    decision = [is_built(config), f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"]
+    dist.broadcast_object_list(decision, src=0)  # rank 0 decides for all, so no rank waits alone
+    built, partial = decision[0], folder.with_name(decision[1])
+    if built:
+        return folder
     if env.is_main:
         _embed(config, partial, device, share=(0, env.world_size), create=True)
     dist.barrier()  # the arrays exist; the other ranks fill their rows

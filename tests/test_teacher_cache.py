@@ -1,6 +1,7 @@
 """The teacher-embedding cache: cached losses and gradients equal the live teacher's on un-augmented data,
 concurrent builders leave one whole cache, and a cached run never builds the teacher."""
 import contextlib
+import json
 import multiprocessing as mp
 from pathlib import Path
 
@@ -116,3 +117,30 @@ def test_a_webdataset_cannot_be_cached(tmp_path):
                       "teacher": {"model": "clipkd-tiny-teacher", "pretrained": "x.pt", "embeddings": "cached"},
                       "distill": {"fd": 1}, "data": {"dataset": "webdataset", "path": "a.tar", "num_samples": 10},
                       "train": {"batch_size": 8, "steps": 1}})
+
+
+def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoint):
+    """Two processes embed one half of the samples each into one cache, equal to the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    two = kd_config(tmp_path / "two", teacher_checkpoint, "cached")
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(json.dumps(two.resolved()))  # JSON is YAML
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "harness.cli", "train",
+         str(config_file)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        check=True, capture_output=True, timeout=600,
+    )
+    folders = [p for p in (tmp_path / "two" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == [teacher_cache.cache_dir(two).name]
+    both = teacher_cache.TeacherEmbeddings.open(folders[0])
+    one = teacher_cache.TeacherEmbeddings.open(teacher_cache.ensure(kd_config(tmp_path / "one", teacher_checkpoint,
+                                                                              "cached"), CPU))
+    np.testing.assert_allclose(both.image, one.image, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both.text, one.text, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "two" / two.run_id / "checkpoints" / "final.pt").is_file()
