@@ -33,7 +33,7 @@ def pair_similarity_gap(images: torch.Tensor, texts: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device):
+def embed_pairs(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device):
     images, texts = [], []
     for batch_images, batch_captions in loader:
         images.append(model.encode_image(batch_images.to(device)).float().cpu())
@@ -51,7 +51,7 @@ def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection:
         return {}
     loader = DataLoader(eval_set.retrieval, batch_size=batch_size, shuffle=False, collate_fn=retrieval_collate)
     student_images, student_texts = student.images, student.first_texts
-    teacher_images, teacher_texts = _embed(teacher.model, teacher.tokenizer, loader, device)
+    teacher_images, teacher_texts = embed_pairs(teacher.model, teacher.tokenizer, loader, device)
     metrics = {
         "feature_cka_image": linear_cka(student_images, teacher_images),
         "feature_cka_text": linear_cka(student_texts, teacher_texts),

@@ -10,7 +10,7 @@ from conftest import ROOT
     ("train_step.py", ["--batch", "64", "--steps", "2", "--warmup", "1", "--threads", "1"], "cached/baseline"),
     ("store.py", ["--runs", "800", "--repeats", "1"], "leaderboard (imagenet1k, top1)"),
     ("gd_memory.py", ["--batch", "64", "--dim", "32"], "released code's B×D×B"),
-    ("eval.py", ["--dataset", "digits"], "numbers identical"),
+    ("eval.py", ["--dataset", "digits", "--repeats", "1"], "numbers identical"),
 ])
 def test_benchmark_runs_and_prints_its_ratios(script, args, prints):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
