@@ -9,6 +9,7 @@ that every teacher is reachable without a download, and the SLURM options.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -106,9 +107,10 @@ class Cell:
     needs: list[str] = field(default_factory=list)  # names of the cells it waits for
     kind: str = RUN
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
-        """The run id, or for a cache cell the cache's key (both name the cell's job in the grid's records)."""
+        """The run id, or for a cache cell the cache's key (both name the cell's job in the grid's records); read
+        in every loop over a grid's cells, so hashed once."""
         if self.kind == TEACHER_CACHE:
             from harness.teacher_cache import CacheSpec
 

@@ -93,7 +93,11 @@ def cache_dir(config: RunConfig) -> Path:
 
 
 def is_built(config: RunConfig) -> bool:
-    return (cache_dir(config) / META).is_file()
+    return _complete(cache_dir(config))
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / META).is_file()  # meta.json is written last, inside the folder renamed into place
 
 
 def failure_file(config: RunConfig) -> Path:
@@ -138,10 +142,10 @@ def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) 
     env = env or init_distributed()
     if env.distributed:  # every rank embeds its share into the folder rank 0 names
         return _build_distributed(config, folder, device, env)
-    if is_built(config):
+    if _complete(folder):
         return folder
     with _exclusive(folder.with_suffix(".lock")):
-        if not (folder / META).is_file():  # another builder may have finished while this one waited
+        if not _complete(folder):  # another builder may have finished while this one waited
             partial = folder.with_name(f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
             _embed(config, partial, device, share=(0, 1), create=True)
             _publish(partial, folder)
@@ -151,7 +155,7 @@ def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) 
 def _build_distributed(config: RunConfig, folder: Path, device: torch.device, env: DistEnv) -> Path:
     import torch.distributed as dist
 
-    decision = [is_built(config), f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"]
+    decision = [_complete(folder), f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"]
     dist.broadcast_object_list(decision, src=0)  # rank 0 decides for all, so no rank waits alone
     built, partial = decision[0], folder.with_name(decision[1])
     if built:
