@@ -122,7 +122,9 @@ class TrainSpec(Strict):
     batch_size: int = Field(gt=0, description="global batch size, split across processes")
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "fp64"] = Field(
+        "fp32", description="fp64 runs student, teacher and losses in float64: slow, for checking that two "
+        "computations are the same math on any CPU")
     checkpoint_every: int = Field(1000, gt=0)
     log_every: int = Field(1, gt=0)
 

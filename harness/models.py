@@ -57,7 +57,13 @@ def _describe_load_failure(model_name: str, pretrained: str, error: Exception) -
     return f"checkpoint file {pretrained!r} is not a readable checkpoint ({reason})"
 
 
-def create_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipBundle:
+def parameter_dtype(precision: str) -> torch.dtype:
+    """The dtype a run keeps its models in: float64 for ``fp64``; mixed precision autocasts float32 weights."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def create_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> ClipBundle:
     register_model_configs()
     if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model_name!r} does not exist")
@@ -69,6 +75,7 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
         if pretrained is None:
             raise
         raise ModelLoadError(_describe_load_failure(model_name, pretrained, error)) from None
+    model.to(dtype)
     embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
     return ClipBundle(model, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
 
@@ -93,9 +100,9 @@ def resolve_teacher_run(run: str) -> tuple[str, str]:
     return resolved["student"]["model"], str(checkpoint)
 
 
-def create_teacher(spec, device: str | torch.device = "cpu") -> ClipBundle:
+def create_teacher(spec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ClipBundle:
     """The frozen teacher: eval mode, no grad, from a tag, a checkpoint file, or an earlier run."""
     model_name, pretrained = resolve_teacher_run(spec.run) if spec.run else (spec.model, spec.pretrained)
-    bundle = create_clip(model_name, pretrained, device)
+    bundle = create_clip(model_name, pretrained, device, dtype)
     bundle.model.eval().requires_grad_(False)
     return bundle

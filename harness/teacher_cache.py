@@ -39,7 +39,7 @@ from harness.config import RunConfig
 from harness.data import training_dataset
 from harness.distributed import DistEnv, init_distributed
 from harness.errors import ClipkdError
-from harness.models import create_teacher, register_model_configs, teacher_run_dir
+from harness.models import create_teacher, parameter_dtype, register_model_configs, teacher_run_dir
 
 CACHE_DIR = ".teacher-embeddings"
 META = "meta.json"
@@ -55,8 +55,9 @@ def preprocessing(config: RunConfig) -> dict[str, Any]:
     model = open_clip.get_model_config(config.student.model)
     image = asdict(PreprocessCfg()) | model.get("preprocess_cfg", {}) | {"size": model["vision_cfg"]["image_size"]}
     text = model.get("text_cfg", {})
+    forward = {"teacher_dtype": "float64"} if config.train.precision == "fp64" else {}  # fp32 caches keep their key
     return {"image": image, "student": config.student.model, "student_weights": config.student.pretrained,
-            "context_length": text.get("context_length", 77), "tokenizer": text.get("hf_tokenizer_name")}
+            "context_length": text.get("context_length", 77), "tokenizer": text.get("hf_tokenizer_name"), **forward}
 
 
 def teacher_identity(config: RunConfig) -> dict[str, Any]:
@@ -181,7 +182,8 @@ def _publish(partial: Path, folder: Path) -> None:
 
 def _embed(config: RunConfig, folder: Path, device: torch.device, share: tuple[int, int], create: bool) -> None:
     """Embed this rank's contiguous share of the samples into ``folder``'s arrays (created by rank 0)."""
-    teacher = create_teacher(config.teacher, device)
+    dtype = parameter_dtype(config.train.precision)
+    teacher = create_teacher(config.teacher, device, dtype)
     spec = CacheSpec.of(config)
     transform = image_transform_v2(PreprocessCfg(**spec.preprocessing["image"]), is_train=False)
     samples = training_dataset(config.data, transform, open_clip.get_tokenizer(config.student.model))
@@ -199,7 +201,7 @@ def _embed(config: RunConfig, folder: Path, device: torch.device, share: tuple[i
     with torch.no_grad():
         for images, tokens in loader:
             rows = slice(position, position + len(images))
-            image[rows] = torch.nn.functional.normalize(teacher.model.encode_image(images.to(device)), dim=-1).cpu()
+            image[rows] = torch.nn.functional.normalize(teacher.model.encode_image(images.to(device, dtype)), dim=-1).cpu()
             text[rows] = torch.nn.functional.normalize(teacher.model.encode_text(tokens.to(device)), dim=-1).cpu()
             position += len(images)
     image.flush()

@@ -33,7 +33,7 @@ from harness.distributed import (
 )
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
-from harness.models import ClipBundle, create_clip, create_teacher
+from harness.models import ClipBundle, create_clip, create_teacher, parameter_dtype
 from harness.teacher_cache import TeacherEmbeddings
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
@@ -121,7 +121,8 @@ class CachedTeacher:
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor | None):
         image, text = self.embeddings.rows(indices, images.device)
-        return image, text, torch.tensor(self.embeddings.logit_scale, device=images.device)
+        return (image.to(images.dtype), text.to(images.dtype),
+                torch.tensor(self.embeddings.logit_scale, device=images.device, dtype=images.dtype))
 
 
 def compute_losses(
@@ -198,9 +199,10 @@ class Trainer:
     def __post_init__(self):
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        self.student: ClipBundle = create_clip(cfg.student.model, cfg.student.pretrained, self.device)
+        self.dtype = parameter_dtype(cfg.train.precision)
+        self.student: ClipBundle = create_clip(cfg.student.model, cfg.student.pretrained, self.device, self.dtype)
         self.teacher, teacher_dim = self._teacher()
-        self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device)
+        self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device, self.dtype)
         broadcast_parameters(self.student.model)
         broadcast_parameters(self.objective)
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
@@ -238,7 +240,7 @@ class Trainer:
         if teacher.embeddings == "cached":
             embeddings = TeacherEmbeddings.open(teacher_cache.ensure(self.config, self.device, self.env))
             return CachedTeacher(embeddings), embeddings.embed_dim
-        bundle = create_teacher(teacher, self.device)
+        bundle = create_teacher(teacher, self.device, self.dtype)
         return LiveTeacher(bundle.model), bundle.embed_dim
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ class Trainer:
                 epoch, start_batch = divmod(self.step, spe)
                 for images, texts, indices in self.data.loader_for(epoch, start_batch):
                     started = time.perf_counter()
-                    record = self.train_step(images.to(self.device), texts.to(self.device), indices)
+                    record = self.train_step(images.to(self.device, self.dtype), texts.to(self.device), indices)
                     if log is not None and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
                         record["seconds"] = round(time.perf_counter() - started, 4)
                         log.write(json.dumps(record) + "\n")

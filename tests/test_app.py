@@ -193,6 +193,24 @@ def test_grid_progress_of_10000_runs(generated_store, monkeypatch):
     assert (table[["new", "queued", "running", "done", "failed"]].sum(axis=1) == table["cells"]).all()
 
 
+def test_the_dashboards_own_connection_refuses_writes(generated_store, monkeypatch):
+    """Not only do the pages not write: the connection they read through cannot (SQLite's mode=ro)."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.data import _open
+
+    url, before = f"sqlite:///{generated_store}", digest(generated_store)
+    open_page(url, "leaderboard", monkeypatch)
+    store = _open(url)  # the cached Store every page of this process reads through
+    assert store.readonly and store.count_runs() == 10_000
+    with pytest.raises(OperationalError, match="readonly database"):
+        store.put_run({"id": "intruder", "setting_id": "s", "name": "x", "student": "S", "method": "baseline",
+                       "terms": "{}", "dataset": "d", "seed": 0, "status": "done", "config": "{}"})
+    with pytest.raises(OperationalError, match="readonly database"), store.engine.connect() as connection:
+        connection.exec_driver_sql("DELETE FROM runs")
+    assert digest(generated_store) == before
+
+
 def test_pages_leave_the_store_untouched(generated_store, monkeypatch):
     before = digest(generated_store)
     for page in PAGES:

@@ -120,3 +120,31 @@ def test_mfd_masked_embedding_differs_from_unmasked(model_name):
     assert not torch.allclose(masked, other_mask, atol=1e-4)
     with torch.no_grad():  # the masked forward leaves the model's own forward as it was
         torch.testing.assert_close(model.encode_image(images), full)
+
+
+@pytest.mark.parametrize("mask_ratio, kept", [(0.75, 4), (0.5, 8), (0.25, 12)])
+def test_mfd_keeps_the_asked_share_of_patches(mask_ratio, kept):
+    """The transformer sees the class token and round(N·(1 − ratio)) of the N = 16 patch tokens; a timm tower
+    sees that many of its pixel patches unzeroed."""
+    torch.manual_seed(0)
+    vit = create_clip("clipkd-tiny").model.eval()
+    seen = []
+    hook = vit.visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    rows, cols = patch_grid(vit.visual, 32)
+    assert rows * cols == 16
+    with torch.no_grad():
+        masked_image_features(vit, torch.randn(3, 3, 32, 32), torch.rand(3, rows * cols), mask_ratio)
+        vit.encode_image(torch.randn(3, 3, 32, 32))
+    hook.remove()
+    assert seen == [1 + kept, 1 + 16]
+
+    cnn = create_clip("timm-resnet18").model.eval()
+    inputs = []
+    hook = cnn.visual.trunk.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    rows, cols = patch_grid(cnn.visual, 224)
+    with torch.no_grad():
+        masked_image_features(cnn, torch.randn(2, 3, 224, 224), torch.rand(2, rows * cols), mask_ratio)
+    hook.remove()
+    patches = inputs[0].unflatten(2, (rows, -1)).unflatten(4, (cols, -1))  # (B, C, rows, h, cols, w)
+    unzeroed = patches.abs().amax(dim=(1, 3, 5)) > 0
+    assert unzeroed.sum(dim=(1, 2)).tolist() == [round(rows * cols * (1 - mask_ratio))] * 2

@@ -1,5 +1,6 @@
 """Evaluation: equal to clip_benchmark's own CLI, feature similarity by hand, failures reported and stored."""
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -23,8 +24,13 @@ def trained_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+# Both tools run on one thread with the same batches, so every matmul and sum runs the same kernel in the same
+# order on both sides: equal embeddings, equal logits, and no near-tie that could fall the other way on one side.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
-    ours = json.loads(run_clipkd("eval", str(trained_run), "--dataset", "digits", cwd=tmp_path).stdout)
+    ours = json.loads(run_clipkd("eval", str(trained_run), "--dataset", "digits", cwd=tmp_path, env=ONE_THREAD).stdout)
     run_clipkd("export", str(trained_run), str(tmp_path / "model"), cwd=tmp_path)
     run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), cwd=tmp_path)
     theirs = {}
@@ -35,7 +41,7 @@ def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
              "--pretrained", "local", "--dataset", "wds/digits", "--dataset_root", str(tmp_path / "wds" / root),
              "--task", task, "--no_amp", "--batch_size", "256", "--num_workers", "0", "--recall_k", "1", "5", "10",
              "--output", str(output), "--quiet"],
-            check=True, capture_output=True, cwd=tmp_path,
+            check=True, capture_output=True, cwd=tmp_path, env={**os.environ, **ONE_THREAD},
         )
         theirs.update(json.loads(output.read_text())["metrics"])
     for metric in ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "text_retrieval_recall@1",
@@ -128,3 +134,42 @@ def test_failed_evaluation_is_stored_as_failed_with_its_reason(tmp_path):
     status, error = connection.execute("select status, error from runs").fetchone()
     assert status == "failed" and "evaluation" in error and "/nonexistent/imagenet" in error
     assert connection.execute("select count(*) from metrics").fetchone()[0] == 0  # digits' metrics not half-written
+
+
+def test_feature_cosine_goes_through_the_learned_projection():
+    """cos(P s_i, t_i) averaged over the pairs, against numpy on the two models' own embeddings."""
+    import numpy as np
+
+    from evals.datasets import load_eval_set
+    from evals.similarity import feature_similarity
+    from evals.zeroshot import zero_shot_metrics
+    from harness.models import create_clip
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    student, teacher = create_clip("clipkd-tiny"), create_clip("clipkd-tiny-teacher")
+    projection = torch.nn.Linear(student.embed_dim, teacher.embed_dim)  # 64 -> 96, as a method's P
+    eval_set = load_eval_set("digits", None, student.preprocess_eval)
+    _, embedded = zero_shot_metrics(student.model, student.tokenizer, eval_set, cpu)
+    metrics = feature_similarity(embedded, teacher, projection, eval_set, cpu)
+
+    pairs = [eval_set.retrieval[i] for i in range(len(eval_set.retrieval))]
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in pairs])
+        tokens = student.tokenizer([captions[0] for _, captions in pairs])
+        s_img, s_txt = student.model.encode_image(images).double().numpy(), student.model.encode_text(tokens).double().numpy()
+        t_img, t_txt = teacher.model.encode_image(images).double().numpy(), teacher.model.encode_text(tokens).double().numpy()
+    weight, bias = projection.weight.detach().double().numpy(), projection.bias.detach().double().numpy()
+
+    def mean_cosine(student_rows, teacher_rows):
+        projected = student_rows @ weight.T + bias
+        return np.mean(np.sum(projected * teacher_rows, 1)
+                       / (np.linalg.norm(projected, axis=1) * np.linalg.norm(teacher_rows, axis=1)))
+
+    # float32 embeddings from other batch sizes on the two sides: agreement to ~1e-6 of a cosine
+    assert metrics["feature_cosine_image"] == pytest.approx(mean_cosine(s_img, t_img), abs=1e-4)
+    assert metrics["feature_cosine_text"] == pytest.approx(mean_cosine(s_txt, t_txt), abs=1e-4)
+    other = feature_similarity(embedded, teacher, torch.nn.Linear(student.embed_dim, teacher.embed_dim), eval_set, cpu)
+    assert abs(other["feature_cosine_image"] - metrics["feature_cosine_image"]) > 1e-3  # the given P is the one used
+    without = feature_similarity(embedded, teacher, None, eval_set, cpu)  # 64 vs 96 dims and no P: no cosine
+    assert "feature_cosine_image" not in without and without["feature_cka_image"] == metrics["feature_cka_image"]

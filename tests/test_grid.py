@@ -144,3 +144,57 @@ def test_a_cached_teacher_grid_builds_the_cache_as_a_step_the_students_wait_for(
     assert db.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 4  # caches are no runs
     again = run_clipkd("grid", "submit", "grids/cached.yaml", "--executor", "local", cwd=workdir).stdout
     assert "0 cells to submit, 5 skipped" in again
+
+
+def job_intervals(run_dirs) -> list[tuple[float, float]]:
+    """Each run's job from its first event (training starts) to its record's last write (evaluated, stored)."""
+    intervals = []
+    for run_dir in run_dirs:
+        first = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])["time"]
+        intervals.append((first, (run_dir / "record.json").stat().st_mtime))
+    return intervals
+
+
+def most_at_once(intervals) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, change in edges:  # at equal times an end sorts before a start
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def test_the_smoke_grids_students_ran_at_most_two_at_once(smoke_grid):
+    workdir = smoke_grid[0]
+    students = [p for p in (workdir / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")
+                and json.loads((p / "config.json").read_text())["name"] != "smoke/teacher/tiny-teacher"]
+    assert len(students) == 8 and most_at_once(job_intervals(students)) == 2  # slurm.max_parallel: 2
+
+
+def test_retry_failed_reruns_the_failed_cells_and_only_those(workdir):
+    grid = {"name": "retry", "output_dir": "runs",
+            "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 1},
+                     "train": {"batch_size": 64, "steps": 6, "checkpoint_every": 3}},
+            "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0, 1, 2]},
+            # seed 1 diverges at its second step (NonFiniteLossError), before any checkpoint
+            "overrides": [{"match": {"seed": 1}, "set": {"optim": {"lr": 1.0e30}}}]}
+    (workdir / "grids" / "retry.yaml").write_text(yaml.safe_dump(grid))
+    first = run_clipkd("grid", "submit", "grids/retry.yaml", "--max-parallel", "1", cwd=workdir, check=False)
+    assert first.returncode == 1 and "3 cells to submit" in first.stdout and "2 done, 1 failed" in first.stdout
+    run_dirs = {json.loads((p / "config.json").read_text())["seed"]: p for p in (workdir / "runs").iterdir()
+                if p.is_dir() and not p.name.startswith(".")}
+    assert most_at_once(job_intervals(run_dirs.values())) == 1  # --max-parallel 1: one cell after the other
+    stored = sqlite3.connect(workdir / "results" / "clipkd.db").execute(
+        "select seed, status, error from runs order by seed").fetchall()
+    assert [(seed, status) for seed, status, _ in stored] == [(0, "done"), (1, "failed"), (2, "done")]
+    assert "loss term 'task' is nan" in stored[1][2]
+    records = {seed: (d / "record.json").stat().st_mtime_ns for seed, d in run_dirs.items()}
+
+    again = run_clipkd("grid", "submit", "grids/retry.yaml", cwd=workdir)
+    assert "0 cells to submit, 3 skipped" in again.stdout  # a failed cell waits for --retry-failed
+    retried = run_clipkd("grid", "submit", "grids/retry.yaml", "--retry-failed", cwd=workdir, check=False)
+    assert "1 cells to submit, 2 skipped" in retried.stdout and "2 done, 1 failed" in retried.stdout
+    for seed, run_dir in run_dirs.items():
+        starts = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        assert starts.count("start") == (2 if seed == 1 else 1), (seed, starts)
+        assert ((run_dir / "record.json").stat().st_mtime_ns == records[seed]) == (seed != 1)

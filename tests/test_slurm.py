@@ -120,3 +120,67 @@ def test_a_cached_teacher_grid_runs_its_cache_step_as_an_array_between_teacher_a
     assert len(started) == 2
     for run_dir in started:  # the distilled students started after the cache was complete (afterok)
         assert json.loads((Path(run_dir) / "events.jsonl").read_text().splitlines()[0])["time"] >= built
+
+
+def _file_state(path: Path) -> tuple[bytes, int]:
+    """The store's bytes, its write-ahead log included, and its modification time."""
+    wal = path.with_name(path.name + "-wal")
+    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b""), path.stat().st_mtime_ns
+
+
+def _squeue(job_ids) -> list[str]:
+    result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    return result.stdout.split()
+
+
+def _small_grid(workdir: Path, name: str, steps: int, cpus: int = 1) -> str:
+    grid = {"name": name, "output_dir": "runs",
+            "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 2},
+                     "train": {"batch_size": 64, "steps": steps, "checkpoint_every": 10}},
+            "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0, 1]},
+            "slurm": {"cpus_per_task": cpus, "timeout_min": 20}}
+    (workdir / "grids" / f"{name}.yaml").write_text(yaml.safe_dump(grid))
+    return f"grids/{name}.yaml"
+
+
+def test_jobs_never_write_the_head_nodes_store_file(slurm, workdir):
+    """Jobs write their records; the store file changes only when the head node ingests them."""
+    grid = _small_grid(workdir, "untouched", steps=10)
+    run_clipkd("grid", "submit", grid, "--executor", "slurm", cwd=workdir)
+    store = workdir / "results" / "clipkd.db"
+    before = _file_state(store)
+    jobs = json.loads((workdir / "runs" / ".grids" / "untouched" / "jobs.json").read_text())
+    run_dirs = [workdir / "runs" / run_id for run_id in jobs]
+    _wait_until(lambda: not _squeue([j["job_id"] for j in jobs.values()]), 300, "both jobs to end")
+    assert [json.loads((d / "record.json").read_text())["run"]["status"] for d in run_dirs] == ["done", "done"]
+    assert _file_state(store) == before  # two jobs trained, evaluated and recorded: the file is as submit left it
+    assert "2 done" in run_clipkd("grid", "status", grid, cwd=workdir).stdout
+    assert _file_state(store) != before  # ingested by the head node
+    db = sqlite3.connect(store)
+    assert db.execute("select count(*) from runs where status = 'done' and grid = 'untouched'").fetchone()[0] == 2
+
+
+def test_queued_cells_are_not_submitted_twice_and_cancel_cancels_them(slurm, workdir):
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    grid = _small_grid(workdir, "queued", steps=5000, cpus=cpus)  # each job takes the whole node: one waits
+    first = run_clipkd("grid", "submit", grid, "--executor", "slurm", cwd=workdir).stdout
+    assert "2 cells to submit" in first
+    jobs_file = workdir / "runs" / ".grids" / "queued" / "jobs.json"
+    jobs = json.loads(jobs_file.read_text())
+    job_ids = sorted(job["job_id"] for job in jobs.values())
+    assert len(_squeue(job_ids)) == 2
+    again = run_clipkd("grid", "submit", grid, "--executor", "slurm", cwd=workdir).stdout
+    assert "0 cells to submit, 2 skipped" in again and "submitted" not in again
+    assert json.loads(jobs_file.read_text()) == jobs and len(_squeue(job_ids)) == 2  # no third job
+    plan = run_clipkd("grid", "plan", grid, cwd=workdir).stdout
+    assert plan.count("*") >= 2  # both cells marked in flight
+
+    out = run_clipkd("grid", "cancel", grid, cwd=workdir).stdout
+    assert "cancelled 2 cells" in out
+    _wait_until(lambda: not _squeue(job_ids), 60, "the cancelled jobs to leave the queue")
+    states = sqlite3.connect(workdir / "results" / "clipkd.db").execute(
+        "select status, error from runs where grid = 'queued'").fetchall()
+    assert [status for status, _ in states] == ["queued", "queued"]  # resumable, not failed
+    assert all("cancelled" in error for _, error in states)
+    status = run_clipkd("grid", "status", grid, cwd=workdir).stdout
+    assert "2 queued" in status and "*" not in status.split("\n", 1)[1]  # nothing in flight any more

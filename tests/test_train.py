@@ -83,6 +83,29 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_chec
     assert steps == list(range(1, 31))  # the log holds each step once, recomputed steps replaced
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2], ids=["SIGINT", "SIGUSR1", "SIGUSR2"])
+def test_each_stop_signal_checkpoints_the_last_step_and_exits_like_the_signal(tmp_path, signum):
+    """Ctrl-C, SLURM's --signal=USR1@… and submitit's USR2 stop training at a step boundary with a checkpoint
+    (SIGTERM: the resume test above). checkpoint_every is larger than the run, so only the signal saves one."""
+    config = write_config(tmp_path, "stop", train={"batch_size": 64, "steps": 400, "checkpoint_every": 1000})
+    run_dir = tmp_path / "runs" / parse_config(yaml.safe_load(config.read_text())).run_id
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", str(config)], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be stopped"
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    assert f"interrupted by signal {int(signum)}" in stderr and "continue with --resume" in stderr
+    saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"]
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert 3 <= saved < 400 and logged[-1] == saved  # the checkpoint is of the last step completed
+    assert not (run_dir / "checkpoints" / "final.pt").exists()
+
+
 def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path, teacher_checkpoint):
     @methods.register("explodes_at_step_3")
     class ExplodesAtStep3(methods.DistillMethod):
