@@ -2,8 +2,13 @@
 teacher-embedding cache, each divided by the no-KD baseline's step (target: cached ≤ 1.15×).
 
     python benchmarks/train_step.py                                   # CPU scale (the defaults)
+    python benchmarks/train_step.py --data webdataset --views 3       # JPEG shards, 3 stored views per sample
     python benchmarks/train_step.py --teacher ViT-B-16 --student ViT-T-16 --batch 256 --precision bf16 \\
         --device cuda --steps 30                                      # the paper's scale, on a GPU
+
+``--data digits`` trains on the un-augmented view (the cache then holds exactly what the live teacher sees);
+``--data webdataset`` on generated JPEG shards (benchmarks/jpeg_shards.py) with ``--views`` stored augmented
+views, which the live teacher embeds as they come and the cached run reads from per-shard arrays.
 
 The CPU defaults scale ViT-B/16 : ViT-T/16 down (benchmarks/model_configs/): the teacher's image tower is 4x as
 wide as the student's (768 vs 192 in the paper's pair), its text tower 1.33x (512 vs 384), same depth and tokens.
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from jpeg_shards import write_jpeg_shards
 
 from harness.config import parse_config
 from harness.distributed import DistEnv
@@ -28,23 +34,24 @@ TARGET = 1.15
 CLIP_KD = {"fd": 2000, "icl": 1, "crd": 1}
 
 
-def config(args, output_dir: Path, teacher_file: Path | None, embeddings: str | None):
+def config(args, output_dir: Path, teacher_file: Path | None, embeddings: str | None, data: dict):
     return parse_config({
         "name": f"bench-{embeddings or 'baseline'}", "output_dir": str(output_dir), "seed": 0,
         "student": {"model": args.student},
-        **({"teacher": {"model": args.teacher, "pretrained": str(teacher_file), "embeddings": embeddings},
+        **({"teacher": {"model": args.teacher, "pretrained": str(teacher_file), "embeddings": embeddings,
+                        "views": args.views if args.data == "webdataset" else 0},
             "distill": CLIP_KD} if embeddings else {}),
-        "data": {"dataset": "digits", "augment": False},
+        "data": data,
         "train": {"batch_size": args.batch, "steps": args.warmup + args.steps, "precision": args.precision},
         "eval": {"batch_size": args.batch},
     })
 
 
 def epochs(trainer: Trainer):
-    """The run's batches, epoch after epoch, images and tokens on its device."""
+    """The run's batches (with the cached teacher's rows, for a cached run), epoch after epoch, on its device."""
     for epoch in itertools.count():
-        for images, texts, indices in trainer.data.loader_for(epoch, 0):
-            yield images.to(trainer.device), texts.to(trainer.device), indices
+        for batch in trainer.data.loader_for(epoch, 0):
+            yield batch.to(trainer.device, trainer.dtype)
 
 
 def seconds_per_step(trainers: dict[str, Trainer], steps: int, warmup: int) -> dict[str, float]:
@@ -54,10 +61,16 @@ def seconds_per_step(trainers: dict[str, Trainer], steps: int, warmup: int) -> d
     for step in range(warmup + steps):
         for mode, trainer in trainers.items():
             started = time.perf_counter()
-            trainer.train_step(*batches[mode][step])  # ends in a host transfer of the losses: the device is done
+            trainer.train_step(batches[mode][step])  # ends in a host transfer of the losses: the device is done
             if step >= warmup:
                 times[mode].append(time.perf_counter() - started)
     return {mode: statistics.median(seconds) for mode, seconds in times.items()}
+
+
+def create_clip_size(model: str) -> int:
+    from harness.data.views import ViewSpec
+
+    return ViewSpec.of(model).size
 
 
 def main() -> None:
@@ -70,6 +83,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--data", default="digits", choices=["digits", "webdataset"])
+    parser.add_argument("--views", type=int, default=3, help="webdataset: augmented views stored per sample")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,13 +93,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         teacher_file = Path(folder) / "teacher.pt"
         torch.save({"state_dict": create_clip(args.teacher).model.state_dict()}, teacher_file)
-        trainers = {mode or "baseline": Trainer(config(args, Path(folder), teacher_file, mode), DistEnv(), device)
+        data = {"dataset": "digits", "augment": False}
+        if args.data == "webdataset":
+            samples = args.batch * (args.warmup + args.steps)
+            shards = write_jpeg_shards(Path(folder) / "shards", samples, 8, size=2 * create_clip_size(args.student))
+            data = {"dataset": "webdataset", "path": shards["pattern"], "num_samples": samples, "workers": 0}
+        trainers = {mode or "baseline": Trainer(config(args, Path(folder), teacher_file, mode, data), DistEnv(), device)
                     for mode in (None, "live", "cached")}  # the cached one builds its cache here, untimed
         results = seconds_per_step(trainers, args.steps, args.warmup)
     baseline = results["baseline"]
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.precision}, {device}{threads}; "
-          f"median of {args.steps} steps")
+    views = f", {args.views} stored views" if args.data == "webdataset" else ", un-augmented"
+    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.precision}, {device}{threads}; {args.data}"
+          f"{views}; median of {args.steps} steps")
     for mode, seconds in results.items():
         print(f"{mode:9s} {seconds * 1000:8.1f} ms/step  {args.batch / seconds:8.1f} images/s  "
               f"{seconds / baseline:5.2f}x baseline")

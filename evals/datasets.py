@@ -17,7 +17,7 @@ from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_t
 from PIL import Image
 from torch.utils.data import Dataset
 
-from harness.builtin_data import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
+from harness.data.builtin import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
 from harness.errors import ClipkdError
 
 LOCAL_KINDS = ("imagefolder", "csv")

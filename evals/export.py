@@ -9,7 +9,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from harness.builtin_data import load_builtin, retrieval_gallery
+from harness.data.builtin import load_builtin, retrieval_gallery
 from harness.models import create_clip
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from evals.datasets import EvalSet, retrieval_collate
-from evals.zeroshot import RetrievalEmbeddings
+from evals.zeroshot import RetrievalEmbeddings, eval_loader
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -44,12 +44,12 @@ def embed_pairs(model: nn.Module, tokenizer, loader: DataLoader, device: torch.d
 
 @torch.no_grad()
 def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection: nn.Module | None, eval_set: EvalSet,
-                       device: torch.device, batch_size: int = 256) -> dict[str, float]:
+                       device: torch.device, batch_size: int = 256, workers: int = 0) -> dict[str, float]:
     """Metrics over the set's image-caption pairs (the student's embeddings are those its retrieval evaluation
     computed); empty when the set has no captions."""
     if eval_set.retrieval is None or student is None:
         return {}
-    loader = DataLoader(eval_set.retrieval, batch_size=batch_size, shuffle=False, collate_fn=retrieval_collate)
+    loader = eval_loader(eval_set.retrieval, batch_size, device, workers, retrieval_collate)
     student_images, student_texts = student.images, student.first_texts
     teacher_images, teacher_texts = embed_pairs(teacher.model, teacher.tokenizer, loader, device)
     metrics = {

@@ -61,6 +61,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from evals.datasets import load_eval_set
     from evals.zeroshot import zero_shot_metrics
+    from harness.data import workers
     from harness.models import FINAL_CHECKPOINT, create_clip
 
     path = Path(args.checkpoint)
@@ -70,7 +71,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bundle = create_clip(_checkpoint_model(checkpoint, args.model), str(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
-    metrics, _ = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size)
+    metrics, _ = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
+                                   workers=workers(args.workers))
     print(json.dumps({"benchmark": eval_set.benchmark, "metrics": metrics}, indent=2))
     return 0
 
@@ -111,6 +113,26 @@ def _cmd_export_dataset(args: argparse.Namespace) -> int:
     classification, retrieval = export_clip_benchmark_wds(args.dataset, Path(args.out))
     print(f"clip_benchmark datasets: --dataset wds/{args.dataset} --dataset_root {classification} "
           f"(classification), --dataset_root {retrieval} (retrieval)")
+    return 0
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    from harness import teacher_cache
+    from harness.config import load_config
+
+    path = Path(args.cache)
+    folder = teacher_cache.cache_dir(load_config(path)) if path.suffix in (".yaml", ".yml") else path
+    if not (folder / teacher_cache.META).is_file():
+        raise ValueError(f"{folder} is not a finished teacher-embedding cache (no {teacher_cache.META}); give a cache "
+                         "folder (<output_dir>/.teacher-embeddings/<key>) or the YAML config of a run that reads one")
+    facts = teacher_cache.info(folder)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    print(f"cache      {facts['folder']}\nteacher    {facts['teacher']}\ndataset    {facts['dataset']}\n"
+          f"samples    {facts['samples']:,}\nviews      {facts['views']} (0: the un-augmented view)\n"
+          f"embedding  {facts['embed_dim']} dims, {facts['storage']}\n"
+          f"size       {facts['bytes_per_sample']:,.0f} bytes per sample, {facts['bytes'] / 2**20:,.1f} MiB in all")
     return 0
 
 
@@ -235,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--root", help="where a clip_benchmark dataset is staged; the folder or CSV for local sets")
     evaluate.add_argument("--model", help="the open_clip model name, for a checkpoint that does not name it")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--workers", type=int, help="loader workers (default: this process's CPUs less one, at most 8)")
     evaluate.set_defaults(func=_cmd_eval)
 
     for name, func, text in (("leaderboard", _cmd_leaderboard, "runs ranked, with the delta against the baseline"),
@@ -275,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 serves every interface)")
     app.set_defaults(func=_cmd_app)
+
+    cache = commands.add_parser("cache", help="teacher-embedding caches")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    cache_info = cache_commands.add_parser("info", help="what a cache holds: samples, views, bytes per sample and in all")
+    cache_info.add_argument("cache", help="a cache folder, or the YAML config of a run that reads one")
+    cache_info.add_argument("--json", action="store_true")
+    cache_info.set_defaults(func=_cmd_cache_info)
 
     export = commands.add_parser("export", help="write a student as an open_clip local-dir model")
     export.add_argument("checkpoint", help="a run directory or a checkpoint file")

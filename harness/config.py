@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.errors import ClipkdError
 
-# Fields that do not change the trained model stay out of the run id: renaming a run, moving it, or adding a
-# benchmark to evaluate reuses the trained run.
-NON_TRAINING_FIELDS = {"name", "output_dir", "eval"}
+# Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
+# moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
+# how often a run checkpoints or logs. The same cell on another partition or with other workers is the same run.
+NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -57,7 +58,12 @@ class TeacherSpec(Strict):
     run: str | None = Field(None, description="a run directory of this project, or the YAML config of that run")
     embeddings: Literal["live", "cached"] = Field(
         "live", description="live: the teacher embeds every batch; cached: its embeddings of the training set are "
-        "computed once (un-augmented view) and read by sample index (harness/teacher_cache.py)")
+        "computed once and read with each sample (harness/teacher_cache.py)")
+    views: int = Field(0, ge=0, description="K > 0: the student trains on K stored augmented views per sample "
+                       "(one drawn per epoch), whose teacher embeddings a cache holds; 0: live views (or, cached, the "
+                       "un-augmented view)")
+    cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how a cache stores embeddings; float16 halves its size (benchmarks/README.md)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSpec:
@@ -89,12 +95,14 @@ class DataSpec(Strict):
     caption_key: str = "title"
     separator: str = "\t"
     num_samples: int | None = Field(None, gt=0, description="samples per epoch of a webdataset (it has no length)")
-    workers: int = Field(0, ge=0)
-    augment: bool = Field(True, description="open_clip's random training transform; false: the evaluation transform")
+    shuffle_window: int = Field(5000, gt=0, description="webdataset: samples permuted together (the shuffle buffer)")
+    workers: int | None = Field(None, ge=0, description="loader workers per process; default: the process's CPUs "
+                                "(SLURM's cpus_per_task) less one, at most 8; not part of the run id")
+    augment: bool = Field(True, description="open_clip's random training crop; false: the evaluation view")
 
     @model_validator(mode="after")
     def _source(self) -> DataSpec:
-        from harness.data import BUILTIN_DATASETS
+        from harness.data.builtin import BUILTIN_DATASETS
 
         accepted = [*BUILTIN_DATASETS, "csv", "webdataset"]
         if self.dataset not in accepted:
@@ -145,6 +153,7 @@ class EvalSpec(Strict):
         None, description="what to evaluate; by default the test split of a built-in training dataset"
     )
     batch_size: int = Field(256, gt=0)
+    workers: int | None = Field(None, ge=0, description="loader workers; default as data.workers")
 
 
 class RunConfig(Strict):
@@ -182,9 +191,8 @@ class RunConfig(Strict):
     def _teacher_when_distilling(self) -> RunConfig:
         if self.distill and self.teacher is None:
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
-        if self.teacher and self.teacher.embeddings == "cached" and self.data.dataset == "webdataset":
-            raise ValueError("teacher.embeddings: cached reads embeddings by sample index, which a webdataset stream "
-                             "does not have; use `live`, or a csv / built-in dataset")
+        if self.teacher and self.teacher.views and not self.data.augment:
+            raise ValueError(f"teacher.views: {self.teacher.views} replays augmented views, but data.augment is false")
         return self
 
     def method_terms(self) -> dict[str, tuple[float, dict[str, Any]]]:
@@ -201,21 +209,25 @@ class RunConfig(Strict):
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def training_fields(self) -> dict[str, Any]:
+        """The resolved config without the fields that cannot change the trained weights."""
+        return _without(self.resolved(), NON_TRAINING_FIELDS)
+
     @property
     def run_id(self) -> str:
-        return _digest({k: v for k, v in self.resolved().items() if k not in NON_TRAINING_FIELDS})
+        return _digest(self.training_fields())
 
     @property
     def setting_id(self) -> str:
         """Identifies runs that differ only in teacher, method and seed: the baseline's comparison group."""
-        return _digest({k: v for k, v in self.resolved().items() if k not in NON_TRAINING_FIELDS | SETTING_VARIES})
+        return _digest(_without(self.training_fields(), SETTING_VARIES))
 
     @property
     def method_label(self) -> str:
         return "+".join(sorted(self.distill)) or "baseline"
 
     def benchmarks(self) -> list[BenchmarkSpec]:
-        from harness.builtin_data import BUILTIN_DATASETS
+        from harness.data.builtin import BUILTIN_DATASETS
 
         if self.eval.benchmarks is not None:
             return self.eval.benchmarks
@@ -224,6 +236,17 @@ class RunConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_id
+
+
+def _without(data: dict[str, Any], paths: set[str]) -> dict[str, Any]:
+    """``data`` less the fields named by dotted paths (``train.log_every``)."""
+    kept = {}
+    for key, value in data.items():
+        inner = {p.split(".", 1)[1] for p in paths if p.startswith(f"{key}.")}
+        if key in paths:
+            continue
+        kept[key] = _without(value, inner) if inner and isinstance(value, dict) else value
+    return kept
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -36,8 +36,7 @@ def known_model_names() -> list[str]:
 @dataclass
 class ClipBundle:
     model: nn.Module
-    preprocess_train: Callable
-    preprocess_eval: Callable
+    preprocess_eval: Callable  # training views come from harness/data/views.py
     tokenizer: Callable
     embed_dim: int
 
@@ -68,7 +67,7 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
     if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model_name!r} does not exist")
     try:
-        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+        model, _, preprocess_eval = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, weights_only=False
         )
     except Exception as error:
@@ -77,7 +76,7 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
         raise ModelLoadError(_describe_load_failure(model_name, pretrained, error)) from None
     model.to(dtype)
     embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
-    return ClipBundle(model, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
+    return ClipBundle(model, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
 
 
 def teacher_run_dir(run: str) -> Path:

@@ -16,6 +16,7 @@ from evals.similarity import feature_similarity
 from evals.zeroshot import Classifiers, zero_shot_metrics
 from harness import checkpoint
 from harness.config import RunConfig, parse_config
+from harness.data import workers
 from harness.distributed import init_distributed
 from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, teacher_run_dir
 from harness.train import TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
@@ -48,13 +49,14 @@ def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
 def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> dict[str, dict[str, float]]:
     """{benchmark: {metric: value}}: zero-shot metrics, and feature similarity when there is a teacher."""
     results, classifiers = {}, Classifiers()  # benchmarks sharing classes and prompts share the classifier
+    batch_size, loader_workers = trained.config.eval.batch_size, workers(trained.config.eval.workers)
     for spec in benchmarks:
         eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval)
         metrics, embedded = zero_shot_metrics(trained.student.model, trained.student.tokenizer, eval_set, device,
-                                              trained.config.eval.batch_size, classifiers)
+                                              batch_size, classifiers, loader_workers)
         if trained.teacher is not None:
             metrics.update(feature_similarity(embedded, trained.teacher, trained.objective.student_projection(),
-                                              eval_set, device, trained.config.eval.batch_size))
+                                              eval_set, device, batch_size, loader_workers))
         results[eval_set.benchmark] = metrics
     return results
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 import methods
 from harness import checkpoint, teacher_cache
 from harness.config import RunConfig
-from harness.data import build_train_data
+from harness.data import Batch, build_source, build_train_data
+from harness.data.views import Augmentation
 from harness.distributed import (
     DistEnv,
     any_rank,
@@ -34,7 +35,7 @@ from harness.distributed import (
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, create_clip, create_teacher, parameter_dtype
-from harness.teacher_cache import TeacherEmbeddings
+from harness.teacher_cache import CachedRows
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
@@ -107,51 +108,47 @@ class LiveTeacher:
         self.model = model
         self.samples_embedded = 0  # on this process, for benchmarks/grid.py
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor | None):
-        self.samples_embedded += images.shape[0]
-        return (methods.normalize(self.model.encode_image(images)), methods.normalize(self.model.encode_text(texts)),
-                self.model.logit_scale.exp())
+    def __call__(self, batch: Batch):
+        self.samples_embedded += len(batch)
+        return (methods.normalize(self.model.encode_image(batch.images)),
+                methods.normalize(self.model.encode_text(batch.texts)), self.model.logit_scale.exp())
 
 
 class CachedTeacher:
-    """The teacher's embeddings of the batch's samples, read from its cache by sample index: it never runs."""
+    """The teacher's embeddings of the batch's samples and views, read from its cache by the loader: it never runs."""
 
-    def __init__(self, embeddings: TeacherEmbeddings):
-        self.embeddings = embeddings
+    def __init__(self, logit_scale: float):
+        self.logit_scale = logit_scale
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor | None):
-        image, text = self.embeddings.rows(indices, images.device)
-        return (image.to(images.dtype), text.to(images.dtype),
-                torch.tensor(self.embeddings.logit_scale, device=images.device, dtype=images.dtype))
+    def __call__(self, batch: Batch):
+        return (batch.teacher_image, batch.teacher_text,
+                torch.tensor(self.logit_scale, device=batch.images.device, dtype=batch.images.dtype))
 
 
 def compute_losses(
     student: nn.Module,
     teacher: LiveTeacher | CachedTeacher | None,
     objective: Objective,
-    images: torch.Tensor,
-    texts: torch.Tensor,
-    indices: torch.Tensor | None = None,
+    batch: Batch,
     masked_noise: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one step on the global batch: this rank's embeddings gathered with all others'."""
-    student_image = gather_with_grad(student.encode_image(images))
-    student_text = gather_with_grad(student.encode_text(texts))
+    student_image = gather_with_grad(student.encode_image(batch.images))
+    student_text = gather_with_grad(student.encode_text(batch.texts))
     student_scale = student.logit_scale.exp()
     if teacher is None:  # the no-KD baseline: the task loss alone
-        zero = torch.zeros(0, device=images.device)
-        batch = methods.DistillBatch(student_image, student_text, zero, zero, student_scale, student_scale)
-        return objective(batch)
+        zero = torch.zeros(0, device=batch.images.device)
+        return objective(methods.DistillBatch(student_image, student_text, zero, zero, student_scale, student_scale))
     with torch.no_grad():
-        teacher_image, teacher_text, teacher_scale = teacher(images, texts, indices)
+        teacher_image, teacher_text, teacher_scale = teacher(batch)
         teacher_image, teacher_text = gather(teacher_image), gather(teacher_text)
     masked = None
     if objective.image_mask_ratio is not None:
-        masked = gather_with_grad(masked_image_features(student, images, masked_noise, objective.image_mask_ratio))
-    batch = methods.DistillBatch(
+        masked = gather_with_grad(masked_image_features(student, batch.images, masked_noise, objective.image_mask_ratio))
+    distill_batch = methods.DistillBatch(
         student_image, student_text, teacher_image, teacher_text, student_scale, teacher_scale, masked
     )
-    return objective(batch)
+    return objective(distill_batch)
 
 
 def parameter_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -213,18 +210,14 @@ class Trainer:
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
         )
-        self.data = build_train_data(
-            cfg.data,
-            self.student.preprocess_train if cfg.data.augment else self.student.preprocess_eval,
-            self.student.tokenizer,
-            cfg.train.batch_size,
-            cfg.seed,
-            self.env.rank,
-            self.env.world_size,
-        )
-        if isinstance(self.teacher, CachedTeacher) and len(self.teacher.embeddings.image) != self.data.num_samples:
-            raise TrainingError(f"the teacher-embedding cache has {len(self.teacher.embeddings.image)} samples, the "
-                                f"training set {self.data.num_samples}: delete {teacher_cache.cache_dir(cfg)}")
+        augmentation = Augmentation.of(cfg.data.augment, cfg.seed, cfg.teacher.views if cfg.teacher else 0)
+        self.source = source = build_source(cfg.data, cfg.student.model, self.student.tokenizer, augmentation,
+                                            cfg.output_dir)
+        if self.cached_rows is not None and self.cached_rows.samples != len(source):
+            raise TrainingError(f"the teacher-embedding cache {self.cached_rows.folder} has {self.cached_rows.samples} "
+                                f"samples, the training set {len(source)}: delete the cache folder to rebuild it")
+        self.data = build_train_data(cfg.data, source, cfg.train.batch_size, cfg.seed, self.env.rank,
+                                     self.env.world_size, self.cached_rows, pin_memory=self.device.type == "cuda")
         epochs = cfg.train.epochs
         self.total_steps = cfg.train.steps or max(1, round(epochs * self.data.steps_per_epoch))
         self.schedule = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, self.total_steps)
@@ -234,12 +227,12 @@ class Trainer:
         self.step = 0
 
     def _teacher(self) -> tuple[LiveTeacher | CachedTeacher | None, int | None]:
-        teacher = self.config.teacher
+        teacher, self.cached_rows = self.config.teacher, None
         if teacher is None:
             return None, None
         if teacher.embeddings == "cached":
-            embeddings = TeacherEmbeddings.open(teacher_cache.ensure(self.config, self.device, self.env))
-            return CachedTeacher(embeddings), embeddings.embed_dim
+            self.cached_rows = CachedRows(teacher_cache.ensure(self.config, self.device, self.env))
+            return CachedTeacher(self.cached_rows.logit_scale), self.cached_rows.embed_dim
         bundle = create_teacher(teacher, self.device, self.dtype)
         return LiveTeacher(bundle.model), bundle.embed_dim
 
@@ -276,12 +269,13 @@ class Trainer:
         self.step = state["step"]
 
     # -- loop ------------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimisation step on this rank's block ``batch`` (on the run's device and dtype)."""
         cfg = self.config
         lr = self.schedule(self.step)
         noise = None
         if self.objective.image_mask_ratio is not None:
-            rows, cols = patch_grid(self.student.model.visual, images.shape[-1])
+            rows, cols = patch_grid(self.student.model.visual, batch.images.shape[-1])
             noise = mask_noise(cfg.train.batch_size, rows * cols, cfg.seed, self.step, self.env)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -289,7 +283,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with autocast:
-            terms = compute_losses(self.student.model, self.teacher, self.objective, images, texts, indices, noise)
+            terms = compute_losses(self.student.model, self.teacher, self.objective, batch, noise)
             loss = self.objective.total(terms)
         # one device-to-host transfer for every term, not one sync per term
         values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
@@ -331,9 +325,9 @@ class Trainer:
         ) as progress:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, spe)
-                for images, texts, indices in self.data.loader_for(epoch, start_batch):
+                for batch in self.data.loader_for(epoch, start_batch):
                     started = time.perf_counter()
-                    record = self.train_step(images.to(self.device, self.dtype), texts.to(self.device), indices)
+                    record = self.train_step(batch.to(self.device, self.dtype))
                     if log is not None and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
                         record["seconds"] = round(time.perf_counter() - started, 4)
                         log.write(json.dumps(record) + "\n")

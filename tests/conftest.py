@@ -61,3 +61,25 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(7)
     torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, path)
     return path
+
+
+def write_shards(folder: Path, sizes: list[int], prefix: str = "shard") -> str:
+    """Digits training images as PNG webdataset shards of the given sizes; returns the brace pattern."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from harness.data.builtin import load_builtin
+
+    data = load_builtin("digits", "train")
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for shard, size in enumerate(sizes):
+        with wds.TarWriter(str(folder / f"{prefix}-{shard:02d}.tar")) as sink:
+            for i in range(start, start + size):
+                png = io.BytesIO()
+                Image.fromarray(data.images[i]).save(png, format="PNG")
+                sink.write({"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i]})
+        start += size
+    return str(folder / f"{prefix}-{{00..{len(sizes) - 1:02d}}}.tar")

@@ -1,15 +1,17 @@
 """Built-in datasets, captions from pixels, the CSV and webdataset formats, and MFD's masked forward."""
 import io
 import json
+import multiprocessing as mp
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import require, run_clipkd
+from conftest import require, run_clipkd, write_shards
 from PIL import Image
 from test_train import write_config
 
-from harness.builtin_data import FASHION_MNIST_DIR, DatasetUnavailableError, load_builtin
+from harness.data.builtin import FASHION_MNIST_DIR, DatasetUnavailableError, load_builtin
 from harness.masking import masked_image_features, patch_grid
 from harness.models import create_clip
 
@@ -48,7 +50,7 @@ def test_fashion_mnist_from_debian_package():
 
 
 def test_fashion_mnist_absent_names_the_package(monkeypatch, tmp_path):
-    import harness.builtin_data as builtin
+    import harness.data.builtin as builtin
 
     monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", tmp_path / "nowhere")
     builtin._fashion_mnist.cache_clear()
@@ -82,22 +84,87 @@ def test_csv_format_trains(tmp_path):
 
 
 def test_webdataset_shards_train(tmp_path):
-    import webdataset as wds
-
-    data = load_builtin("digits", "train")
-    for shard in range(2):
-        with wds.TarWriter(str(tmp_path / f"shard-{shard:02d}.tar")) as sink:
-            for i in range(shard * 48, shard * 48 + 48):
-                sink.write({"__key__": f"{i:05d}", "png": _digit_png(i, data), "txt": data.captions[i]})
-    config = write_config(
-        tmp_path, "wds",
-        data={"dataset": "webdataset", "path": str(tmp_path / "shard-{00..01}.tar"), "num_samples": 96},
-        train={"batch_size": 32, "epochs": 2, "steps": None, "checkpoint_every": 2},
-    )
+    shards = write_shards(tmp_path, [48, 48])
+    config = write_config(tmp_path, "wds", data={"dataset": "webdataset", "path": shards, "num_samples": 96},
+                          train={"batch_size": 32, "epochs": 2, "steps": None, "checkpoint_every": 2})
     run_clipkd("train", str(config), cwd=tmp_path)
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = (p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))  # 96 samples / 32 per batch x 2 epochs
+
+
+def _shard_epoch(rank: int, shards: str, index_root: str, workers: int, start_step: int, out: str) -> None:
+    """Rank ``rank`` of 2: the sample ids of each step of epoch 1 from ``start_step``, and the images it decoded."""
+    from harness.config import DataSpec
+    from harness.data import build_source, build_train_data
+    from harness.data.views import Augmentation
+    from harness.models import create_clip
+
+    torch.set_num_threads(1)
+    spec = DataSpec(dataset="webdataset", path=shards, num_samples=160, workers=workers, shuffle_window=24)
+    source = build_source(spec, "clipkd-tiny", create_clip("clipkd-tiny").tokenizer, Augmentation("random", 5),
+                          Path(index_root))
+    data = build_train_data(spec, source, batch_size=16, seed=5, rank=rank, world_size=2)
+    steps = [(batch.samples.tolist(), batch.decoded) for batch in data.loader_for(1, start_step)]
+    Path(out).write_text(json.dumps(steps))
+
+
+def _epoch_of_two_ranks(tmp_path: Path, shards: str, workers: int, start_step: int = 0) -> list[list]:
+    context = mp.get_context("spawn")
+    outputs = [tmp_path / f"rank{rank}-{workers}-{start_step}.json" for rank in range(2)]
+    ranks = [context.Process(target=_shard_epoch, args=(rank, shards, str(tmp_path), workers, start_step, str(out)))
+             for rank, out in enumerate(outputs)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    return [json.loads(out.read_text()) for out in outputs]
+
+
+def test_a_webdataset_epoch_decodes_every_sample_once_across_ranks_and_workers(tmp_path):
+    """Two processes (ranks of a world of 2), two loader workers each, on uneven shards: every sample of the epoch
+    is read once and decoded once; a resumed epoch is the tail of the uninterrupted one, decoding nothing before
+    it; the loader workers never change which sample a step takes."""
+    shards = write_shards(tmp_path / "shards", [50, 30, 70, 20])  # 170 samples; the epoch takes 160
+    ranks = _epoch_of_two_ranks(tmp_path, shards, workers=2)
+    assert [len(steps) for steps in ranks] == [10, 10]  # 160 samples / global batch 16 = 10 steps per rank
+    seen = [sample for steps in ranks for ids, _ in steps for sample in ids]
+    assert len(seen) == len(set(seen)) == 160
+    assert sum(decoded for steps in ranks for _, decoded in steps) == 160  # decoded ÷ epoch = 1.00
+    shard_of = {sample >> 32 for sample in seen}
+    assert shard_of == {0, 1, 2, 3}
+
+    resumed = _epoch_of_two_ranks(tmp_path, shards, workers=2, start_step=4)
+    assert [steps[4:] for steps in ranks] == resumed  # the same samples, and only those decoded
+    assert _epoch_of_two_ranks(tmp_path, shards, workers=1) == ranks == _epoch_of_two_ranks(tmp_path, shards, workers=0)
+
+
+def test_a_webdataset_asking_for_more_samples_than_it_has_is_one_message(tmp_path):
+    shards = write_shards(tmp_path, [20, 20])
+    config = write_config(tmp_path, "big", data={"dataset": "webdataset", "path": shards, "num_samples": 100},
+                          train={"batch_size": 8, "steps": 2})
+    result = run_clipkd("train", str(config), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "data.num_samples 100 exceeds the 40 samples" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop_and_replay_exactly():
+    from torchvision.transforms import RandomResizedCrop
+
+    from harness.data.views import crop_boxes, mix
+
+    keys = mix(7, np.arange(20_000))
+    boxes = crop_boxes(keys, 60, 80)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 60).all() and (left + w <= 80).all()
+    np.testing.assert_array_equal(boxes, crop_boxes(keys, 60, 80))  # a function of the key alone
+    torch.manual_seed(0)
+    reference = np.array([RandomResizedCrop.get_params(torch.zeros(3, 60, 80), [0.9, 1.0], [3 / 4, 4 / 3])
+                          for _ in range(20_000)])
+    for column in range(4):  # the same distribution: means agree to their standard error
+        ours, theirs = boxes[:, column], reference[:, column]
+        assert abs(ours.mean() - theirs.mean()) < 4 * np.sqrt(ours.var() / 20_000 + theirs.var() / 20_000) + 1e-9
 
 
 @pytest.mark.parametrize("model_name", ["clipkd-tiny", "timm-resnet18"])

@@ -8,12 +8,15 @@ the tolerances here, while a wrong gather or a missing average moves gradients b
 import os
 import socket
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness.builtin_data import load_builtin
-from harness.data import CaptionedImagesDataset
+from harness.data import Batch
+from harness.data.builtin import load_builtin
+from harness.data.memory import InMemorySource
+from harness.data.views import Augmentation, ViewSpec
 from harness.distributed import average_gradients, init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip
@@ -32,16 +35,18 @@ def _setup():
     teacher = create_clip("clipkd-tiny-teacher", dtype=torch.float64)
     teacher.model.eval().requires_grad_(False)
     objective = Objective(TERMS, student.embed_dim, teacher.embed_dim).double()
-    data = CaptionedImagesDataset(load_builtin("digits", "train"), student.preprocess_eval, student.tokenizer)
-    images, texts = zip(*(data[i] for i in range(GLOBAL_BATCH)))
-    return student, teacher, objective, torch.stack(images).double(), torch.stack(texts)
+    source = InMemorySource.of(load_builtin("digits", "train"), student.tokenizer, ViewSpec.of("clipkd-tiny"),
+                               Augmentation("none"))
+    batch = source.render(0, np.arange(GLOBAL_BATCH), None)
+    return student, teacher, objective, batch.images.double(), batch.texts
 
 
 def _losses_and_grads(rank_env, images, texts):
     student, teacher, objective, _, _ = _setup()
     rows, cols = patch_grid(student.model.visual, images.shape[-1])
     noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
-    terms = compute_losses(student.model, LiveTeacher(teacher.model), objective, images, texts, masked_noise=noise)
+    batch = Batch(images, texts, torch.arange(len(images)))
+    terms = compute_losses(student.model, LiveTeacher(teacher.model), objective, batch, masked_noise=noise)
     objective.total(terms).backward()
     parameters = [p for m in (student.model, objective) for p in m.parameters()]
     average_gradients(parameters)

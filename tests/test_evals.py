@@ -173,3 +173,45 @@ def test_feature_cosine_goes_through_the_learned_projection():
     assert abs(other["feature_cosine_image"] - metrics["feature_cosine_image"]) > 1e-3  # the given P is the one used
     without = feature_similarity(embedded, teacher, None, eval_set, cpu)  # 64 vs 96 dims and no P: no cosine
     assert "feature_cosine_image" not in without and without["feature_cka_image"] == metrics["feature_cka_image"]
+
+
+def test_an_image_folder_with_loader_workers_gives_clip_benchmarks_numbers(trained_run, tmp_path):
+    """`clipkd eval` on a class-folder tree: 2 loader workers give exactly what 0 give, and both equal
+    `clip_benchmark eval` on the same images (written, in ImageFolder's order, as its wds layout)."""
+    import webdataset as wds
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from evals.datasets import _imagenet_templates
+    from harness.data.builtin import DIGIT_NAMES, load_builtin
+
+    test = load_builtin("digits", "test")
+    folder = tmp_path / "folder"
+    for i in range(240):
+        path = folder / DIGIT_NAMES[test.labels[i]] / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[i]).convert("RGB").save(path)
+    ours = [json.loads(run_clipkd("eval", str(trained_run), "--dataset", "imagefolder", "--root", str(folder),
+                                  "--workers", str(workers), "--batch-size", "64", cwd=tmp_path, env=ONE_THREAD).stdout)
+            for workers in (0, 2)]
+    assert ours[0] == ours[1] and ours[0]["benchmark"] == "imagefolder:folder"
+
+    images = ImageFolder(folder)
+    shards = tmp_path / "wds"
+    (shards / "test").mkdir(parents=True)
+    (shards / "test" / "nshards.txt").write_text("1\n")
+    (shards / "classnames.txt").write_text("\n".join(images.classes) + "\n")
+    (shards / "zeroshot_classification_templates.txt").write_text("\n".join(_imagenet_templates()) + "\n")
+    with wds.TarWriter(str(shards / "test" / "0.tar")) as sink:
+        for i, (path, label) in enumerate(images.samples):
+            sink.write({"__key__": f"s{i:06d}", "png": Path(path).read_bytes(), "cls": label})
+    run_clipkd("export", str(trained_run), str(tmp_path / "model"), cwd=tmp_path)
+    output = tmp_path / "theirs.json"
+    subprocess.run(
+        [sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", f"local-dir:{tmp_path / 'model'}",
+         "--pretrained", "local", "--dataset", "wds/folder", "--dataset_root", str(shards), "--task",
+         "zeroshot_classification", "--no_amp", "--batch_size", "64", "--num_workers", "2", "--output", str(output),
+         "--quiet"], check=True, capture_output=True, cwd=tmp_path, env={**os.environ, **ONE_THREAD})
+    theirs = json.loads(output.read_text())["metrics"]
+    for metric in ("acc1", "acc5", "mean_per_class_recall"):
+        assert ours[0]["metrics"][metric] == theirs[metric], metric

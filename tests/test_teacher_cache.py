@@ -1,5 +1,6 @@
-"""The teacher-embedding cache: cached losses and gradients equal the live teacher's on un-augmented data,
-concurrent builders leave one whole cache, and a cached run never builds the teacher.
+"""The teacher-embedding cache: cached losses and gradients equal the live teacher's for the same views (the
+un-augmented one, or K stored augmented views, on a built-in set and on webdataset shards), concurrent builders
+leave one whole cache, a killed builder's partial folder is cleaned up, and a cached run never builds the teacher.
 
 Runs here are float64 (train.precision: fp64), so live teachers compute their embeddings to ~1e-16 whatever the
 CPU's kernels. The cache stores float32, so a cached embedding is the float64 one rounded once: relative error at
@@ -8,11 +9,18 @@ most 2⁻²⁴ per element. Tolerances below follow from that; a wrong row or a 
 import contextlib
 import json
 import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_clipkd, write_shards
 
 from harness import teacher_cache
 from harness.config import parse_config
@@ -32,34 +40,41 @@ def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, what: st
     torch.testing.assert_close(actual, expected, rtol=0, atol=CACHED_RELATIVE * scale, msg=what)
 
 
-def kd_config(output_dir: Path, teacher: Path, embeddings: str, augment: bool = False, name: str = "kd"):
+def kd_config(output_dir: Path, teacher: Path, embeddings: str, augment: bool = False, name: str = "kd",
+              views: int = 0, data: dict | None = None, **train):
     return parse_config({
         "name": name, "seed": 3, "output_dir": str(output_dir), "student": {"model": "clipkd-tiny"},
-        "teacher": {"model": "clipkd-tiny-teacher", "pretrained": str(teacher), "embeddings": embeddings},
-        "distill": {"fd": 2000, "icl": 1, "crd": 1, "gd": 1000, "afd": 1}, "data": {"dataset": "digits", "augment": augment},
-        "optim": {"warmup_steps": 2}, "train": {"batch_size": 64, "steps": 4, "checkpoint_every": 2, "precision": "fp64"},
+        "teacher": {"model": "clipkd-tiny-teacher", "pretrained": str(teacher), "embeddings": embeddings,
+                    "views": views},
+        "distill": {"fd": 2000, "icl": 1, "crd": 1, "gd": 1000, "afd": 1},
+        "data": {"dataset": "digits", "augment": augment, **(data or {})},
+        "optim": {"warmup_steps": 2},
+        "train": {"batch_size": 64, "steps": 4, "checkpoint_every": 2, "precision": "fp64", **train},
     })
 
 
-def first_step(config, like: Trainer | None = None) -> tuple[dict, dict, Trainer]:
-    """Loss terms and student gradients of the first batch; ``like``'s student and loss parameters if given (a
-    live run builds its teacher before the loss modules, which moves the random init of their projections)."""
+def first_step(config, like: Trainer | None = None, epoch: int = 0) -> tuple[dict, dict, Trainer]:
+    """Loss terms and student gradients of the epoch's first batch; ``like``'s student and loss parameters if
+    given (a live run builds its teacher before the loss modules, which moves the random init of their
+    projections)."""
     trainer = Trainer(config, DistEnv(), CPU)
     if like is not None:
         trainer.student.model.load_state_dict(like.student.model.state_dict())
         trainer.objective.load_state_dict(like.objective.state_dict())
-    images, texts, indices = next(iter(trainer.data.loader_for(0, 0)))
-    terms = compute_losses(trainer.student.model, trainer.teacher, trainer.objective, images.to(trainer.dtype), texts,
-                           indices)
+    batch = next(iter(trainer.data.loader_for(epoch, 0))).to(CPU, trainer.dtype)
+    terms = compute_losses(trainer.student.model, trainer.teacher, trainer.objective, batch)
     trainer.objective.total(terms).backward()
     grads = {n: p.grad.clone() for n, p in trainer.student.model.named_parameters() if p.grad is not None}
+    trainer.first_batch = batch
     return {k: v.detach() for k, v in terms.items()}, grads, trainer
 
 
-def test_cached_losses_and_gradients_equal_the_live_teachers(tmp_path, teacher_checkpoint):
-    live_terms, live_grads, live = first_step(kd_config(tmp_path, teacher_checkpoint, "live"))
-    cached_terms, cached_grads, cached = first_step(kd_config(tmp_path, teacher_checkpoint, "cached"), like=live)
+def assert_cached_equals_live(live_config, cached_config, epoch: int = 0) -> tuple[Trainer, Trainer]:
+    live_terms, live_grads, live = first_step(live_config, epoch=epoch)
+    cached_terms, cached_grads, cached = first_step(cached_config, like=live, epoch=epoch)
     assert isinstance(live.teacher, LiveTeacher) and isinstance(cached.teacher, CachedTeacher)
+    assert torch.equal(live.first_batch.samples, cached.first_batch.samples)
+    assert torch.equal(live.first_batch.images, cached.first_batch.images)  # the same views
     assert live_terms.keys() == cached_terms.keys() == {"task", "fd", "icl", "crd", "gd", "afd"}
     for name in live_terms:
         assert live_terms[name].dtype == torch.float64
@@ -67,29 +82,55 @@ def test_cached_losses_and_gradients_equal_the_live_teachers(tmp_path, teacher_c
     assert live_grads.keys() == cached_grads.keys()
     for name in live_grads:
         assert_close_at_scale(cached_grads[name], live_grads[name], name)
+    return live, cached
+
+
+def test_cached_losses_and_gradients_equal_the_live_teachers(tmp_path, teacher_checkpoint):
+    assert_cached_equals_live(kd_config(tmp_path, teacher_checkpoint, "live"),
+                              kd_config(tmp_path, teacher_checkpoint, "cached"))
+
+
+def test_stored_augmented_views_replay_exactly(tmp_path, teacher_checkpoint):
+    """K = 3 views on a built-in set: the run trains on augmented views the cache holds, equal to live KD on the
+    same views; each epoch draws one view per sample, and the boxes stored are the boxes trained on."""
+    def config(embeddings):
+        return kd_config(tmp_path, teacher_checkpoint, embeddings, augment=True, views=3)
+
+    for epoch in (0, 1):
+        live, cached = assert_cached_equals_live(config("live"), config("cached"), epoch)
+        batch = cached.first_batch
+        stored = np.load(teacher_cache.cache_dir(config("cached")) / "boxes.npy")
+        np.testing.assert_array_equal(stored[batch.samples.numpy(), batch.views.numpy()], batch.boxes.numpy())
+        assert set(batch.views.tolist()) == {0, 1, 2}
+        assert (stored[:, 0] != stored[:, 1]).any(axis=1).mean() > 0.5  # the views differ
+    choice = Trainer(config("cached"), DistEnv(), CPU).source.augmentation.choose
+    samples = np.arange(1257)
+    assert (choice(0, samples) != choice(1, samples)).mean() > 0.5  # each epoch draws the views afresh
+    info = teacher_cache.info(teacher_cache.cache_dir(config("cached")))
+    assert info["views"] == 3 and info["samples"] == 1257 and info["embed_dim"] == 96
 
 
 def test_cache_holds_the_live_teachers_embeddings_of_the_unaugmented_view(tmp_path, teacher_checkpoint):
     config = kd_config(tmp_path, teacher_checkpoint, "cached")
-    cached = teacher_cache.TeacherEmbeddings.open(teacher_cache.ensure(config, CPU))
+    rows = teacher_cache.CachedRows(teacher_cache.ensure(config, CPU))
     trainer = Trainer(kd_config(tmp_path, teacher_checkpoint, "live"), DistEnv(), CPU)
-    samples = trainer.data.loader_for(0, 0).dataset.dataset  # the training set, un-augmented (augment: false)
-    rows = [0, 5, len(samples) - 1]
-    images = torch.stack([samples[i][0] for i in rows]).double()
-    texts = torch.stack([samples[i][1] for i in rows])
+    source = trainer.source  # the in-memory training set, un-augmented (augment: false)
+    samples = np.array([0, 5, len(source) - 1])
+    batch = source.render(0, samples, None).to(CPU, torch.float64)
     with torch.no_grad():
-        image, text, scale = LiveTeacher(trainer.teacher.model)(images, texts, None)
+        image, text, scale = LiveTeacher(trainer.teacher.model)(batch)
+    cached_image, cached_text = rows.lookup(samples, None)
     # the float64 embeddings rounded once to float32 (1e-15: other batches, other sums)
-    np.testing.assert_allclose(cached.image[rows], image.numpy(), rtol=FLOAT32_ROUNDING + 1e-12, atol=0)
-    np.testing.assert_allclose(cached.text[rows], text.numpy(), rtol=FLOAT32_ROUNDING + 1e-12, atol=0)
-    assert cached.logit_scale == pytest.approx(float(scale)) and cached.image.shape == (len(samples), 96)
+    np.testing.assert_allclose(cached_image.numpy(), image.numpy(), rtol=FLOAT32_ROUNDING + 1e-12, atol=0)
+    np.testing.assert_allclose(cached_text.numpy(), text.numpy(), rtol=FLOAT32_ROUNDING + 1e-12, atol=0)
+    assert rows.logit_scale == pytest.approx(float(scale)) and rows.samples == len(source)
 
 
 def _build(output_dir: str, teacher: str, locks_work: bool) -> None:
     if not locks_work:  # a filesystem where flock does nothing: both builders run, the rename decides
         teacher_cache._exclusive = lambda path: contextlib.nullcontext()
     torch.set_num_threads(1)
-    teacher_cache.ensure(kd_config(Path(output_dir), Path(teacher), "cached"), CPU)
+    teacher_cache.ensure(kd_config(Path(output_dir), Path(teacher), "cached", data={"workers": 0}), CPU)
 
 
 def _run_builders(*output_dirs: Path, teacher: Path, locks_work: bool = True) -> None:
@@ -108,15 +149,34 @@ def test_two_builders_at_once_leave_one_whole_cache(tmp_path, teacher_checkpoint
     _run_builders(tmp_path, tmp_path, teacher=teacher_checkpoint, locks_work=locks_work)
     root = tmp_path / teacher_cache.CACHE_DIR
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    config = kd_config(tmp_path, teacher_checkpoint, "cached")
+    config = kd_config(tmp_path, teacher_checkpoint, "cached", data={"workers": 0})
     assert folders == [teacher_cache.cache_dir(config).name]  # no partial folder left behind
-    cached = teacher_cache.TeacherEmbeddings.open(root / folders[0])
     reference = tmp_path / "reference"  # a lone builder, in a process like theirs: the same kernels, the same bits
     _run_builders(reference, teacher=teacher_checkpoint)
-    expected = teacher_cache.TeacherEmbeddings.open(teacher_cache.cache_dir(kd_config(reference, teacher_checkpoint,
-                                                                                      "cached")))
-    np.testing.assert_array_equal(cached.image, expected.image)
-    np.testing.assert_array_equal(cached.text, expected.text)
+    reference_folder = teacher_cache.cache_dir(kd_config(reference, teacher_checkpoint, "cached", data={"workers": 0}))
+    for name in ("image", "text"):
+        np.testing.assert_array_equal(np.load(root / folders[0] / f"{name}.npy"),
+                                      np.load(reference_folder / f"{name}.npy"))
+
+
+def test_a_killed_builders_partial_folder_is_removed_by_the_next_builder(tmp_path, teacher_checkpoint):
+    config = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=4)  # slow enough to be caught
+    config_file = tmp_path / "kd.yaml"
+    config_file.write_text(json.dumps(config.resolved()))
+    builder = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", str(config_file)], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+    root = tmp_path / teacher_cache.CACHE_DIR
+    deadline = time.monotonic() + 120
+    while not any(root.glob("*.partial-*/image.npy")):
+        assert builder.poll() is None and time.monotonic() < deadline, "the builder ended before it could be killed"
+        time.sleep(0.05)
+    builder.send_signal(signal.SIGKILL)
+    builder.wait(timeout=60)
+    (partial,) = root.glob("*.partial-*")
+    assert not teacher_cache.is_built(config)
+    folder = teacher_cache.ensure(config, CPU)
+    assert teacher_cache.is_built(config) and not partial.exists()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [folder.name]
 
 
 def test_runs_share_one_cache_and_never_build_the_teacher(tmp_path, teacher_checkpoint, monkeypatch):
@@ -134,22 +194,83 @@ def test_runs_share_one_cache_and_never_build_the_teacher(tmp_path, teacher_chec
     assert (folder / "image.npy").stat().st_mtime_ns == built
 
 
-def test_a_webdataset_cannot_be_cached(tmp_path):
-    with pytest.raises(Exception, match="teacher.embeddings: cached reads embeddings by sample index"):
-        parse_config({"student": {"model": "clipkd-tiny"},
-                      "teacher": {"model": "clipkd-tiny-teacher", "pretrained": "x.pt", "embeddings": "cached"},
-                      "distill": {"fd": 1}, "data": {"dataset": "webdataset", "path": "a.tar", "num_samples": 10},
-                      "train": {"batch_size": 8, "steps": 1}})
+def test_float16_storage_halves_the_cache_and_moves_losses_by_its_rounding(tmp_path, teacher_checkpoint):
+    full = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=2)
+    half = parse_config({**full.resolved(), "teacher": {**full.resolved()["teacher"], "cache_dtype": "float16"}})
+    full_terms, _, _ = first_step(full)
+    half_terms, _, _ = first_step(half)
+    sizes = [teacher_cache.info(teacher_cache.cache_dir(c))["bytes"] for c in (full, half)]
+    assert 0.45 < sizes[1] / sizes[0] < 0.6  # the crop boxes stay int32
+    for name, value in full_terms.items():  # float16 keeps 11 bits: ~5e-4 relative per element
+        assert abs(float(half_terms[name]) - float(value)) <= 5e-3 * abs(float(value)) + 1e-6, name
+
+
+# -- webdataset shards ---------------------------------------------------------------------------------------------
+def shard_config(tmp_path: Path, teacher: Path, embeddings: str, shards: str, **train):
+    return kd_config(tmp_path / "runs", teacher, embeddings, augment=True, views=3,
+                     data={"dataset": "webdataset", "path": shards, "num_samples": 96, "workers": 0,
+                           "shuffle_window": 32}, **{"batch_size": 32, **train})
+
+
+def test_shard_cache_replays_views_like_the_live_teacher(tmp_path, teacher_checkpoint):
+    shards = write_shards(tmp_path / "shards", [40, 60])
+    live, cached = assert_cached_equals_live(shard_config(tmp_path, teacher_checkpoint, "live", shards),
+                                             shard_config(tmp_path, teacher_checkpoint, "cached", shards))
+    folder = teacher_cache.cache_dir(shard_config(tmp_path, teacher_checkpoint, "cached", shards))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert [s["samples"] for s in meta["shards"]] == [40, 60] and meta["spec"]["views"] == 3
+    assert np.load(folder / "shards" / "1.image.npy").shape == (60, 3, 96)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, config: dict, forbid_teacher: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if forbid_teacher:
+        def no_teacher(*args, **kwargs):
+            raise AssertionError("training from a cache built the teacher")
+
+        import harness.teacher_cache
+        import harness.train
+
+        harness.train.create_teacher = harness.teacher_cache.create_teacher = no_teacher
+    from harness.distributed import init_distributed
+
+    env = init_distributed()
+    config = parse_config(config)
+    if forbid_teacher:
+        train(config)
+    else:
+        teacher_cache.ensure(config, CPU, env)
+
+
+def test_two_processes_build_a_k3_shard_cache_then_two_ranks_train_from_it(tmp_path, teacher_checkpoint):
+    shards = write_shards(tmp_path / "shards", [40, 60])
+    config = shard_config(tmp_path, teacher_checkpoint, "cached", shards, steps=3)
+    for forbid_teacher in (False, True):  # build with two processes, then train two ranks without a teacher
+        torch.multiprocessing.spawn(_rank, args=(_free_port(), config.resolved(), forbid_teacher), nprocs=2)
+    folder = teacher_cache.cache_dir(config)
+    one = tmp_path / "one"  # the same cache built by one process
+    single = teacher_cache.ensure(shard_config(one, teacher_checkpoint, "cached", shards, steps=3), CPU)
+    for shard in (0, 1):
+        for name in ("image", "text"):
+            np.testing.assert_allclose(np.load(folder / "shards" / f"{shard}.{name}.npy"),
+                                       np.load(single / "shards" / f"{shard}.{name}.npy"), rtol=2 * FLOAT32_ROUNDING)
+        np.testing.assert_array_equal(np.load(folder / "shards" / f"{shard}.boxes.npy"),
+                                      np.load(single / "shards" / f"{shard}.boxes.npy"))
+    assert (config.run_dir / "checkpoints" / "final.pt").is_file()
+    events = [json.loads(line) for line in (config.run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "finish" and events[-1]["teacher_forward_samples"] == 0
 
 
 def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoint):
     """Two processes embed one half of the samples each into one cache, equal to the single-process one."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     two = kd_config(tmp_path / "two", teacher_checkpoint, "cached")
     config_file = tmp_path / "two.yaml"
     config_file.write_text(json.dumps(two.resolved()))  # JSON is YAML
@@ -161,10 +282,22 @@ def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoi
     )
     folders = [p for p in (tmp_path / "two" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]
     assert [p.name for p in folders] == [teacher_cache.cache_dir(two).name]
-    both = teacher_cache.TeacherEmbeddings.open(folders[0])
-    one = teacher_cache.TeacherEmbeddings.open(teacher_cache.ensure(kd_config(tmp_path / "one", teacher_checkpoint,
-                                                                              "cached"), CPU))
+    one = teacher_cache.ensure(kd_config(tmp_path / "one", teacher_checkpoint, "cached"), CPU)
     # float64 embeddings stored as float32: the two may round a value differing in its last float64 bits apart
-    np.testing.assert_allclose(both.image, one.image, rtol=2 * FLOAT32_ROUNDING, atol=0)
-    np.testing.assert_allclose(both.text, one.text, rtol=2 * FLOAT32_ROUNDING, atol=0)
+    for name in ("image", "text"):
+        np.testing.assert_allclose(np.load(folders[0] / f"{name}.npy"), np.load(one / f"{name}.npy"),
+                                   rtol=2 * FLOAT32_ROUNDING, atol=0)
     assert (tmp_path / "two" / two.run_id / "checkpoints" / "final.pt").is_file()
+
+
+def test_cache_info_reports_bytes_per_sample(tmp_path, teacher_checkpoint):
+    config = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=2)
+    folder = teacher_cache.ensure(config, CPU)
+    out = run_clipkd("cache", "info", str(folder), "--json", cwd=tmp_path).stdout
+    facts = json.loads(out)
+    arrays = sum(p.stat().st_size for p in folder.glob("*.npy"))
+    assert facts["bytes"] == arrays and facts["samples"] == 1257 and facts["views"] == 2
+    # per sample: 2 views + 1 caption of 96 float32, and 2 boxes of 4 int32 (plus the arrays' headers)
+    assert (2 + 1) * 96 * 4 + 2 * 4 * 4 <= facts["bytes_per_sample"] < (2 + 1) * 96 * 4 + 2 * 4 * 4 + 1
+    bad = run_clipkd("cache", "info", str(tmp_path), cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "is not a finished teacher-embedding cache" in bad.stderr

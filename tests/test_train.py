@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_clipkd
+from conftest import ROOT, run_clipkd, write_shards
 
 import methods
 from harness.config import parse_config
@@ -40,11 +40,15 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_checkpoint):
+@pytest.mark.parametrize("source", ["digits", "webdataset"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_checkpoint, source):
+    data = {"workers": 2}  # augmentation is seeded per sample, so workers do not change the result
+    if source == "webdataset":  # uneven shards read by two loader workers; stopped mid-epoch (6 steps an epoch)
+        data.update(dataset="webdataset", path=write_shards(tmp_path / "shards", [150, 90, 160]), num_samples=384)
     kd = dict(
         teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
         distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1},
-        data={"workers": 2},  # augmentation is seeded per sample, so workers do not change the result
+        data=data,
         train={"batch_size": 64, "steps": 30, "checkpoint_every": 3},
     )
     uninterrupted = write_config(tmp_path, "straight", output_dir=str(tmp_path / "a"), **kd)
@@ -104,6 +108,26 @@ def test_each_stop_signal_checkpoints_the_last_step_and_exits_like_the_signal(tm
     logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert 3 <= saved < 400 and logged[-1] == saved  # the checkpoint is of the last step completed
     assert not (run_dir / "checkpoints" / "final.pt").exists()
+
+
+def test_operational_settings_leave_the_run_id_and_the_weights_alone(tmp_path):
+    """Loader workers, checkpoint and log intervals cannot change what is trained: configs that differ only there
+    are one run (and one setting), and train to the same weights."""
+    shards = write_shards(tmp_path / "shards", [100, 60])
+    runs = []
+    for name, workers, every, log in (("a", 0, 2, 1), ("b", 2, 5, 3)):
+        path = write_config(tmp_path, name, output_dir=str(tmp_path / name),
+                            data={"dataset": "webdataset", "path": shards, "num_samples": 160, "workers": workers},
+                            train={"batch_size": 32, "steps": 8, "checkpoint_every": every, "log_every": log})
+        runs.append(parse_config(yaml.safe_load(path.read_text())))
+    assert runs[0].run_id == runs[1].run_id and runs[0].setting_id == runs[1].setting_id
+    changed = parse_config({**runs[0].resolved(), "data": {**runs[0].resolved()["data"], "shuffle_window": 7}})
+    assert changed.run_id != runs[0].run_id  # the shuffle window does change the batches
+    for config in runs:
+        train(config)
+    first, second = (final_state(config.run_dir) for config in runs)
+    for name, tensor in first["state_dict"].items():
+        assert torch.equal(tensor, second["state_dict"][name]), name
 
 
 def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path, teacher_checkpoint):

@@ -1,0 +1,61 @@
+"""What a training loader yields: one rank's block of a global batch."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """Images and caption tokens of a block of samples, with the ids that name them (a built-in or CSV set's row
+    index; a shard's ``shard << 32 | position``), the stored view each one replays (if any), and the teacher's
+    cached embeddings of those views when the run reads a teacher-embedding cache."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    samples: torch.Tensor
+    views: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None  # the crop box (top, left, height, width) each image was cut to
+    teacher_image: torch.Tensor | None = None
+    teacher_text: torch.Tensor | None = None
+    decoded: int = 0  # image files decoded to make this block (benchmarks/data_throughput.py counts them)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def pin_memory(self) -> Batch:
+        """DataLoader(pin_memory=True) calls this: page-locked host memory for asynchronous copies to a GPU."""
+        return replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Batch:
+        """On ``device``; images and teacher embeddings in the run's ``dtype``, ids and tokens as they are."""
+        moved = {}
+        for name, tensor in self._tensors().items():
+            floating = name in ("images", "teacher_image", "teacher_text")
+            moved[name] = tensor.to(device, dtype if floating else None, non_blocking=True)
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def pil_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
+              augmentation, tokenizer: Callable) -> Batch:
+    """Decoded images cropped to this epoch's views (``views.ViewSpec.pil``), their captions tokenised at once."""
+    boxes = augmentation.boxes(epoch, ids, views, [i.height for i in images], [i.width for i in images], spec)
+    return Batch(torch.stack([spec.pil(image, box) for image, box in zip(images, boxes)]), tokenizer(list(captions)),
+                 torch.from_numpy(ids), None if views is None else torch.from_numpy(views), torch.from_numpy(boxes),
+                 decoded=len(ids))
+
+
+def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
+    """The batch of samples ``ids`` in ``epoch``: each sample's view of the epoch, and the cached teacher's rows of
+    those views when the run reads a teacher-embedding cache (read here, in the loader, not in the trainer)."""
+    views = source.augmentation.choose(epoch, ids)
+    batch = source.render(epoch, ids, views)
+    if teacher_rows is not None:
+        batch.teacher_image, batch.teacher_text = teacher_rows.lookup(ids, views)
+    return batch
