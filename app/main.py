@@ -11,6 +11,7 @@ pages = [
     st.Page(VIEWS / "ablation.py", title="Ablation", icon=":material/table_chart:"),
     st.Page(VIEWS / "similarity.py", title="Feature similarity vs accuracy", icon=":material/scatter_plot:",
             url_path="similarity"),
+    st.Page(VIEWS / "cost.py", title="Accuracy vs cost", icon=":material/speed:", url_path="cost"),
     st.Page(VIEWS / "curves.py", title="Training curves", icon=":material/show_chart:"),
     st.Page(VIEWS / "run_detail.py", title="Run detail", icon=":material/description:", url_path="run"),
     st.Page(VIEWS / "grids.py", title="Grid progress", icon=":material/grid_view:", url_path="grids"),

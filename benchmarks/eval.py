@@ -91,8 +91,8 @@ def main() -> None:
     bundle.model.eval()
     eval_set = load_eval_set(args.dataset, None, bundle.preprocess_eval)
     cpu = torch.device("cpu")
-    (ours, _), our_seconds = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch),
-                                   args.repeats)
+    ours, our_seconds = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu,
+                                                        args.batch).metrics, args.repeats)
     theirs, their_seconds = timed(lambda: clip_benchmark_in_process(bundle, eval_set, args.batch), args.repeats)
     # a distilled run's evaluation also needs the student's retrieval embeddings for feature similarity:
     # clip_benchmark's functions do not return theirs, so that pass would embed the gallery again

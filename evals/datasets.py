@@ -125,6 +125,20 @@ def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
     return _clip_benchmark_set(name, root, transform)
 
 
+class FirstItems(Dataset):
+    """The first ``count`` items of a classification set, its classes and templates kept: a fixed subset."""
+
+    def __init__(self, dataset: Dataset, count: int):
+        self.dataset, self.count = dataset, min(count, len(dataset))
+        self.classes, self.templates = dataset.classes, dataset.templates
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+
 def retrieval_collate(batch):
     """Images stacked, captions kept as lists: clip_benchmark's layout for retrieval."""
     images, captions = zip(*batch)

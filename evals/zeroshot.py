@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from clip_benchmark.metrics.zeroshot_classification import accuracy, run_classification, zero_shot_classifier
@@ -50,6 +51,16 @@ class RetrievalEmbeddings:
     first_texts: torch.Tensor
 
 
+@dataclass
+class BenchmarkResult:
+    """A benchmark's metrics; per test item, whether it counted for each item-level metric (a bit per image for
+    top-k, per query for recall@k: the mean of the bits is the metric); the retrieval embeddings for the feature-
+    similarity pass (None without captions)."""
+    metrics: dict[str, float]
+    items: dict[str, np.ndarray] = field(default_factory=dict)
+    embedded: RetrievalEmbeddings | None = None
+
+
 def eval_loader(dataset, batch_size: int, device: torch.device, workers: int, collate_fn=None) -> DataLoader:
     """Batches in order, decoded by ``workers`` processes (a 50,000-image benchmark streams through them: only
     embeddings and logits are kept), in pinned memory when they go to a GPU."""
@@ -58,20 +69,23 @@ def eval_loader(dataset, batch_size: int, device: torch.device, workers: int, co
 
 
 def classification_metrics(model, tokenizer, dataset, device: torch.device, batch_size: int,
-                           classifiers: Classifiers, workers: int = 0) -> dict[str, float]:
+                           classifiers: Classifiers, workers: int = 0) -> BenchmarkResult:
     classifier = classifiers.get(model, tokenizer, dataset.classes, dataset.templates, device)
     loader = eval_loader(dataset, batch_size, device, workers)
     logits, target = run_classification(model, classifier, loader, device.type, amp=use_amp(device))
-    if len(dataset.classes) >= 5:  # clip_benchmark's rule for top-5
-        acc1, acc5 = accuracy(logits, target, topk=(1, 5))
-    else:
-        (acc1,), acc5 = accuracy(logits, target, topk=(1,)), float("nan")
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(axis=1))}
+    ks = (1, 5) if len(dataset.classes) >= 5 else (1,)  # clip_benchmark's rule for top-5
+    accuracies = accuracy(logits, target, topk=ks)
+    # each item's hit, from the same top-k call as clip_benchmark's accuracy(): their mean is its number exactly
+    predicted = logits.topk(max(ks), 1, True, True)[1]
+    hits = {f"acc{k}": (predicted[:, :k] == target[:, None]).any(1).numpy() for k in ks}
+    metrics = {"acc1": accuracies[0], "acc5": accuracies[1] if len(ks) > 1 else float("nan"),
+               "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(axis=1))}
+    return BenchmarkResult(metrics, hits)
 
 
 @torch.no_grad()
 def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_size: int, workers: int = 0
-                      ) -> tuple[dict[str, float], RetrievalEmbeddings]:
+                      ) -> BenchmarkResult:
     loader = eval_loader(dataset, batch_size, device, workers, retrieval_collate)
     images, texts = [], []
     text_image, first_text = [], []  # each caption's image; each image's first caption
@@ -87,26 +101,26 @@ def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_siz
     scores = F.normalize(raw_texts, dim=-1) @ F.normalize(raw_images, dim=-1).T
     positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
     positive_pairs[torch.arange(len(scores)), text_image] = True
-    metrics = {}
+    metrics, hits = {}, {}
     for k in RECALL_K:  # recall@k as clip_benchmark computes it, batch by batch of the first embedding batch
-        metrics[f"image_retrieval_recall@{k}"] = (
-            batchify(recall_at_k, scores, positive_pairs, len(images[0]), device.type, k=k) > 0).float().mean().item()
-        metrics[f"text_retrieval_recall@{k}"] = (
-            batchify(recall_at_k, scores.T, positive_pairs.T, len(images[0]), device.type, k=k) > 0).float().mean().item()
-    return metrics, RetrievalEmbeddings(raw_images, raw_texts[first_text])
+        for name, (query_scores, positives) in ((f"image_retrieval_recall@{k}", (scores, positive_pairs)),
+                                                (f"text_retrieval_recall@{k}", (scores.T, positive_pairs.T))):
+            found = batchify(recall_at_k, query_scores, positives, len(images[0]), device.type, k=k) > 0
+            metrics[name] = found.float().mean().item()
+            hits[name] = found.numpy()
+    return BenchmarkResult(metrics, hits, RetrievalEmbeddings(raw_images, raw_texts[first_text]))
 
 
 def zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256,
-                      classifiers: Classifiers | None = None, workers: int = 0
-                      ) -> tuple[dict[str, float], RetrievalEmbeddings | None]:
-    """The set's metrics, and its retrieval embeddings (None without captions) for the feature-similarity pass."""
+                      classifiers: Classifiers | None = None, workers: int = 0) -> BenchmarkResult:
+    """The set's metrics, their per-item hits, and its retrieval embeddings for the feature-similarity pass."""
     model.eval()
-    metrics: dict[str, float] = {}
-    embedded = None
+    parts = []
     if eval_set.classification is not None:
-        metrics.update(classification_metrics(model, tokenizer, eval_set.classification, device, batch_size,
-                                              classifiers or Classifiers(), workers))
+        parts.append(classification_metrics(model, tokenizer, eval_set.classification, device, batch_size,
+                                            classifiers or Classifiers(), workers))
     if eval_set.retrieval is not None:
-        retrieval, embedded = retrieval_metrics(model, tokenizer, eval_set.retrieval, device, batch_size, workers)
-        metrics.update(retrieval)
-    return {name: float(value) for name, value in metrics.items()}, embedded
+        parts.append(retrieval_metrics(model, tokenizer, eval_set.retrieval, device, batch_size, workers))
+    return BenchmarkResult({name: float(v) for part in parts for name, v in part.metrics.items()},
+                           {name: bits for part in parts for name, bits in part.items.items()},
+                           next((part.embedded for part in parts if part.embedded is not None), None))

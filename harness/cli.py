@@ -71,9 +71,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bundle = create_clip(_checkpoint_model(checkpoint, args.model), str(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
-    metrics, _ = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
-                                   workers=workers(args.workers))
-    print(json.dumps({"benchmark": eval_set.benchmark, "metrics": metrics}, indent=2))
+    result = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
+                               workers=workers(args.workers))
+    print(json.dumps({"benchmark": eval_set.benchmark, "metrics": result.metrics}, indent=2))
     return 0
 
 
@@ -92,6 +92,11 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     from results.store import Store
 
     frame = ablation(Store(args.db, readonly=True), args.teacher, args.student, args.dataset)
+    if args.paper and not frame.empty:
+        from results.paper import table1_by_method
+
+        frame = frame.join(table1_by_method(frame).rename(columns={"paper top1": "paper ImageNet top1",
+                                                                   "paper Δ": "paper ImageNet top1 Δ"}))
     sys.stdout.write(render(frame, args.format))
     return 0
 
@@ -271,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--benchmark", help="an evaluation benchmark (default: all)")
             sub.add_argument("--method", help="e.g. baseline, crd+fd+icl")
             sub.add_argument("--metric", default="top1", help="rank by: top1, top5, i2t_r1, t2i_r1, ... (default top1)")
+        else:
+            sub.add_argument("--paper", action="store_true",
+                             help="beside every method, the paper's Table 1 number and Δ (ViT-B/16 → ViT-T/16)")
         sub.add_argument("--format", default="table", choices=FORMATS)
         sub.set_defaults(func=func)
 

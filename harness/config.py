@@ -96,6 +96,8 @@ class DataSpec(Strict):
     separator: str = "\t"
     num_samples: int | None = Field(None, gt=0, description="samples per epoch of a webdataset (it has no length)")
     shuffle_window: int = Field(5000, gt=0, description="webdataset: samples permuted together (the shuffle buffer)")
+    subset: int | None = Field(None, gt=0, description="a data budget: train on the first N samples of a built-in "
+                               "or CSV set (in its fixed order, the same for every seed)")
     workers: int | None = Field(None, ge=0, description="loader workers per process; default: the process's CPUs "
                                 "(SLURM's cpus_per_task) less one, at most 8; not part of the run id")
     augment: bool = Field(True, description="open_clip's random training crop; false: the evaluation view")
@@ -111,6 +113,9 @@ class DataSpec(Strict):
             raise ValueError(f"dataset {self.dataset!r} needs `path`")
         if self.dataset == "webdataset" and self.num_samples is None:
             raise ValueError("dataset 'webdataset' needs `num_samples` (shards carry no length)")
+        if self.dataset == "webdataset" and self.subset is not None:
+            raise ValueError("`subset` takes the first N samples of a built-in or CSV set; a webdataset's budget is "
+                             "its shards and `num_samples`")
         return self
 
 
@@ -154,6 +159,9 @@ class EvalSpec(Strict):
     )
     batch_size: int = Field(256, gt=0)
     workers: int | None = Field(None, ge=0, description="loader workers; default as data.workers")
+    every_steps: int | None = Field(None, gt=0, description="also evaluate zero-shot top-1 during training, every N "
+                                    "steps, on the first benchmark: accuracy against samples seen")
+    during_items: int | None = Field(None, gt=0, description="during training, a fixed subset: the first N items")
 
 
 class RunConfig(Strict):

@@ -180,10 +180,11 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
 
 
 def _matches(values: dict[str, Any], rule: dict[str, Any]) -> bool:
+    """Whether a cell's axis values match a rule; a rule's value may be a list (any of them)."""
     unknown = set(rule) - {"teacher", "student", "method", "dataset", "seed"}
     if unknown:
         raise GridError(f"cannot match on {sorted(unknown)}; accepted: teacher, student, method, dataset, seed")
-    return all(str(values.get(k)) == str(v) for k, v in rule.items())
+    return all(str(values.get(k)) in {str(x) for x in (v if isinstance(v, list) else [v])} for k, v in rule.items())
 
 
 def _cell_config(data: dict[str, Any], source: str) -> RunConfig:

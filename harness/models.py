@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,22 @@ def parameter_dtype(precision: str) -> torch.dtype:
     return torch.float64 if precision == "fp64" else torch.float32
 
 
+class _NoRandomInitNotice(logging.Filter):
+    """open_clip logs "No pretrained weights loaded … initialized randomly" for every model built without weights,
+    also one about to load a checkpoint; clipkd says once, at a run's start, when a student really starts from
+    random weights (harness/train.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> ClipBundle:
     register_model_configs()
     if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model_name!r} does not exist")
+    notice = _NoRandomInitNotice()
+    logging.getLogger().addFilter(notice)
     try:
         model, _, preprocess_eval = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, weights_only=False
@@ -74,6 +86,8 @@ def create_clip(model_name: str, pretrained: str | None = None, device: str | to
         if pretrained is None:
             raise
         raise ModelLoadError(_describe_load_failure(model_name, pretrained, error)) from None
+    finally:
+        logging.getLogger().removeFilter(notice)
     model.to(dtype)
     embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
     return ClipBundle(model, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)

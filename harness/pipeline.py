@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from evals.cost import gflops_per_sample, images_per_second
 from evals.datasets import benchmark_name, load_eval_set
 from evals.similarity import feature_similarity
 from evals.zeroshot import Classifiers, zero_shot_metrics
@@ -19,7 +21,8 @@ from harness.config import RunConfig, parse_config
 from harness.data import workers
 from harness.distributed import init_distributed
 from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, teacher_run_dir
-from harness.train import TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
+from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
+from results.queries import PROGRESS_TERM
 from results.records import ingest, read_record, write_record
 from results.store import Store, now, terms_json
 
@@ -46,19 +49,33 @@ def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
     return TrainedRun(config, student, teacher, objective.to(device))
 
 
-def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> dict[str, dict[str, float]]:
-    """{benchmark: {metric: value}}: zero-shot metrics, and feature similarity when there is a teacher."""
-    results, classifiers = {}, Classifiers()  # benchmarks sharing classes and prompts share the classifier
+@dataclass
+class Evaluation:
+    metrics: dict[str, dict[str, float]]  # {benchmark: {metric: value}}
+    items: dict[str, dict[str, np.ndarray]]  # {benchmark: {metric: a bit per test item}}
+
+
+def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluation:
+    """Zero-shot metrics with their per-item hits, and feature similarity when there is a teacher."""
+    evaluation, classifiers = Evaluation({}, {}), Classifiers()  # benchmarks sharing classes and prompts share one
     batch_size, loader_workers = trained.config.eval.batch_size, workers(trained.config.eval.workers)
     for spec in benchmarks:
         eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval)
-        metrics, embedded = zero_shot_metrics(trained.student.model, trained.student.tokenizer, eval_set, device,
-                                              batch_size, classifiers, loader_workers)
+        result = zero_shot_metrics(trained.student.model, trained.student.tokenizer, eval_set, device, batch_size,
+                                   classifiers, loader_workers)
         if trained.teacher is not None:
-            metrics.update(feature_similarity(embedded, trained.teacher, trained.objective.student_projection(),
-                                              eval_set, device, batch_size, loader_workers))
-        results[eval_set.benchmark] = metrics
-    return results
+            result.metrics.update(feature_similarity(result.embedded, trained.teacher,
+                                                     trained.objective.student_projection(), eval_set, device,
+                                                     batch_size, loader_workers))
+        evaluation.metrics[eval_set.benchmark], evaluation.items[eval_set.benchmark] = result.metrics, result.items
+    return evaluation
+
+
+def cost(trained: TrainedRun, device: torch.device) -> dict[str, float]:
+    """The student's inference cost (GFLOPs per image and per text, images/s on this device)."""
+    gflops_image, gflops_text = gflops_per_sample(trained.student.model, trained.student.tokenizer, device)
+    return {"gflops_image": gflops_image, "gflops_text": gflops_text,
+            "images_per_second": images_per_second(trained.student.model, device, trained.config.eval.batch_size)}
 
 
 def code_version() -> str:
@@ -102,27 +119,50 @@ def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
 
 
 def training_curves(run_dir: Path) -> list[tuple[str, int, float]]:
-    """Every loss term against step, thinned to at most MAX_CURVE_POINTS steps (the last one always kept)."""
+    """Every loss term against step, thinned to at most MAX_CURVE_POINTS steps (the last one always kept), and the
+    zero-shot accuracy measured during training (eval.every_steps) as ``zero-shot acc1 (BENCHMARK)``."""
     records = [json.loads(line) for line in (run_dir / TRAIN_LOG).read_text().splitlines() if line]
     stride = max(1, -(-len(records) // MAX_CURVE_POINTS))
     kept = records[::stride] + ([records[-1]] if records and (len(records) - 1) % stride else [])
-    return [(term, r["step"], r[term]) for r in kept for term in r if term not in ("step", "seconds")]
+    curves = [(term, r["step"], r[term]) for r in kept for term in r if term not in ("step", "seconds")]
+    evaluations = run_dir / EVAL_LOG
+    if evaluations.is_file():
+        for line in filter(None, evaluations.read_text().splitlines()):
+            point = json.loads(line)
+            curves.append((f"{PROGRESS_TERM} ({point['benchmark']})", point["step"], point["acc1"]))
+    return curves
 
 
 def parameter_count(bundle: ClipBundle | None) -> int | None:
     return sum(p.numel() for p in bundle.model.parameters()) if bundle else None
 
 
+def training_cost(run_dir: Path) -> dict[str, Any]:
+    """Wall time of training summed over its attempts (each from its start or resume to its stop or finish), the
+    device-hours that took (wall × processes) and the samples the live teacher embedded."""
+    events = [json.loads(line) for line in (run_dir / EVENTS_LOG).read_text().splitlines() if line]
+    seconds, began, processes, embedded = 0.0, None, 1, 0
+    for event in events:
+        if event["event"] in ("start", "resume"):
+            began, processes = event["time"], event.get("world_size", 1)
+        elif event["event"] in ("stop", "finish") and began is not None:
+            seconds, began = seconds + event["time"] - began, None
+            embedded += event.get("teacher_forward_samples", 0)
+    return {"train_seconds": seconds, "world_size": processes, "device_hours": seconds * processes / 3600,
+            "teacher_forward_samples": embedded}
+
+
 class _Publisher:
-    """Writes a run's status, metrics and curves to its record file, and to the store when there is one."""
+    """Writes a run's status, metrics, per-item results and curves to its record file, and to the store when
+    there is one."""
 
     def __init__(self, run_dir: Path, store: Store | None):
         self.run_dir, self.store = run_dir, store
 
-    def __call__(self, run: dict[str, Any], metrics=None, curves=None) -> None:
-        record = write_record(self.run_dir, run, metrics, curves)
+    def __call__(self, run: dict[str, Any], metrics=None, curves=None, items=None) -> None:
+        record = write_record(self.run_dir, run, metrics, curves, items)
         if self.store is not None:
-            self.store.put_run(record["run"], metrics=metrics, curves=curves)
+            self.store.put_run(record["run"], metrics=metrics, curves=curves, items=items)
 
 
 def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
@@ -139,7 +179,6 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
     if env.is_main:
         publish({**base, "status": "running", "error": None, "started_at": now(), "host": socket.gethostname(),
                  "code_version": code_version()})
-    started = time.perf_counter()
     try:
         run_dir = train(config, resume=True)
     except TrainingInterrupted as stop:
@@ -151,21 +190,23 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
         if env.is_main:
             publish({"id": config.run_id, "status": "failed", "error": f"training: {type(error).__name__}: {error}"})
         raise
-    train_seconds = time.perf_counter() - started
     if not env.is_main:
         return "done"
-    started = time.perf_counter()
+    started, device = time.perf_counter(), default_device(env)
     try:
-        trained = load_trained_run(run_dir, default_device(env))
-        metrics = evaluate(trained, config.benchmarks(), default_device(env))
+        trained = load_trained_run(run_dir, device)
+        evaluation = evaluate(trained, config.benchmarks(), device)
+        eval_seconds = time.perf_counter() - started
+        inference = cost(trained, device)
     except Exception as error:  # recorded as failed, with no metric of this attempt written
         publish({"id": config.run_id, "status": "failed", "error": f"evaluation: {type(error).__name__}: {error}"})
         raise
     publish(
-        {**base, "status": "done", "error": None, "finished_at": now(), "train_seconds": train_seconds,
-         "eval_seconds": time.perf_counter() - started, "student_params": parameter_count(trained.student),
-         "teacher_params": parameter_count(trained.teacher)},
-        metrics=metrics,
+        {**base, "status": "done", "error": None, "finished_at": now(), **training_cost(run_dir),
+         "eval_seconds": eval_seconds, "student_params": parameter_count(trained.student),
+         "teacher_params": parameter_count(trained.teacher), **inference},
+        metrics=evaluation.metrics,
         curves=training_curves(run_dir),
+        items=evaluation.items,
     )
     return "done"

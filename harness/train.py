@@ -21,7 +21,7 @@ from tqdm import tqdm
 import methods
 from harness import checkpoint, teacher_cache
 from harness.config import RunConfig
-from harness.data import Batch, build_source, build_train_data
+from harness.data import Batch, build_source, build_train_data, workers
 from harness.data.views import Augmentation
 from harness.distributed import (
     DistEnv,
@@ -39,6 +39,7 @@ from harness.teacher_cache import CachedRows
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"  # zero-shot accuracy during training (eval.every_steps)
 EVENTS_LOG = "events.jsonl"
 
 
@@ -149,6 +150,38 @@ def compute_losses(
         student_image, student_text, teacher_image, teacher_text, student_scale, teacher_scale, masked
     )
     return objective(distill_batch)
+
+
+class ProgressEvaluation:
+    """Zero-shot top-1 during training, every ``eval.every_steps`` steps, on the run's first benchmark (or its first
+    ``eval.during_items`` items), logged with the samples seen so far: how many samples a method needs. On rank 0,
+    with the global RNG left as it was, so a run trains to the same weights with or without it."""
+
+    def __init__(self, config: RunConfig, student: ClipBundle, device: torch.device, log: Path):
+        from evals.datasets import FirstItems, load_eval_set
+
+        benchmarks = config.benchmarks()
+        eval_set = load_eval_set(benchmarks[0].dataset, benchmarks[0].root, student.preprocess_eval) if benchmarks else None
+        if eval_set is None or eval_set.classification is None:
+            raise TrainingError("eval.every_steps evaluates zero-shot classification on the first of eval.benchmarks; "
+                                "give a benchmark with classes (a built-in set, imagefolder or a clip_benchmark one)")
+        self.benchmark, self.dataset = eval_set.benchmark, eval_set.classification
+        if config.eval.during_items:
+            self.dataset = FirstItems(self.dataset, config.eval.during_items)
+        self.student, self.device, self.log = student, device, log
+        self.batch_size, self.workers = config.eval.batch_size, workers(config.eval.workers)
+
+    def __call__(self, step: int, samples_seen: int) -> None:
+        from evals.zeroshot import Classifiers, classification_metrics
+
+        model = self.student.model
+        with torch.random.fork_rng(devices=[]):
+            metrics = classification_metrics(model, self.student.tokenizer, self.dataset, self.device,
+                                             self.batch_size, Classifiers(), self.workers).metrics
+        model.train()
+        with self.log.open("a") as log:
+            log.write(json.dumps({"step": step, "samples_seen": samples_seen, "benchmark": self.benchmark,
+                                  "acc1": metrics["acc1"]}) + "\n")
 
 
 def parameter_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -307,22 +340,30 @@ class Trainer:
         return {"step": self.step, "lr": lr, "loss": float(loss.detach()), **values}
 
     def _open_log(self):
-        path = self.run_dir / TRAIN_LOG
         if not self.env.is_main:
             return contextlib.nullcontext()
-        kept = []
-        if path.exists():  # drop records past the checkpoint we resume from: they will be recomputed
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
-        return path.open("a")
+        for path in (self.run_dir / TRAIN_LOG, self.run_dir / EVAL_LOG):
+            if path.exists():  # drop records past the checkpoint we resume from: they will be recomputed
+                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+                path.write_text("".join(line + "\n" for line in kept))
+        return (self.run_dir / TRAIN_LOG).open("a")
+
+    def _progress(self) -> ProgressEvaluation | None:
+        if self.config.eval.every_steps is None or not self.env.is_main:
+            return None
+        return ProgressEvaluation(self.config, self.student, self.device, self.run_dir / EVAL_LOG)
 
     def fit(self) -> None:
         cfg = self.config
         spe = self.data.steps_per_epoch
         show_progress = self.env.is_main and sys.stderr.isatty()
+        evaluate = self._progress()
+        samples_per_step = cfg.train.batch_size
         with self._open_log() as log, _StopSignals() as signals, tqdm(
             total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
         ) as progress:
+            if evaluate is not None and self.step == 0:
+                evaluate(0, 0)
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, spe)
                 for batch in self.data.loader_for(epoch, start_batch):
@@ -334,20 +375,28 @@ class Trainer:
                         log.flush()
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
+                        evaluate(self.step, self.step * samples_per_step)
                     if self.step % cfg.train.checkpoint_every == 0:
                         self.save(checkpoint.LATEST)
                     if any_rank(signals.received is not None):
                         self.save(checkpoint.LATEST)
+                        self.event("stop", signal=signals.received)
                         raise TrainingInterrupted(self.step, signals.received or signal.SIGTERM)
                     if self.step >= self.total_steps:
                         break
         self.save(checkpoint.LATEST)
         self.save(checkpoint.FINAL)
-        if self.env.is_main:
-            embedded = getattr(self.teacher, "samples_embedded", 0) * self.env.world_size  # every rank its block
-            with (self.run_dir / EVENTS_LOG).open("a") as events:
-                events.write(json.dumps({"event": "finish", "step": self.step, "time": time.time(),
-                                         "teacher_forward_samples": embedded}) + "\n")
+        self.event("finish")
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A line of the run's events log (rank 0): start, resume, stop, finish, with the step and the time."""
+        if not self.env.is_main:
+            return
+        embedded = getattr(self.teacher, "samples_embedded", 0) * self.env.world_size  # every rank its block
+        with (self.run_dir / EVENTS_LOG).open("a") as events:
+            events.write(json.dumps({"event": name, "step": self.step, "time": time.time(),
+                                     "teacher_forward_samples": embedded, **fields}) + "\n")
 
 
 def default_device(env: DistEnv) -> torch.device:
@@ -370,10 +419,10 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     resumed = resume and latest.exists()
     if resumed:
         trainer.restore(latest)
-    if env.is_main:
-        with (run_dir / EVENTS_LOG).open("a") as events:
-            events.write(json.dumps({"event": "resume" if resumed else "start", "step": trainer.step,
-                                     "time": time.time(), "host": os.uname().nodename,
-                                     "slurm_job": os.environ.get("SLURM_JOB_ID")}) + "\n")
+    elif env.is_main and config.student.pretrained is None:
+        print(f"clipkd: {config.name}: student {config.student.model} starts from random weights "
+              "(student.pretrained is not set)", file=sys.stderr)
+    trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
+                  slurm_job=os.environ.get("SLURM_JOB_ID"))
     trainer.fit()
     return run_dir

@@ -35,3 +35,13 @@ def paper_values(rows: pd.DataFrame) -> pd.Series:
         matches = trained_on_paper_data & teacher_matches & (rows["student"] == student) & (rows["method"] == method)
         values[matches] = value
     return values
+
+
+def table1_by_method(rows: pd.DataFrame) -> pd.DataFrame:
+    """Beside each row's method, whatever its data and models: the paper's Table 1 number for that method
+    (ViT-B/16 → ViT-T/16 on CC3M+12M, ImageNet top-1) and its Δ against the paper's baseline: a reference for the
+    ordering of methods, not a cell-for-cell comparison."""
+    cells = {method: value for teacher, student, method, value, _ in _published()["cells"]
+             if student == "ViT-T-16" and (teacher is None or not teacher.startswith("ViT-B-16@laion"))}
+    paper = rows["method"].map(cells)
+    return pd.DataFrame({"paper top1": paper, "paper Δ": paper - cells["baseline"]}, index=rows.index)

@@ -1,17 +1,20 @@
-"""Leaderboard and ablation queries: aggregated in SQL (mean, std over seeds), shaped with pandas.
+"""Leaderboard and ablation queries: selected in SQL with bound parameters, compared (results/compare.py) and
+shaped with pandas.
 
 A method's delta is measured against the no-KD baseline of the same setting: the runs whose resolved configs
 differ only in teacher, loss terms and seed (same student, data, optimisation and schedule).
 """
 from __future__ import annotations
 
-import numpy as np
+import json
+
 import pandas as pd
 from sqlalchemy import and_, case, func, literal, select, union
 from sqlalchemy.orm import aliased
 
 from harness.errors import ClipkdError
 from results import FORMATS
+from results.compare import summarize
 from results.store import STATUSES, CurvePoint, GridCell, Metric, Run, Store
 
 # Short names for the columns researchers read; the store keeps clip_benchmark's own metric names.
@@ -28,6 +31,7 @@ METRIC_ALIASES = {
     "cka_txt": "feature_cka_text",
     "sim_gap": "pair_similarity_gap",
 }
+PROGRESS_TERM = "zero-shot acc1"  # the curve of accuracy during training (eval.every_steps), per benchmark
 LEADERBOARD_METRICS = ["top1", "top5", "i2t_r1", "t2i_r1", "cos_img", "cos_txt", "cka_img", "cka_txt", "sim_gap"]
 
 
@@ -52,72 +56,115 @@ def run_filters(teacher=None, student=None, dataset=None, method=None, search=No
     return filters
 
 
-def _aggregate(store: Store, metrics: list[str], benchmark=None, teacher=None, student=None, dataset=None,
-               method=None) -> pd.DataFrame:
-    """One row per (setting, teacher, student, dataset, method, benchmark, metric) with n, mean and std."""
-    filters = [Run.status == "done", Metric.metric.in_(metrics), *run_filters(teacher, student, dataset, method)]
-    if benchmark is not None:
-        filters.append(Metric.benchmark == benchmark)
-    # a setting fixes the student and the data, so grouping by the setting id alone keeps the sort keys short
-    group = [Run.setting_id, Run.teacher, Run.method, Metric.benchmark, Metric.metric]
-    query = (
-        select(Run.setting_id, Run.teacher, func.min(Run.student), func.min(Run.dataset), Run.method,
-               Metric.benchmark, Metric.metric, func.count(), func.avg(Metric.value),
-               func.avg(Metric.value * Metric.value))
-        .join(Metric, and_(Metric.run_id == Run.id))
-        .where(*filters)
-        .group_by(*group)
-    )
-    columns = ["setting_id", "teacher", "student", "dataset", "method", "benchmark", "metric", "n", "mean", "mean_sq"]
+def per_seed(store: Store, metrics: list[str], benchmark=None, teacher=None, student=None, dataset=None,
+             method=None) -> pd.DataFrame:
+    """Every finished run's value of each metric: one row per (run, benchmark, metric), with its group's keys."""
+    runs = [Run.status == "done", *run_filters(teacher, student, dataset, method)]
+    values = [Metric.metric.in_(metrics), *([Metric.benchmark == benchmark] if benchmark is not None else [])]
+    run_columns = ["run_id", "setting_id", "teacher", "student", "dataset", "method", "seed"]
+    # two narrow reads joined here: SQLite returns the runs' keys once instead of once per metric
     with store.engine.connect() as connection:
-        rows = [tuple(row) for row in connection.execute(query)]  # plain tuples: pandas probes Row objects slowly
-        frame = pd.DataFrame(rows, columns=columns)
-    variance = (frame["mean_sq"] - frame["mean"] ** 2).clip(lower=0) * frame["n"] / (frame["n"] - 1).where(frame["n"] > 1)
-    frame["std"] = np.sqrt(variance.astype(float))
-    return frame.drop(columns="mean_sq")
+        keys = _frame(connection.execute(select(Run.id, Run.setting_id, Run.teacher, Run.student, Run.dataset,
+                                                Run.method, Run.seed).where(*runs)).fetchall(), run_columns)
+        numbers = _frame(connection.execute(select(Metric.run_id, Metric.benchmark, Metric.metric, Metric.value)
+                                            .join(Run, Run.id == Metric.run_id).where(*runs, *values)).fetchall(),
+                         ["run_id", "benchmark", "metric", "value"])
+    return numbers.merge(keys, on="run_id")
+
+
+def _frame(rows: list, columns: list[str]) -> pd.DataFrame:
+    """Rows as a frame, built column by column from plain tuples (pandas probes Row objects slowly)."""
+    return pd.DataFrame(dict(zip(columns, zip(*rows))) if rows else {c: [] for c in columns}, columns=columns)
+
+
+# per metric, the columns a comparison adds beside its mean (results/compare.py)
+INTERVAL_COLUMNS = ["low", "high", "delta", "delta_low", "delta_high", "p", "significant"]
+RANK_ONLY_COLUMNS = ["test", "delta_items_low", "delta_items_high", "p_items"]
 
 
 def leaderboard(store: Store, rank_by: str = "top1", benchmark=None, teacher=None, student=None, dataset=None,
                 method=None) -> pd.DataFrame:
-    """Methods ranked by ``rank_by``, one row per (setting, teacher, method, benchmark), with Δ vs the baseline."""
+    """One row per (setting, teacher, method, benchmark), ranked by ``rank_by``: per metric its mean over seeds with
+    a 95 % interval, and the Δ against the same setting's no-KD baseline with its paired interval and p-value."""
     wanted = [metric_name(m) for m in LEADERBOARD_METRICS]
     rank_metric = metric_name(rank_by)
     if rank_metric not in wanted:
         wanted.append(rank_metric)
-    frame = _aggregate(store, wanted, benchmark, teacher, student, dataset, method)
-    keys = ["setting_id", "teacher", "student", "dataset", "method", "benchmark"]
-    if frame.empty:
-        return pd.DataFrame(columns=keys[1:] + ["seeds"])
-    frame["teacher"] = frame["teacher"].fillna("-")
-    means = frame.pivot_table(index=keys, columns="metric", values="mean", aggfunc="first")
-    stds = frame.pivot_table(index=keys, columns="metric", values="std", aggfunc="first", dropna=False)
-    stds = stds.reindex(index=means.index, columns=means.columns)
-    seeds = frame.groupby(keys)["n"].max()
-    baseline = means.xs("baseline", level="method").droplevel("teacher") if "baseline" in set(frame["method"]) else None
-    comparable = means.index.droplevel(["teacher", "method"])  # (setting, student, dataset, benchmark)
-    table = pd.DataFrame({"seeds": seeds}, index=means.index)
     short = {metric_name(a): a for a in LEADERBOARD_METRICS} | {rank_metric: rank_by}
-    for metric in [m for m in wanted if m in means.columns]:
+    summary = summarize(per_seed(store, wanted, benchmark, teacher, student, dataset, method), store)
+    keys = ["setting_id", "teacher", "student", "dataset", "method", "benchmark"]
+    if summary.empty:
+        return pd.DataFrame(columns=keys[1:] + ["seeds"])
+    table = summary.groupby(keys, sort=False)["seeds"].max().to_frame()
+    present = set(summary["metric"])
+    for metric in [m for m in wanted if m in present]:
         name = short[metric]
-        table[name], table[f"{name}_std"] = means[metric], stds[metric]
-        if baseline is not None and baseline[metric].notna().any():  # a baseline has no teacher, so no similarity
-            table[f"{name}_delta"] = means[metric].to_numpy() - baseline[metric].reindex(comparable).to_numpy()
+        columns = ["mean", *INTERVAL_COLUMNS, *(RANK_ONLY_COLUMNS if metric == rank_metric else [])]
+        part = summary[summary["metric"] == metric].set_index(keys)[columns]
+        part = part.rename(columns={"mean": name, **{c: f"{name}_{c}" for c in columns if c != "mean"}})
+        if part[f"{name}_delta"].isna().all():  # no baseline to compare with (feature similarity: no teacher)
+            part = part[[name, f"{name}_low", f"{name}_high"]]
+        table = table.join(part)
+    table = table.join(run_costs(store, teacher, student, dataset, method), on=["setting_id", "teacher", "method"])
     table = table.reset_index().drop(columns="setting_id")
     if rank_by in table.columns:
         table = table.sort_values(rank_by, ascending=False, na_position="last")
     return table.reset_index(drop=True)
 
 
+COSTS = {"params_m": Run.student_params / 1e6, "gflops_image": Run.gflops_image, "images_per_s": Run.images_per_second,
+         "device_hours": Run.device_hours, "teacher_samples": Run.teacher_forward_samples}
+
+
+def run_costs(store: Store, teacher=None, student=None, dataset=None, method=None) -> pd.DataFrame:
+    """Per (setting, teacher, method), the mean over seeds of what its runs cost: the student's parameters (M),
+    GFLOPs per image, inference images/s, training device-hours and the samples the live teacher embedded."""
+    query = (select(Run.setting_id, func.coalesce(Run.teacher, literal("-")), Run.method,
+                    *[func.avg(column) for column in COSTS.values()])
+             .where(Run.status == "done", *run_filters(teacher, student, dataset, method))
+             .group_by(Run.setting_id, Run.teacher, Run.method))
+    with store.engine.connect() as connection:
+        rows = [tuple(row) for row in connection.execute(query)]
+    return pd.DataFrame(rows, columns=["setting_id", "teacher", "method", *COSTS]).set_index(
+        ["setting_id", "teacher", "method"])
+
+
+def cost_points(store: Store, benchmark: str, accuracy: str = "top1", **filters) -> pd.DataFrame:
+    """One point per finished run: its accuracy on ``benchmark`` and what it costs (for the Pareto front)."""
+    query = (select(Run.id, Run.name, Run.method, Run.teacher, Run.student, Run.seed, Metric.value.label("accuracy"),
+                    *[column.label(name) for name, column in COSTS.items()])
+             .join(Metric, and_(Metric.run_id == Run.id, Metric.benchmark == benchmark,
+                                Metric.metric == metric_name(accuracy)))
+             .where(Run.status == "done", *run_filters(**filters)))
+    with store.engine.connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    return pd.DataFrame(rows, columns=["id", "name", "method", "teacher", "student", "seed", "accuracy", *COSTS])
+
+
+def batch_sizes(store: Store, run_ids: list[str]) -> dict[str, int]:
+    """Each run's global batch size (from its resolved config): steps to samples seen."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(Run.id, Run.config).where(Run.id.in_(run_ids))).all()
+    return {run_id: json.loads(config).get("train", {}).get("batch_size", 1) for run_id, config in rows}
+
+
+ABLATION_METRICS = {"acc1": "top1", "text_retrieval_recall@1": "I2T R@1", "image_retrieval_recall@1": "T2I R@1"}
+
+
 def ablation(store: Store, teacher=None, student=None, dataset=None) -> pd.DataFrame:
-    """The paper's ablation table: methods as rows; zero-shot top-1 per benchmark and I2T/T2I R@1 as columns."""
-    metrics = {"acc1": "top1", "text_retrieval_recall@1": "I2T R@1", "image_retrieval_recall@1": "T2I R@1"}
-    frame = _aggregate(store, list(metrics), teacher=teacher, student=student, dataset=dataset)
-    if frame.empty:
+    """The paper's ablation table: methods as rows; zero-shot top-1 per benchmark and I2T/T2I R@1 as columns,
+    each a mean over seeds with its 95 % interval, Δ and paired p-value against the baseline."""
+    summary = summarize(per_seed(store, list(ABLATION_METRICS), teacher=teacher, student=student, dataset=dataset),
+                        store)
+    if summary.empty:
         return pd.DataFrame()
-    frame["teacher"] = frame["teacher"].fillna("-")
-    frame["column"] = frame["benchmark"] + " " + frame["metric"].map(metrics)
-    table = frame.pivot_table(index=["dataset", "student", "teacher", "method"], columns="column", values="mean",
-                              aggfunc="mean")
+    summary["column"] = summary["benchmark"] + " " + summary["metric"].map(ABLATION_METRICS)
+    keys = ["dataset", "student", "teacher", "method"]
+    table = summary.groupby(keys, sort=False)["seeds"].max().to_frame()
+    for column in sorted(set(summary["column"]), key=lambda c: (c.split(" ")[0], list(ABLATION_METRICS.values()).index(
+            c.split(" ", 1)[1]))):
+        part = summary[summary["column"] == column].groupby(keys)[["mean", *INTERVAL_COLUMNS]].first()
+        table = table.join(part.rename(columns={"mean": column, **{c: f"{column}_{c}" for c in INTERVAL_COLUMNS}}))
     return table.reset_index()
 
 
@@ -182,31 +229,54 @@ def grid_progress(store: Store) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["grid", "new", *STATUSES, "cells"])
 
 
+PERCENT_METRICS = {"top1", "top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"}
+SUFFIXES = sorted([f"_{c}" for c in INTERVAL_COLUMNS + RANK_ONLY_COLUMNS] + ["_items_low", "_items_high"],
+                  key=len, reverse=True)
+
+
+def base_column(column: str) -> str:
+    """The metric a column belongs to: ``top1_delta_low`` -> ``top1``."""
+    for suffix in SUFFIXES:
+        if column.endswith(suffix):
+            return base_column(column[: -len(suffix)])
+    return column
+
+
 def is_percent(column: str) -> bool:
-    return column.split("_std")[0].split("_delta")[0] in {"top1", "top5", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} or (
-        column.endswith(("top1", "R@1")))
+    base = base_column(column)
+    return base in PERCENT_METRICS or base.endswith(("top1", "R@1")) and not column.endswith(("_p", "_items"))
 
 
-def mean_pm_std(frame: pd.DataFrame) -> pd.DataFrame:
-    """Human formats show "mean ± std" (std over seeds, omitted for a single seed) in one column."""
+def with_intervals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Human formats: "mean [low, high]" per metric and "+Δ [low, high] *" (significant at 5 %, paired) per delta,
+    in one column each; the helper columns are dropped."""
     shown = frame.copy()
-    for column in [c for c in frame.columns if f"{c}_std" in frame.columns]:
+    for column in [c for c in frame.columns if f"{c}_low" in frame.columns]:
         digits = 2 if is_percent(column) else 3
+        sign = "+" if column.endswith("_delta") else ""
         shown[column] = [
-            "-" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
-            for m, s in zip(frame[column], frame[f"{column}_std"])
-        ]
-        shown = shown.drop(columns=f"{column}_std")
-    return shown
+            "-" if pd.isna(m) else f"{m:{sign}.{digits}f}" + ("" if pd.isna(lo) else f" [{lo:{sign}.{digits}f}, "
+                                                                                   f"{hi:{sign}.{digits}f}]")
+            for m, lo, hi in zip(frame[column], frame[f"{column}_low"], frame[f"{column}_high"])]
+        significant = frame.get(f"{column.removesuffix('_delta')}_significant")
+        if column.endswith("_delta") and significant is not None:
+            shown[column] = [v + (" *" if s is True else "") for v, s in zip(shown[column], significant)]
+    helpers = [c for c in frame.columns if c != base_column(c) and not c.endswith("_delta")]
+    return shown.drop(columns=helpers)
 
 
 def as_percent(frame: pd.DataFrame) -> pd.DataFrame:
-    """Accuracies and recalls (and their std and delta) as rounded percentages; other numbers to 4 places."""
+    """Accuracies and recalls (their intervals and deltas too) as rounded percentages; others to 4 places."""
     numbers = frame.copy()
     for column in numbers.columns:
         if numbers[column].dtype.kind == "f":
             numbers[column] = (numbers[column] * 100).round(2) if is_percent(column) else numbers[column].round(4)
     return numbers
+
+
+LEGEND = ("[low, high]: 95 % interval over seeds (t), or over test items (bootstrap) for one seed; Δ: against the "
+          "same setting's no-KD baseline, paired by seed (t-test) where two or more seeds are shared, else a paired "
+          "bootstrap over test items; * p < 0.05")
 
 
 def render(frame: pd.DataFrame, fmt: str) -> str:
@@ -218,9 +288,10 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
     numbers = as_percent(frame)
     if fmt == "csv":
         return numbers.to_csv(index=False)
-    shown = mean_pm_std(numbers)
+    shown = with_intervals(numbers)
     if fmt == "markdown":
-        return shown.to_markdown(index=False, floatfmt=".2f") + "\n"
+        return shown.to_markdown(index=False, floatfmt=".2f") + f"\n\n{LEGEND}\n"
     if fmt == "latex":
-        return shown.to_latex(index=False, na_rep="--", float_format="%.2f").replace("±", r"$\pm$")
-    return shown.to_string(index=False, na_rep="-") + "\n"
+        return (shown.to_latex(index=False, na_rep="--", float_format="%.2f").replace("Δ", r"$\Delta$")
+                + f"% {LEGEND}\n")
+    return shown.to_string(index=False, na_rep="-") + f"\n{LEGEND}\n"

@@ -7,6 +7,7 @@ idempotently. With a server database (``--db postgresql+psycopg://…``) jobs al
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import tempfile
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from results.stats import pack, unpack
 from results.store import Store, now
 
 RECORD = "record.json"
@@ -26,13 +28,17 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_record(run_dir: Path, run: dict[str, Any], metrics=None, curves=None) -> dict[str, Any]:
-    """Merge ``run`` (and, if given, replace metrics per benchmark / all curves) into the record; atomic."""
+def write_record(run_dir: Path, run: dict[str, Any], metrics=None, curves=None, items=None) -> dict[str, Any]:
+    """Merge ``run`` (and, if given, replace metrics and per-item bits per benchmark / all curves) into the record;
+    atomic."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = read_record(run_dir) or {"run": {}, "metrics": {}, "curves": []}
     record["run"] = {**record["run"], **run, "updated_at": now()}
     record["metrics"].update(metrics or {})
+    record.setdefault("items", {}).update({
+        benchmark: {metric: {"count": len(b), "bits": base64.b64encode(pack(b)).decode()} for metric, b in bits.items()}
+        for benchmark, bits in (items or {}).items()})
     if curves is not None:
         record["curves"] = [list(point) for point in curves]
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{RECORD}.", suffix=".tmp")
@@ -54,6 +60,9 @@ def ingest(store: Store, run_dirs: Iterable[Path]) -> int:
         stored = store.get_run(record["run"]["id"])
         if stored and stored["updated_at"] >= record["run"]["updated_at"]:
             continue
-        store.put_run(record["run"], metrics=record["metrics"], curves=[tuple(p) for p in record["curves"]])
+        items = {benchmark: {metric: unpack(base64.b64decode(entry["bits"]), entry["count"])
+                             for metric, entry in bits.items()} for benchmark, bits in record.get("items", {}).items()}
+        store.put_run(record["run"], metrics=record["metrics"], curves=[tuple(p) for p in record["curves"]],
+                      items=items)
         taken += 1
     return taken

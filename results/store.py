@@ -17,11 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -36,8 +39,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import QueuePool
 
 from harness.errors import ClipkdError
+from results.stats import pack, unpack
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
 
@@ -76,8 +80,14 @@ class Run(Base):
     code_version: Mapped[str | None] = mapped_column(String(100))
     student_params: Mapped[int | None] = mapped_column(Integer)
     teacher_params: Mapped[int | None] = mapped_column(Integer)
-    train_seconds: Mapped[float | None] = mapped_column(Float)
+    train_seconds: Mapped[float | None] = mapped_column(Float)  # summed over the attempts of a resumed run
     eval_seconds: Mapped[float | None] = mapped_column(Float)
+    world_size: Mapped[int | None] = mapped_column(Integer)  # training processes (one per GPU)
+    device_hours: Mapped[float | None] = mapped_column(Float)  # train_seconds x world_size / 3600
+    teacher_forward_samples: Mapped[int | None] = mapped_column(BigInteger)  # a live teacher's; a cache's are its own
+    gflops_image: Mapped[float | None] = mapped_column(Float)  # the student's, per image (torch flop counter)
+    gflops_text: Mapped[float | None] = mapped_column(Float)
+    images_per_second: Mapped[float | None] = mapped_column(Float)  # the student's image tower, evaluation device
     started_at: Mapped[str | None] = mapped_column(String(40))
     finished_at: Mapped[str | None] = mapped_column(String(40))
     updated_at: Mapped[str] = mapped_column(String(40))
@@ -106,6 +116,17 @@ class CurvePoint(Base):
     value: Mapped[float | None] = mapped_column(Float)
 
 
+class ItemResult(Base):
+    """Per test item, whether it counted for a metric (top-k hit, recall@k hit): packed bits, so intervals and
+    paired tests need no re-evaluation (results/stats.py)."""
+    __tablename__ = "item_results"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    benchmark: Mapped[str] = mapped_column(String(200), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(100), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    bits: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class GridCell(Base):
     """The cells a grid expands to, so progress can count those not yet submitted ("new")."""
     __tablename__ = "grid_cells"
@@ -114,9 +135,18 @@ class GridCell(Base):
     cell: Mapped[str] = mapped_column(String(300))
 
 
+def _add_cost_and_items(connection: Connection) -> None:
+    for name in ("world_size", "device_hours", "teacher_forward_samples", "gflops_image", "gflops_text",
+                 "images_per_second"):
+        column = Run.__table__.c[name]
+        connection.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN {name} {column.type.compile(connection.dialect)}")
+    ItemResult.__table__.create(connection)
+
+
 # Upgrades from an older schema: MIGRATIONS[v] takes a store from version v to v + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda connection: GridCell.__table__.create(connection),
+    2: _add_cost_and_items,
 }
 RUN_COLUMNS = {column.name for column in Run.__table__.columns}
 
@@ -245,15 +275,17 @@ class Store:
 
     # -- writes --------------------------------------------------------------------------------------------------
     def put_run(self, run: dict[str, Any], metrics: dict[str, dict[str, float]] | None = None,
-                curves: Iterable[tuple[str, int, float]] | None = None) -> None:
-        """Insert or update a run; ``metrics`` ({benchmark: {metric: value}}) replace those benchmarks' values."""
+                curves: Iterable[tuple[str, int, float]] | None = None,
+                items: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """Insert or update a run; ``metrics`` ({benchmark: {metric: value}}) and ``items`` ({benchmark: {metric:
+        bits}}) replace those benchmarks' values."""
         unknown = set(run) - RUN_COLUMNS
         if unknown:
             raise StoreError(f"unknown run fields {sorted(unknown)}")
         with self.transaction() as connection:
-            self._put(connection, run, metrics, curves)
+            self._put(connection, run, metrics, curves, items)
 
-    def _put(self, connection, run, metrics, curves) -> None:
+    def _put(self, connection, run, metrics, curves, items=None) -> None:
         existing = connection.execute(select(Run.__table__).where(Run.id == run["id"])).mappings().first()
         row = {**(dict(existing) if existing else {}), **run}
         row["updated_at"] = run.get("updated_at") or now()  # an ingested record keeps its own time
@@ -262,6 +294,12 @@ class Store:
             connection.execute(delete(Metric).where(Metric.run_id == run["id"], Metric.benchmark == benchmark))
             _upsert(connection, Metric.__table__, [
                 {"run_id": run["id"], "benchmark": benchmark, "metric": m, "value": v} for m, v in values.items()
+            ])
+        for benchmark, bits in (items or {}).items():
+            connection.execute(delete(ItemResult).where(ItemResult.run_id == run["id"], ItemResult.benchmark == benchmark))
+            _upsert(connection, ItemResult.__table__, [
+                {"run_id": run["id"], "benchmark": benchmark, "metric": m, "count": len(b), "bits": pack(b)}
+                for m, b in bits.items()
             ])
         if curves is not None:
             connection.execute(delete(CurvePoint).where(CurvePoint.run_id == run["id"]))
@@ -298,6 +336,20 @@ class Store:
             for benchmark, metric, value in rows:
                 out.setdefault(benchmark, {})[metric] = value
         return out
+
+    def items(self, run_ids: Iterable[str], benchmark: str, metric: str) -> dict[str, np.ndarray]:
+        """Each run's per-item bits for ``metric`` on ``benchmark``, for the runs that have them."""
+        query = select(ItemResult.run_id, ItemResult.count, ItemResult.bits).where(
+            ItemResult.run_id.in_(list(run_ids)), ItemResult.benchmark == benchmark, ItemResult.metric == metric)
+        with self.engine.connect() as connection:
+            return {run_id: unpack(bits, count) for run_id, count, bits in connection.execute(query)}
+
+    def runs_with_items(self, benchmarks: Iterable[str], metrics: Iterable[str]) -> set[str]:
+        """The runs that stored per-item results for any of these benchmarks and metrics."""
+        query = select(ItemResult.run_id).where(ItemResult.benchmark.in_(list(benchmarks)),
+                                                ItemResult.metric.in_(list(metrics))).distinct()
+        with self.engine.connect() as connection:
+            return {row[0] for row in connection.execute(query)}
 
     def count_runs(self) -> int:
         with self.engine.connect() as connection:

@@ -2,6 +2,7 @@
 that follow the store, bound parameters under hostile filter values, and a store that stays untouched."""
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from results.store import Store
 
 MAIN = ROOT / "app" / "main.py"
 PAGES = {"leaderboard": "Leaderboard", "ablation": "Ablation", "similarity": "Feature similarity vs accuracy",
-         "curves": "Training curves", "run_detail": "Run detail", "grids": "Grid progress"}
+         "cost": "Accuracy vs cost", "curves": "Training curves", "run_detail": "Run detail", "grids": "Grid progress"}
 SMOKE_METHODS = {"baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "crd+fd+icl"}
 
 
@@ -105,6 +106,25 @@ def test_similarity_scatter_has_a_point_per_distilled_run_and_the_fitted_correla
     assert all(len(t["customdata"][0]) == 5 for t in points)  # hover: name, id, teacher, student, seed
 
 
+def test_accuracy_vs_cost_draws_each_run_and_the_pareto_front(real_store, monkeypatch):
+    from app.views.cost import pareto_front
+
+    app = open_page(f"sqlite:///{real_store}", "cost", monkeypatch)
+    (spec,) = plotly_specs(app)
+    points = [t for t in spec["data"] if t.get("mode") == "markers"]
+    expected = queries.cost_points(Store(f"sqlite:///{real_store}", readonly=True), "digits")
+    assert sum(len(t["x"]) for t in points) == len(expected) == 9  # every run of the smoke grid, with its cost
+    assert (expected["gflops_image"] > 0).all() and (expected["images_per_s"] > 0).all()
+    (front,) = [t for t in spec["data"] if t["name"] == "Pareto front"]
+    table = app.dataframe[0].value
+    assert len(front["x"]) == len(table) >= 1
+    # no run of the front is beaten on both axes by another run
+    for cost, accuracy in zip(front["x"], front["y"]):
+        assert not ((expected["gflops_image"] <= cost) & (expected["accuracy"] * 100 > accuracy)).any()
+    assert list(pareto_front(np.array([3.0, 1.0, 2.0, 1.0]), np.array([0.9, 0.5, 0.8, 0.4]), False)) == [1, 2, 0]
+    assert list(pareto_front(np.array([10.0, 30.0, 20.0]), np.array([0.9, 0.5, 0.95]), True)) == [1, 2]
+
+
 def test_training_curves_plot_each_term_for_the_chosen_runs(real_store, monkeypatch):
     store = Store(f"sqlite:///{real_store}", readonly=True)
     runs, _ = queries.list_runs(store, method="crd+fd+icl")
@@ -124,9 +144,10 @@ def test_run_detail_shows_config_metrics_timings_and_the_run_directory(real_stor
     assert app.subheader[0].value == "smoke/teacher/tiny-teacher"
     assert [m.value for m in app.metric] == ["done", "baseline", "0"]
     facts = app.dataframe[0].value.iloc[:, 0]
-    assert facts["run id"] == teacher.id and float(facts["training time (s)"]) > 0
+    assert facts["run id"] == teacher.id and re.fullmatch(r"\d+\.\d s|\d+ min \d+ s", facts["training time"])
+    assert facts["student parameters"].endswith(" M") and facts["inference"].endswith("images/s")
     metrics = app.dataframe[1].value
-    assert metrics.loc["digits", "acc1"] == store.metrics(teacher.id)["digits"]["acc1"]
+    assert metrics.loc["digits", "acc1"] == f"{100 * store.metrics(teacher.id)['digits']['acc1']:.2f} %"
     assert [b.proto.label for b in app.get("download_button")] == ["config.json", "record.json", "train_log.jsonl",
                                                                   "events.jsonl"]
     assert json.loads(app.json[0].proto.body)["student"]["model"] == "clipkd-tiny-teacher"

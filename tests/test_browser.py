@@ -1,6 +1,8 @@
 """The dashboard served by `clipkd app` on localhost and driven in Debian's headless Chromium: each page loads,
 shows its data (the leaderboard rows, the scatter plot's points), and raises no error, in the page or the console.
-CLIPKD_SCREENSHOTS=DIR also keeps the screenshots there (the README's comes from this test)."""
+
+CLIPKD_SCREENSHOTS=DIR also keeps the screenshots there, and CLIPKD_BROWSER_DB=URL serves that store instead of the
+smoke grid's: the README's pictures are this test over the demo grid's store (`make screenshots`)."""
 import os
 import shutil
 import socket
@@ -19,9 +21,17 @@ PAGES = {
     "Leaderboard": "[data-testid=stDataFrame] [role=row]",
     "Ablation": "[data-testid=stDataFrame] [role=row]",
     "Feature similarity vs accuracy": ".js-plotly-plot .scatterlayer .point",
+    "Accuracy vs cost": ".js-plotly-plot .scatterlayer .point",
     "Training curves": ".js-plotly-plot .scatterlayer .trace",
     "Run detail": "[data-testid=stDataFrame] [role=row]",
     "Grid progress": ".js-plotly-plot .barlayer .point",
+}
+
+
+# page -> (the control a reader clicks, what shows it took effect)
+INTERACTIONS = {
+    "Ablation": ("the paper's Table 1 beside every method", "[data-testid=stDataFrame] :text('paper Δ')"),
+    "Training curves": ("samples seen", ".js-plotly-plot .xtitle:has-text('samples seen')"),
 }
 
 
@@ -42,11 +52,15 @@ def listening_addresses(port: int) -> set[str]:
     return addresses
 
 
+STORE = os.environ.get("CLIPKD_BROWSER_DB")  # None: the smoke grid's store, whose rows the test knows
+
+
 @pytest.fixture(scope="module")
-def served_app(smoke_grid):
-    workdir = smoke_grid[0]
+def served_app(request):
+    workdir = ROOT if STORE else request.getfixturevalue("smoke_grid")[0]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "harness.cli", "app", "--port", str(port)], cwd=workdir,
+    store = ["--db", STORE] if STORE else []
+    server = subprocess.Popen([sys.executable, "-m", "harness.cli", "app", "--port", str(port), *store], cwd=workdir,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -90,17 +104,22 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
             page.wait_for_selector(f"h1:has-text('{title}')", timeout=60_000)
             page.wait_for_selector(data, state="attached", timeout=60_000)  # a table's rows are its a11y DOM
             page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=60_000)  # rerun done
+            if title in INTERACTIONS:  # as a reader would: the paper beside every method, curves against samples
+                label, shows = INTERACTIONS[title]
+                page.get_by_text(label).first.click()
+                page.wait_for_selector(shows, state="attached", timeout=60_000)
+                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=60_000)
             assert page.locator("[data-testid=stException]").count() == 0, title
             assert page.locator("[data-testid=stAlertContentError]").count() == 0, title
             name = title.lower().replace(" ", "-") + ".png"
             page.screenshot(path=tmp_path / name, full_page=True)
             if keep:
                 shutil.copy(tmp_path / name, Path(keep) / name)
-            if title == "Leaderboard":
+            if title == "Leaderboard" and not STORE:
                 rows = page.locator("[data-testid=stDataFrame] [role=row]").all_text_contents()
                 assert len(rows) == 1 + 9  # the header and the smoke grid's nine runs
                 assert any("crd+fd+icl" in row for row in rows) and any("baseline" in row for row in rows)
-            if title == "Feature similarity vs accuracy":
+            if title == "Feature similarity vs accuracy" and not STORE:
                 assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
                 assert "fit (r = " in page.locator(".js-plotly-plot").inner_text()
         browser.close()

@@ -150,7 +150,7 @@ def test_feature_cosine_goes_through_the_learned_projection():
     student, teacher = create_clip("clipkd-tiny"), create_clip("clipkd-tiny-teacher")
     projection = torch.nn.Linear(student.embed_dim, teacher.embed_dim)  # 64 -> 96, as a method's P
     eval_set = load_eval_set("digits", None, student.preprocess_eval)
-    _, embedded = zero_shot_metrics(student.model, student.tokenizer, eval_set, cpu)
+    embedded = zero_shot_metrics(student.model, student.tokenizer, eval_set, cpu).embedded
     metrics = feature_similarity(embedded, teacher, projection, eval_set, cpu)
 
     pairs = [eval_set.retrieval[i] for i in range(len(eval_set.retrieval))]
@@ -215,3 +215,26 @@ def test_an_image_folder_with_loader_workers_gives_clip_benchmarks_numbers(train
     theirs = json.loads(output.read_text())["metrics"]
     for metric in ("acc1", "acc5", "mean_per_class_recall"):
         assert ours[0]["metrics"][metric] == theirs[metric], metric
+
+
+def test_each_item_level_metric_is_the_mean_of_its_stored_bits(trained_run):
+    """Stored per-item results reproduce every top-k and recall@k number exactly: intervals need no re-run."""
+    import numpy as np
+
+    from results.store import Store
+
+    store = Store(f"sqlite:///{trained_run.parents[1] / 'results' / 'clipkd.db'}", readonly=True)
+    run_id = trained_run.name
+    metrics = store.metrics(run_id)["digits"]
+    checked = 0
+    for metric in ("acc1", "acc5", "image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5"):
+        bits = store.items([run_id], "digits", metric)[run_id]
+        # clip_benchmark divides hits by items in float64 for accuracy, averages float32 hits for recall
+        mean = bits.mean() if metric.startswith("acc") else float(np.float32(bits.sum()) / np.float32(len(bits)))
+        assert mean == metrics[metric], metric
+        checked += 1
+    assert len(store.items([run_id], "digits", "acc1")[run_id]) == 361  # the digits test split
+    run = store.get_run(run_id)
+    assert run["gflops_image"] > 0 and run["gflops_text"] > 0 and run["images_per_second"] > 0
+    assert run["device_hours"] == pytest.approx(run["train_seconds"] / 3600) and run["world_size"] == 1
+    assert checked == 5

@@ -198,3 +198,21 @@ def test_retry_failed_reruns_the_failed_cells_and_only_those(workdir):
         starts = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
         assert starts.count("start") == (2 if seed == 1 else 1), (seed, starts)
         assert ((run_dir / "record.json").stat().st_mtime_ns == records[seed]) == (seed != 1)
+
+
+def test_rules_match_any_of_a_list(workdir):
+    """More seeds where the claim is (baseline and CLIP-KD), fewer for the rest: exclude takes lists."""
+    from harness.grid import load_grid
+
+    grid = yaml.safe_load((workdir / "grids" / "smoke.yaml").read_text())
+    grid["axes"]["seeds"] = [0, 1, 2, 3]
+    grid["exclude"] = [{"method": ["crd", "fd", "mfd", "gd", "icl", "afd"], "seed": [2, 3]}]
+    path = workdir / "grids" / "lists.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    runs = [c for c in load_grid(path).cells if c.stage == 2]
+    per_method = {}
+    for cell in runs:
+        per_method.setdefault(cell.config.method_label, set()).add(cell.config.seed)
+    assert per_method["baseline"] == per_method["crd+fd+icl"] == {0, 1, 2, 3}
+    assert all(seeds == {0, 1} for method, seeds in per_method.items() if method not in ("baseline", "crd+fd+icl"))
+    assert len(runs) == 2 * 4 + 6 * 2

@@ -1,8 +1,11 @@
 """The results store: concurrent writers, idempotent writes, schema versions, and the leaderboard arithmetic."""
 import math
 import multiprocessing as mp
+import shutil
 import sqlite3
+from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy.exc import OperationalError
 
@@ -92,18 +95,28 @@ def test_a_readonly_store_cannot_write(tmp_path):
     assert path.read_bytes() == before and Store(f"sqlite:///{path}").count_runs() == 1
 
 
-def test_a_version_1_store_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_path):
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_store_written_by_an_earlier_clipkd_is_upgraded_in_place(tmp_path, version):
+    """tests/fixtures/store-schemaN.db were written by clipkd's own code at schema N (commits 5efff5b and
+    e6f9102): a reader refuses them until a writer upgrades them, keeping every run, metric and curve."""
     path = tmp_path / "store.db"
-    Store(f"sqlite:///{path}").put_run(run_row("a"))
-    with sqlite3.connect(path) as connection:  # what clipkd's first schema looked like: no grid_cells table
-        connection.execute("drop table grid_cells")
-        connection.execute("update clipkd_schema set value = '1' where key = 'version'")
-    with pytest.raises(StoreError, match="schema version 1; this clipkd needs 2 and opens it read-only"):
+    shutil.copy(FIXTURES / f"store-schema{version}.db", path)
+    with pytest.raises(StoreError, match=f"schema version {version}; this clipkd needs {SCHEMA_VERSION} and opens it "
+                                         "read-only"):
         Store(f"sqlite:///{path}", readonly=True)
     store = Store(f"sqlite:///{path}")
-    store.register_grid("g", {"a": "g/a"})
-    assert store.get_run("a")["status"] == "done"
-    assert Store(f"sqlite:///{path}", readonly=True).revision()[-1] == 1
+    run = store.get_run(f"old-run-{version}")
+    assert run["name"] == f"written by schema {version}" and run["train_seconds"] == 12.5
+    assert run["device_hours"] is None and run["gflops_image"] is None  # columns added empty
+    assert store.metrics(f"old-run-{version}") == {"digits": {"acc1": 0.5, "text_retrieval_recall@1": 0.25}}
+    store.register_grid("g", {f"old-run-{version}": "g/a"})
+    store.put_run(run_row("new"), items={"digits": {"acc1": np.array([True, False, True])}})
+    assert list(store.items(["new"], "digits", "acc1")["new"]) == [True, False, True]
+    reader = Store(f"sqlite:///{path}", readonly=True)
+    assert reader.count_runs() == 2 and reader.get_run("new")["status"] == "done"
 
 
 def filled_store(tmp_path) -> Store:
@@ -121,19 +134,27 @@ def filled_store(tmp_path) -> Store:
     return store
 
 
-def test_leaderboard_mean_std_over_seeds_and_delta_against_the_same_settings_baseline(tmp_path):
+def test_leaderboard_intervals_over_seeds_and_paired_delta_against_the_same_settings_baseline(tmp_path):
+    from scipy import stats
+
     table = leaderboard(filled_store(tmp_path))
     s1 = table[table["top1"] != 0.9].set_index("method")
     assert list(table["method"])[:3] == ["baseline", "crd+fd+icl", "fd"]  # ranked by top1: s2's baseline first
     assert s1.loc["fd", "seeds"] == 2
     assert s1.loc["fd", "top1"] == pytest.approx(0.42)
-    assert s1.loc["fd", "top1_std"] == pytest.approx(math.sqrt(2 * 0.02**2))  # sample std over seeds
+    low, high = stats.t.interval(0.95, 1, loc=0.42, scale=0.02)  # seeds 0.40 and 0.44: sem 0.02
+    assert (s1.loc["fd", "top1_low"], s1.loc["fd", "top1_high"]) == pytest.approx((low, high))
+    paired = stats.ttest_rel([0.40, 0.44], [0.30, 0.32])  # fd and the baseline share seeds 0 and 1
     assert s1.loc["fd", "top1_delta"] == pytest.approx(0.42 - 0.31)
+    assert (s1.loc["fd", "top1_delta_low"], s1.loc["fd", "top1_delta_high"]) == pytest.approx(
+        tuple(paired.confidence_interval(0.95)))
+    assert s1.loc["fd", "top1_p"] == pytest.approx(paired.pvalue) and s1.loc["fd", "top1_test"].startswith("paired t")
     assert s1.loc["crd+fd+icl", "t2i_r1_delta"] == pytest.approx(0.25 - 0.155)
     assert s1.loc["fd", "cos_img"] == pytest.approx(0.72) and math.isnan(s1.loc["baseline", "cos_img"])
     assert 0.99 not in set(table["top1"])  # failed runs are not ranked
     assert "0.42" not in render(table, "csv") and "42.0" in render(table, "csv")  # percentages
-    assert "42.00 ± 2.83" in render(table, "table")
+    shown = render(table, "table")
+    assert f"42.00 [{low * 100:.2f}, {high * 100:.2f}]" in shown and "* p < 0.05" in shown
 
 
 def test_filters_are_bound_parameters(tmp_path):

@@ -130,6 +130,29 @@ def test_operational_settings_leave_the_run_id_and_the_weights_alone(tmp_path):
         assert torch.equal(tensor, second["state_dict"][name]), name
 
 
+def test_accuracy_during_training_is_logged_against_samples_seen_and_changes_nothing(tmp_path):
+    from harness.pipeline import training_curves
+
+    configs = []
+    for name, evaluation in (("plain", {}), ("watched", {"every_steps": 4, "during_items": 100})):
+        path = write_config(tmp_path, name, output_dir=str(tmp_path / name), eval=evaluation,
+                            train={"batch_size": 64, "steps": 10, "checkpoint_every": 5})
+        configs.append(parse_config(yaml.safe_load(path.read_text())))
+    assert configs[0].run_id == configs[1].run_id  # evaluation is not part of what is trained
+    for config in configs:
+        train(config)
+    plain, watched = (final_state(config.run_dir) for config in configs)
+    for name, tensor in plain["state_dict"].items():
+        assert torch.equal(tensor, watched["state_dict"][name]), name
+    log = [json.loads(line) for line in (configs[1].run_dir / "eval_log.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["samples_seen"]) for p in log] == [(0, 0), (4, 256), (8, 512), (10, 640)]
+    assert all(p["benchmark"] == "digits" and 0 <= p["acc1"] <= 1 for p in log)
+    curve = [(step, value) for term, step, value in training_curves(configs[1].run_dir)
+             if term == "zero-shot acc1 (digits)"]
+    assert curve == [(p["step"], p["acc1"]) for p in log]
+    assert not (configs[0].run_dir / "eval_log.jsonl").exists()
+
+
 def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path, teacher_checkpoint):
     @methods.register("explodes_at_step_3")
     class ExplodesAtStep3(methods.DistillMethod):
@@ -185,6 +208,10 @@ def test_readme_plugin_installs_through_entry_points_and_trains(tmp_path, teache
 def test_smoke_configs_train_teacher_then_student_and_rerun_is_a_no_op(project):
     run_clipkd("run", "configs/smoke_teacher.yaml", cwd=project)
     result = run_clipkd("run", "configs/smoke_kd.yaml", cwd=project)
+    # random weights are said once, for the student that starts from them; building the teacher from its
+    # checkpoint and the student again for evaluation says nothing
+    assert "No pretrained weights loaded" not in result.stderr
+    assert result.stderr.count("starts from random weights") == 1, result.stderr
     run_dir = project / result.stdout.split()[3]
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert {"task", "fd", "icl", "crd"} <= records[-1].keys()

@@ -3,8 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from app.data import filter_boxes, open_reader, paginate
-from results.paper import paper_column, paper_values
-from results.queries import ablation, as_percent, filter_options
+from results.paper import paper_column, paper_values, table1_by_method
+from results.queries import LEGEND, ablation, as_percent, filter_options, with_intervals
 
 BEST = " ★"
 
@@ -17,19 +17,24 @@ if read is not None:
         st.info("No finished run has zero-shot or retrieval metrics with these filters: widen them, or wait for "
                 "a run to finish (`clipkd grid status GRID`).")
     else:
-        keys = ["dataset", "student", "teacher", "method"]
-        metrics = [c for c in table.columns if c not in keys]
+        keys = ["dataset", "student", "teacher", "method", "seeds"]
         numbers = as_percent(table)
-        best = {c: numbers[c].max() for c in metrics}
-        shown = numbers[keys].copy()
-        for column in metrics:  # the best value of a column is starred, as the paper sets it in bold
-            shown[column] = [("-" if pd.isna(v) else f"{v:.2f}" + (BEST if v == best[column] else ""))
-                             for v in numbers[column]]
+        shown = with_intervals(numbers)
+        metrics = [c for c in shown.columns if c not in keys and not c.endswith("_delta")]
+        for column in metrics:  # the best mean of a column is starred, as the paper sets it in bold
+            best = numbers[column].max()
+            shown[column] = [text + (BEST if value == best else "") for text, value in zip(shown[column], numbers[column])]
+        shown = shown.rename(columns={c: "Δ " + c.removesuffix("_delta") for c in shown.columns if c.endswith("_delta")})
+        if st.toggle("the paper's Table 1 beside every method (ViT-B/16 → ViT-T/16, ImageNet top-1)",
+                     key="ablation_table1"):
+            table1 = table1_by_method(table)
+            shown["paper top1"] = table1["paper top1"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+            shown["paper Δ"] = table1["paper Δ"].map(lambda v: "" if pd.isna(v) else f"{v:+.2f}")
         published = paper_values(table)
         if published.notna().any():
             at = shown.columns.get_loc(paper_column()) + 1 if paper_column() in shown.columns else len(shown.columns)
             shown.insert(at, f"{paper_column()} (paper)", published.map(lambda v: "" if pd.isna(v) else f"{v:.2f}"))
             st.caption("(paper): Yang et al., CLIP-KD (CVPR 2024), for the rows that match a cell of theirs "
                        "(training data, teacher, student and method; see results/paper_numbers.yaml).")
-        st.caption(f"{len(shown)} rows; mean over seeds, in %; ★ marks the best value of each column.")
+        st.caption(f"{len(shown)} rows; mean over seeds, in %; ★ marks the best value of each column. {LEGEND}.")
         st.dataframe(paginate(shown, key="ablation_page"), hide_index=True, key="ablation_table")

@@ -3,7 +3,7 @@ import plotly.express as px
 import streamlit as st
 
 from app.data import filter_boxes, open_reader
-from results.queries import filter_options, list_runs, training_curves
+from results.queries import PROGRESS_TERM, batch_sizes, filter_options, list_runs, training_curves
 
 CHOICES = 500  # runs offered at once: narrow with the filters or the search box beyond that
 
@@ -25,8 +25,15 @@ if read is not None:
         if curves is None or curves.empty:
             st.info("The chosen runs have no training curve yet: a run stores its curves when it finishes.")
         else:
-            log_scale = st.toggle("log scale", key="curves_log")
-            for term, points in curves.groupby("term", sort=True):
-                figure = px.line(points, x="step", y="value", color="name", log_y=log_scale, title=term,
-                                 hover_data={"id": True})
+            scale_column, axis_column = st.columns(2)
+            log_scale = scale_column.toggle("log scale", key="curves_log")
+            axis = axis_column.radio("x axis", ["step", "samples seen"], horizontal=True, key="curves_axis")
+            if axis == "samples seen":  # steps times each run's global batch
+                curves = curves.assign(**{"samples seen": curves["step"] * curves["id"].map(read(batch_sizes, chosen))})
+            progress = curves["term"].str.startswith(PROGRESS_TERM)  # accuracy during training first: samples needed
+            for term, points in [*curves[progress].groupby("term"), *curves[~progress].groupby("term")]:
+                figure = px.line(points, x=axis, y="value", color="name", log_y=log_scale, title=term,
+                                 hover_data={"id": True}, markers=term.startswith(PROGRESS_TERM))
                 st.plotly_chart(figure, key=f"curve_{term}")
+            if not progress.any():
+                st.caption("Zero-shot accuracy against samples seen appears here for runs with `eval: {every_steps: N}`.")

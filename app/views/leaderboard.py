@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from app.data import filter_boxes, open_reader, paginate
-from results.queries import LEADERBOARD_METRICS, as_percent, filter_options, leaderboard, mean_pm_std, render
+from results.queries import LEADERBOARD_METRICS, LEGEND, as_percent, filter_options, leaderboard, render, with_intervals
 
 st.title("Leaderboard")
 read = open_reader()
@@ -18,21 +18,23 @@ if read is not None:
         st.info(f"No finished run has {rank_by} on {benchmark} with these filters: widen them, or finish a run "
                 "that evaluates on this benchmark (`clipkd grid status GRID` shows what is still running).")
     else:
-        st.caption(f"{len(table)} rows: mean ± std over seeds; Δ is the difference to the no-KD baseline of the same "
-                   "student, data and schedule (accuracies and recalls in %).")
+        st.caption(f"{len(table)} rows, accuracies and recalls in %. {LEGEND}. Green or red: a significant Δ.")
         st.download_button("Download CSV", render(table, "csv"), file_name=f"leaderboard-{benchmark}-{rank_by}.csv",
                            mime="text/csv", icon=":material/download:")
         ranked = table.copy()
         ranked.insert(0, "rank", range(1, len(ranked) + 1))
-        page = mean_pm_std(as_percent(paginate(ranked, key="leaderboard_page")))
+        numbers = as_percent(paginate(ranked, key="leaderboard_page"))
+        page = with_intervals(numbers)
         deltas = [c for c in page.columns if c.endswith("_delta")]
-        page = page.rename(columns={c: "Δ " + c.removesuffix("_delta") for c in deltas})
-        deltas = ["Δ " + c.removesuffix("_delta") for c in deltas]
 
-        def colour(value: float) -> str:
-            if pd.isna(value) or value == 0:
-                return ""
-            return "color: #1a7f37" if value > 0 else "color: #cf222e"
+        def colour(column: pd.Series) -> list[str]:
+            """Significant deltas in green (better) or red (worse); the others unstyled."""
+            name = column.name.removesuffix("_delta")
+            significant = numbers.get(f"{name}_significant", pd.Series(False, index=numbers.index)).fillna(False)
+            delta = numbers[column.name]
+            return ["" if not s or pd.isna(d) else "color: #1a7f37" if d > 0 else "color: #cf222e"
+                    for s, d in zip(significant.astype(bool), delta)]
 
-        st.dataframe(page.style.map(colour, subset=deltas).format("{:+.2f}", subset=deltas, na_rep="-"),
-                     hide_index=True, key="leaderboard_table")
+        styled = page.style.apply(colour, subset=deltas)
+        st.dataframe(styled.relabel_index(["Δ " + c.removesuffix("_delta") if c in deltas else c for c in page.columns],
+                                          axis=1), hide_index=True, key="leaderboard_table")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from app import formats
 from app.data import PAGE_SIZE, filter_boxes, open_reader, page_number
 from results.queries import filter_options, list_runs
 from results.store import STATUSES
@@ -23,16 +24,24 @@ def show_run(run: dict, metrics: dict) -> None:
         st.code(run["error"], language=None, wrap_lines=True)
     facts = {"run id": run["id"], "setting id": run["setting_id"], "teacher": run["teacher"] or "none (no KD)",
              "student": run["student"], "dataset": run["dataset"], "loss weights": run["terms"], "grid": run["grid"],
-             "training time (s)": run["train_seconds"], "evaluation time (s)": run["eval_seconds"],
+             "training time": formats.duration(run["train_seconds"]),
+             "training processes": run["world_size"], "training device-hours": formats.number(run["device_hours"]),
+             "teacher forward samples": formats.count(run["teacher_forward_samples"]),
+             "evaluation time": formats.duration(run["eval_seconds"]),
              "started": run["started_at"], "finished": run["finished_at"], "updated": run["updated_at"],
-             "host": run["host"], "code version": run["code_version"], "student parameters": run["student_params"],
-             "teacher parameters": run["teacher_params"]}
+             "host": run["host"], "code version": run["code_version"],
+             "student parameters": formats.count(run["student_params"]),
+             "teacher parameters": formats.count(run["teacher_params"]),
+             "student GFLOPs per image / text": f"{formats.number(run['gflops_image'])} / {formats.number(run['gflops_text'])}",
+             "inference": f"{formats.count(run['images_per_second'])} images/s"}
     st.dataframe(pd.DataFrame({"": [str(v) if v is not None else "-" for v in facts.values()]}, index=list(facts)),
                  key="run_facts")
     st.markdown("**metrics**")
     if metrics:
         table = pd.DataFrame(metrics).T.sort_index(axis=0).sort_index(axis=1)
-        st.dataframe(table, key="run_metrics")
+        shown = table.apply(lambda column: column.map(formats.percent if formats.is_fraction(column.name) else
+                                                      lambda v: formats.number(v, 4)))
+        st.dataframe(shown, key="run_metrics")
     else:
         st.caption("no metrics stored: the run has not finished its evaluation")
     st.markdown("**run directory**")

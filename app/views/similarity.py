@@ -6,6 +6,7 @@ import streamlit as st
 
 from app.data import filter_boxes, open_reader
 from results.queries import METRIC_ALIASES, filter_options, similarity_points
+from results.stats import correlation
 
 SIMILARITIES = {"cos_img": "image cosine (through P)", "cos_txt": "text cosine (through P)",
                 "cka_img": "image linear CKA", "cka_txt": "text linear CKA"}
@@ -35,16 +36,21 @@ if read is not None:
                             labels={"similarity": SIMILARITIES[similarity], "accuracy": f"{ACCURACIES[accuracy]} (%)"},
                             render_mode="webgl" if len(points) > WEBGL_ABOVE else "svg")
         x, y = points["similarity"].to_numpy(), points["accuracy"].to_numpy()
-        if len(points) >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0:
+        measured = correlation(x, y)
+        if measured is not None:
+            r, p = measured
             slope, intercept = np.polyfit(x, y, 1)
-            r = float(np.corrcoef(x, y)[0, 1])
             line = np.array([x.min(), x.max()])
-            figure.add_trace(go.Scatter(x=line, y=slope * line + intercept, mode="lines", name=f"fit (r = {r:.3f})",
-                                        line={"color": "black", "dash": "dash"}))
-            left, right = st.columns(2)
-            left.metric("Pearson correlation r", f"{r:.3f}")
+            figure.add_trace(go.Scatter(x=line, y=slope * line + intercept, mode="lines",
+                                        name=f"fit (r = {r.estimate:.3f})", line={"color": "black", "dash": "dash"}))
+            left, middle, right = st.columns(3)
+            left.metric("Pearson correlation r", f"{r.estimate:.3f}")
+            middle.metric("95 % interval of r (Fisher z)", f"[{r.low:.3f}, {r.high:.3f}]")
             right.metric("fitted slope (points of accuracy per unit similarity)", f"{slope:.2f}")
+            st.caption(f"r over {r.n} runs, p = {p:.3g}: "
+                       + ("the interval excludes 0." if r.excludes_zero else "the interval includes 0: no measured "
+                          "correlation at this number of runs."))
         else:
-            st.caption("A fitted line needs at least two runs that differ in both similarity and accuracy.")
+            st.caption("A correlation needs at least three runs that differ in both similarity and accuracy.")
         st.plotly_chart(figure, key="similarity_scatter")
         st.caption(f"{len(points)} runs; hover a point for its run.")

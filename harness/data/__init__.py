@@ -68,9 +68,10 @@ def build_source(spec, student_model: str, tokenizer: Callable, augmentation: Au
         return ShardSource(ShardIndex(expand_shards(spec.path), Path(index_root) / INDEX_DIR), view, augmentation,
                            tokenizer)
     if spec.dataset == "csv":
-        return CsvSource(CaptionTable(spec.path, spec.image_key, spec.caption_key, spec.separator), view,
-                         augmentation, tokenizer)
-    return InMemorySource.of(load_builtin(spec.dataset, "train"), tokenizer, view, augmentation)
+        table = CaptionTable(spec.path, spec.image_key, spec.caption_key, spec.separator)
+        return CsvSource(table.first(spec.subset) if spec.subset else table, view, augmentation, tokenizer)
+    split = load_builtin(spec.dataset, "train")
+    return InMemorySource.of(split.first(spec.subset) if spec.subset else split, tokenizer, view, augmentation)
 
 
 def build_train_data(spec, source, batch_size: int, seed: int, rank: int, world_size: int, teacher_rows=None,

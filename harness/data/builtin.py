@@ -4,11 +4,17 @@ Captions are computed from each image's pixels: the class plus measured attribut
 size for digits; shade, size and texture for clothing). Attribute thresholds are tertiles over the whole
 dataset, so each word splits the data into thirds and the text tower must compose words to match images.
 Splits are fixed (seeded permutation / the official test split) and do not depend on a run's seed.
+
+Zero-shot classification prompts a class in the captions' own phrasing, averaged over every combination of the
+attribute words (27 prompts, CLIP's prompt ensembling): a generic "a photo of a {c}." is a phrasing the text
+tower never saw, and which class such a prompt lands nearest then changes from seed to seed (measured: whole
+classes at 12 % or 76 % top-1 across three seeds of one student, 8 points of top-1 apart; 2.8 with the ensemble).
 """
 from __future__ import annotations
 
 import functools
 import gzip
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,11 @@ class CaptionedImages:
     classnames: list[str]
     templates: list[str] = field(default_factory=list)
 
+    def first(self, count: int) -> CaptionedImages:
+        """The first ``count`` images (a data budget: the split's order is fixed, so the same for every run)."""
+        return CaptionedImages(self.images[:count], self.labels[:count], self.captions[:count], self.classnames,
+                               self.templates)
+
 
 def _tertile_words(values: np.ndarray, words: tuple[str, str, str]) -> list[str]:
     low, high = np.quantile(values, [1 / 3, 2 / 3])
@@ -47,33 +58,46 @@ def _tertile_words(values: np.ndarray, words: tuple[str, str, str]) -> list[str]
 
 
 def _ink_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Per image, from the pixel intensities: mean and spread of the inked pixels, slant (μ11/μ02), box area."""
-    _, h, w = images.shape
-    pixels = images.astype(np.float64)
-    on = images > images.max() * 0.25
-    count = np.maximum(on.sum(axis=(1, 2)), 1)
-    mean_on = (pixels * on).sum(axis=(1, 2)) / count
-    std_on = np.sqrt(((pixels - mean_on[:, None, None]) ** 2 * on).sum(axis=(1, 2)) / count)
-    mass = pixels.sum(axis=(1, 2)) + 1e-9
-    ys, xs = np.mgrid[0:h, 0:w]
-    dy = ys[None] - ((pixels * ys).sum(axis=(1, 2)) / mass)[:, None, None]
-    dx = xs[None] - ((pixels * xs).sum(axis=(1, 2)) / mass)[:, None, None]
+    """Per image, from the pixel intensities: mean and spread of the inked pixels, slant (μ11/μ02), box area. Raw
+    moments as matrix products over the flattened images (one pass each, no image-sized temporaries)."""
+    n, h, w = images.shape
+    pixels = images.reshape(n, h * w).astype(np.float64)
+    on = (images > images.max() * 0.25).reshape(n, h * w)
+    count = np.maximum(on.sum(axis=1), 1)
+    inked = pixels * on
+    mean_on = inked.sum(axis=1) / count
+    std_on = np.sqrt(np.maximum((inked * pixels).sum(axis=1) / count - mean_on**2, 0))
+    ys, xs = (grid.reshape(-1).astype(np.float64) for grid in np.mgrid[0:h, 0:w])
+    mass = pixels.sum(axis=1) + 1e-9
+    my, mx = pixels @ ys / mass, pixels @ xs / mass
+    covariance = pixels @ (xs * ys) - mass * mx * my
+    spread_y = pixels @ (ys * ys) - mass * my * my
     # image rows grow downwards, so a stroke leaning right has negative covariance of x with y
-    slant = -(pixels * dx * dy).sum(axis=(1, 2)) / ((pixels * dy * dy).sum(axis=(1, 2)) + 1e-9)
+    slant = -covariance / (spread_y + 1e-9)
+    on = on.reshape(n, h, w)
     height = on.any(axis=2).sum(axis=1)  # rows that hold ink
     width = on.any(axis=1).sum(axis=1)
     return {"mean": mean_on, "spread": std_on, "slant": slant, "area": height * width}
 
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_TEMPLATES = ["a handwritten digit {c}.", "a photo of the number {c}.", "the digit {c}, written by hand."]
+DIGIT_WORDS = {"size": ("small", "mid-sized", "large"), "weight": ("thin", "medium", "bold"),
+               "lean": ("left-leaning", "upright", "right-leaning")}
+
+
+def caption_templates(size: tuple[str, ...], second: tuple[str, ...], third: tuple[str, ...]) -> list[str]:
+    """Every caption a class can have, with the class as ``{c}``: the zero-shot prompts of a built-in set."""
+    return [f"a {a}, {b}, {c} " + "{c}" for a, b, c in itertools.product(size, second, third)]
+
+
+DIGIT_TEMPLATES = caption_templates(DIGIT_WORDS["size"], DIGIT_WORDS["weight"], DIGIT_WORDS["lean"])
 
 
 def _digit_captions(images: np.ndarray, labels: np.ndarray) -> list[str]:
     stats = _ink_statistics(images)
-    weight = _tertile_words(stats["mean"], ("thin", "medium", "bold"))
-    lean = _tertile_words(stats["slant"], ("left-leaning", "upright", "right-leaning"))
-    size = _tertile_words(stats["area"], ("small", "mid-sized", "large"))
+    weight = _tertile_words(stats["mean"], DIGIT_WORDS["weight"])
+    lean = _tertile_words(stats["slant"], DIGIT_WORDS["lean"])
+    size = _tertile_words(stats["area"], DIGIT_WORDS["size"])
     return [f"a {s}, {w}, {slant} {DIGIT_NAMES[y]}" for w, slant, s, y in zip(weight, lean, size, labels)]
 
 
@@ -99,7 +123,9 @@ def load_digits_split(split: str) -> CaptionedImages:
 
 
 FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-FASHION_TEMPLATES = ["a photo of a {c}.", "a black and white photo of a {c}.", "a product photo of a {c}."]
+FASHION_WORDS = {"size": ("small", "medium-sized", "large"), "shade": ("dark", "grey", "light"),
+                 "texture": ("plain", "textured", "patterned")}
+FASHION_TEMPLATES = caption_templates(FASHION_WORDS["size"], FASHION_WORDS["shade"], FASHION_WORDS["texture"])
 FASHION_VAL_SIZE = 5000
 
 
@@ -124,9 +150,9 @@ def _fashion_mnist(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _fashion_captions(images: np.ndarray, labels: np.ndarray) -> list[str]:
     stats = _ink_statistics(images)
-    shade = _tertile_words(stats["mean"], ("dark", "grey", "light"))
-    size = _tertile_words(stats["area"], ("small", "medium-sized", "large"))
-    texture = _tertile_words(stats["spread"], ("plain", "textured", "patterned"))
+    shade = _tertile_words(stats["mean"], FASHION_WORDS["shade"])
+    size = _tertile_words(stats["area"], FASHION_WORDS["size"])
+    texture = _tertile_words(stats["spread"], FASHION_WORDS["texture"])
     return [f"a {z}, {s}, {t} {FASHION_NAMES[y]}" for s, z, t, y in zip(shade, size, texture, labels)]
 
 
@@ -147,8 +173,7 @@ BUILTIN_DATASETS: dict[str, Callable[[str], CaptionedImages]] = {
 
 
 def retrieval_gallery(split: CaptionedImages) -> CaptionedImages:
-    n = min(RETRIEVAL_GALLERY, len(split.labels))
-    return CaptionedImages(split.images[:n], split.labels[:n], split.captions[:n], split.classnames, split.templates)
+    return split.first(RETRIEVAL_GALLERY)
 
 
 def load_builtin(name: str, split: str) -> CaptionedImages:

@@ -7,6 +7,7 @@ Blocks follow the sharding-invariant order of in-memory sets (``memory.epoch_ord
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ class CaptionTable:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def first(self, count: int) -> CaptionTable:
+        """The first ``count`` rows (a data budget)."""
+        subset = copy.copy(self)
+        subset.images, subset.captions = self.images[:count], self.captions[:count]
+        return subset
 
     def image(self, index: int) -> Image.Image:
         return Image.open(self.images[index]).convert("RGB")

@@ -1,0 +1,48 @@
+"""What a student costs: GFLOPs per image and per text (``torch.utils.flop_counter``, which counts a
+multiply-add as 2 FLOPs, as the paper's tables do) and inference images per second on the evaluation device."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+THROUGHPUT_REPEATS = 3
+
+
+def image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return size[0] if isinstance(size, tuple | list) else int(size)
+
+
+@torch.no_grad()
+def gflops_per_sample(model, tokenizer, device: torch.device) -> tuple[float, float]:
+    """FLOPs of one image through the image tower and of one caption (the full context) through the text tower."""
+    model.eval()
+    image = torch.zeros(1, 3, image_size(model), image_size(model), device=device)
+    text = tokenizer(["a photo of a thing"]).to(device)
+    counts = []
+    for forward in (lambda: model.encode_image(image), lambda: model.encode_text(text)):
+        with FlopCounterMode(display=False) as counter:
+            forward()
+        counts.append(counter.get_total_flops() / 1e9)
+    return counts[0], counts[1]
+
+
+@torch.no_grad()
+def images_per_second(model, device: torch.device, batch: int) -> float:
+    """Image-tower throughput on ``device`` at the evaluation batch size: the median of a few timed batches."""
+    model.eval()
+    images = torch.randn(batch, 3, image_size(model), image_size(model), device=device)
+    model.encode_image(images)  # warm-up: kernels, allocator
+    seconds = []
+    for _ in range(THROUGHPUT_REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        model.encode_image(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return batch / statistics.median(seconds)

@@ -1,0 +1,137 @@
+"""Intervals and paired tests for comparing runs (DESIGN §6).
+
+- Over seeds: the mean and a Student-t interval (``scipy.stats.t``).
+- One seed: a bootstrap over the test items. Item correctness is a bit, so resampling items only redraws how many
+  items fall in each category: the bootstrap distribution of an accuracy is Binomial(n, p)/n and that of a paired
+  difference a Multinomial over the 2×2 (or, pooled over S seeds, (S+1)×(S+1)) table of per-item outcomes. Drawing
+  those counts is the same distribution as resampling the items (tests compare it with ``scipy.stats.bootstrap``)
+  at O(resamples) instead of O(resamples × items).
+- Δ against the baseline, paired: by seed where both methods have the same seeds (a t-interval of the per-seed
+  differences, ``scipy.stats.ttest_rel``'s test), and a paired bootstrap over the test items of the two runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 10_000
+SEED = 0  # bootstrap intervals are reproducible: the same store prints the same table
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+    method: str  # "t" (over seeds) or "bootstrap" (over test items)
+    n: int  # seeds (t) or test items (bootstrap)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> Interval | None:
+    """Mean and t-interval over seeds; None for fewer than two values (no spread to measure)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None
+    mean, sem = values.mean(), stats.sem(values)
+    if sem == 0:
+        return Interval(float(mean), float(mean), float(mean), "t", len(values))
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
+    return Interval(float(mean), float(low), float(high), "t", len(values))
+
+
+def t_from_moments(n: np.ndarray, mean: np.ndarray, std: np.ndarray, confidence: float = CONFIDENCE
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised t-interval bounds from (n, mean, sample std) per row: SQL aggregates, no per-row work. NaN for
+    n < 2."""
+    n = np.asarray(n, dtype=float)
+    half = stats.t.ppf(0.5 + confidence / 2, np.where(n > 1, n - 1, np.nan)) * np.asarray(std) / np.sqrt(n)
+    return mean - half, mean + half
+
+
+def paired_by_seed(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDENCE
+                   ) -> tuple[Interval, float] | None:
+    """Δ = a − b over the seeds both have: its t-interval and the paired t-test's two-sided p-value. None for fewer
+    than two shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    differences = np.array([a[s] - b[s] for s in seeds])
+    interval = t_interval(differences, confidence)
+    if np.all(differences == differences[0]):
+        p = 0.0 if differences[0] != 0 else 1.0
+    else:
+        p = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+    return interval, p
+
+
+def _percentile(draws: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_accuracy(correct: np.ndarray, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                       seed: int = SEED) -> Interval:
+    """Percentile bootstrap over test items of one run's accuracy (``correct``: a bit per item)."""
+    correct = np.asarray(correct, dtype=bool)
+    n, hits = len(correct), int(correct.sum())
+    draws = np.random.default_rng(seed).binomial(n, hits / n, size=resamples) / n
+    return Interval(hits / n, *_percentile(draws, confidence), "bootstrap", n)
+
+
+def item_table(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, how many of A's and of B's seeds got it right (a: seeds × items bits, likewise b): the counts of
+    each (i, j) outcome and the Δ each contributes, flattened."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.int64)), np.atleast_2d(np.asarray(b, dtype=np.int64))
+    seeds_a, seeds_b = a.shape[0], b.shape[0]
+    outcome = a.sum(0) * (seeds_b + 1) + b.sum(0)
+    counts = np.bincount(outcome, minlength=(seeds_a + 1) * (seeds_b + 1))
+    i, j = np.divmod(np.arange(len(counts)), seeds_b + 1)
+    return counts, i / seeds_a - j / seeds_b
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                     seed: int = SEED) -> tuple[Interval, float]:
+    """Δ of mean accuracy (A − B, each averaged over its seeds) with a percentile bootstrap over the test items the
+    runs share, and a two-sided bootstrap p-value (twice the smaller tail mass beyond zero)."""
+    counts, delta = item_table(a, b)
+    n = int(counts.sum())
+    estimate = float(counts @ delta / n)
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples) @ delta / n
+    tail = min(np.mean(draws <= 0), np.mean(draws >= 0))
+    return Interval(estimate, *_percentile(draws, confidence), "bootstrap", n), float(min(1.0, 2 * tail))
+
+
+def minimum_detectable(differences_sd: float, seeds: int, confidence: float = CONFIDENCE, power: float = 0.8) -> float:
+    """The smallest true paired Δ that a two-sided paired t-test over ``seeds`` seeds detects with ``power``,
+    given the standard deviation of per-seed differences."""
+    degrees = seeds - 1
+    return float((stats.t.ppf(0.5 + confidence / 2, degrees) + stats.t.ppf(power, degrees)) * differences_sd
+                 / np.sqrt(seeds))
+
+
+def correlation(x, y, confidence: float = CONFIDENCE) -> tuple[Interval, float] | None:
+    """Pearson's r with its interval (Fisher's z, ``scipy.stats.pearsonr``) and p-value; None below 3 points or
+    when either side does not vary."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    result = stats.pearsonr(x, y)
+    interval = result.confidence_interval(confidence)
+    return Interval(float(result.statistic), float(interval.low), float(interval.high), "Fisher z", len(x)), float(
+        result.pvalue)
+
+
+def pack(bits: np.ndarray) -> bytes:
+    return np.packbits(np.asarray(bits, dtype=bool)).tobytes()
+
+
+def unpack(data: bytes, count: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count).astype(bool)
