@@ -169,7 +169,7 @@ def open_clip_kd_epoch(args, pattern: str, folder: Path, teacher: Path, distill:
     return per_epoch(run)
 
 
-def in_memory_share(steps: int) -> dict:
+def in_memory_share(steps: int, dataset: str = "fashion-mnist") -> dict:
     """The demo student's loader and step, each timed alone (median ms per batch)."""
     from harness.config import parse_config
     from harness.distributed import DistEnv
@@ -178,7 +178,7 @@ def in_memory_share(steps: int) -> dict:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:
         config = parse_config({"name": "share", "output_dir": folder, "student": {"model": "clipkd-tiny"},
-                               "data": {"dataset": "fashion-mnist"}, "optim": {"warmup_steps": 50},
+                               "data": {"dataset": dataset}, "optim": {"warmup_steps": 50},
                                "train": {"batch_size": 128, "steps": steps}})
         trainer = Trainer(config, DistEnv(), torch.device("cpu"))
         loader, steps_ms, load_ms = iter(trainer.data.loader_for(0, 0)), [], []
@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--shards-dir", type=Path, help="where the shards are made (kept: made once)")
     parser.add_argument("--skip-kd", action="store_true", help="loaders and in-memory share only")
     parser.add_argument("--share-steps", type=int, default=30)
+    parser.add_argument("--share-dataset", default="fashion-mnist", help="the in-memory set (the demo's by default)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -251,8 +252,8 @@ def main() -> None:
             print(f"clipkd cached / clipkd no-KD epoch: {epochs['clipkd cached'] / epochs['clipkd no-KD']:.2f} "
                   f"(target <= 1.2; the {args.views}-view cache took {build:.0f} s to build, once)")
 
-    share = in_memory_share(args.share_steps)
-    print(f"in memory (clipkd-tiny, fashion-mnist, batch 128): loader {share['load_ms']:.1f} ms, step "
+    share = in_memory_share(args.share_steps, args.share_dataset)
+    print(f"in memory (clipkd-tiny, {args.share_dataset}, batch 128): loader {share['load_ms']:.1f} ms, step "
           f"{share['step_ms']:.1f} ms per batch: loader share {100 * share['share']:.1f} % (target < 10 %)")
 
 

@@ -11,13 +11,14 @@ from PIL import Image
 
 from harness.data.builtin import load_builtin, retrieval_gallery
 from harness.models import create_clip
+from harness.models import model_name as registered_name
 
 
 def export_open_clip_dir(model_name: str, checkpoint: Path, out: Path) -> Path:
     """A folder that ``open_clip.create_model('local-dir:OUT')`` (and so ``clip_benchmark eval``) loads."""
     bundle = create_clip(model_name, str(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": open_clip.get_model_config(model_name),
+    config = {"model_cfg": open_clip.get_model_config(registered_name(model_name)),
               "preprocess_cfg": open_clip.get_model_preprocess_cfg(bundle.model)}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     torch.save(bundle.model.state_dict(), out / "open_clip_pytorch_model.bin")

@@ -64,16 +64,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from harness.data import workers
     from harness.models import FINAL_CHECKPOINT, create_clip
 
-    path = Path(args.checkpoint)
-    checkpoint = path / FINAL_CHECKPOINT if path.is_dir() else path
-    if not checkpoint.is_file():
-        raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist")
-    bundle = create_clip(_checkpoint_model(checkpoint, args.model), str(checkpoint))
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        checkpoint = path / FINAL_CHECKPOINT if path.is_dir() else path
+        if not checkpoint.is_file():
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist")
+        model, pretrained = _checkpoint_model(checkpoint, args.model), str(checkpoint)
+    elif args.model and args.pretrained:
+        model, pretrained = args.model, args.pretrained
+    else:
+        raise ValueError("give a run directory or checkpoint file, or --model NAME with --pretrained TAG|FILE "
+                         "(an open_clip tag or a weights file)")
+    bundle = create_clip(model, pretrained)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
     result = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
                                workers=workers(args.workers))
     print(json.dumps({"benchmark": eval_set.benchmark, "metrics": result.metrics}, indent=2))
+    if args.record:
+        from evals.cost import gflops_per_sample, images_per_second
+        from harness.pipeline import parameter_count, reference_record
+        from results.store import Store
+
+        store = Store(args.db)
+        row = reference_record(model, pretrained)
+        gflops_image, gflops_text = gflops_per_sample(bundle.model, bundle.tokenizer, device)
+        store.put_run({**row, "student_params": parameter_count(bundle), "gflops_image": gflops_image,
+                       "gflops_text": gflops_text, "images_per_second": images_per_second(bundle.model, device,
+                                                                                          args.batch_size)},
+                      metrics={eval_set.benchmark: result.metrics}, items={eval_set.benchmark: result.items})
+        print(f"recorded reference model {row['name']} ({row['id']}) in {store.url}")
     return 0
 
 
@@ -95,8 +115,9 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     if args.paper and not frame.empty:
         from results.paper import table1_by_method
 
-        frame = frame.join(table1_by_method(frame).rename(columns={"paper top1": "paper ImageNet top1",
-                                                                   "paper Δ": "paper ImageNet top1 Δ"}))
+        paper = table1_by_method(frame) / 100  # fractions, shown as percentages like every accuracy
+        frame = frame.join(paper.rename(columns={"paper top1": "paper ImageNet top1",
+                                                 "paper Δ": "paper ImageNet top1_delta"}))
     sys.stdout.write(render(frame, args.format))
     return 0
 
@@ -167,12 +188,31 @@ def _slurm_spec(grid, args: argparse.Namespace):
         raise GridError(f"bad SLURM option: {problems}") from None
 
 
-def _print_cells(grid, states, live=()) -> None:
+def _print_cells(grid, states, live=(), data=None) -> None:
+    """The cells, their run ids and states, what they wait for and (when checked) whether their data is there."""
     width = max(len(c.name) for c in grid.cells)
-    print(f"{'cell':<{width}}  {'run id':<12}  {'state':<8}  waits for")
+    print(f"{'cell':<{width}}  {'run id':<12}  {'state':<8}  {'data':<7}  waits for")
     for cell in grid.cells:
         state = states[cell.name] + ("*" if cell.run_id in live else "")
-        print(f"{cell.name:<{width}}  {cell.run_id:<12}  {state:<8}  {', '.join(cell.needs) or '-'}")
+        checked = "-" if data is None else "MISSING" if data[cell.name] else "ok"
+        print(f"{cell.name:<{width}}  {cell.run_id:<12}  {state:<8}  {checked:<7}  {', '.join(cell.needs) or '-'}")
+
+
+def _check_data(grid, args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """Each cell's missing data (None with --no-check-data); an error naming them unless there are none."""
+    from harness import checks
+    from harness.grid import GridError
+
+    if args.no_check_data:
+        return None
+    found = {cell.name: checks.problems(cell.config) for cell in grid.cells}
+    missing = {name: problems for name, problems in found.items() if problems}
+    if missing:
+        lines = [f"  {name}: {'; '.join(problems)}" for name, problems in missing.items()]
+        raise GridError(f"{args.grid}: {len(missing)} of {len(found)} cells would not find their data:\n"
+                        + "\n".join(lines) + "\n(--no-check-data skips this check, for a head node that cannot "
+                        "see the compute nodes' filesystems)")
+    return found
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
@@ -185,9 +225,10 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     if args.grid_command == "submit" and args.dry_run:
         print(dispatch.sbatch_script(grid, spec))
         return 0
+    data = _check_data(grid, args) if args.grid_command in ("plan", "submit") else None
     store = Store(args.db)
     if args.grid_command == "plan":
-        _print_cells(grid, dispatch.cell_states(grid, store), dispatch.in_flight(grid))
+        _print_cells(grid, dispatch.cell_states(grid, store), dispatch.in_flight(grid), data)
         caches = sum(c.kind == "teacher-cache" for c in grid.cells)
         print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first"
               + (f", {caches} teacher-embedding caches built next" if caches else "") + ")")
@@ -255,12 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--db", help=db_help)
     run.set_defaults(func=_cmd_run)
 
-    evaluate = commands.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint")
-    evaluate.add_argument("checkpoint", help="a run directory or a checkpoint file")
+    evaluate = commands.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint or any open_clip "
+                                                "model; --record stores it as a reference model")
+    evaluate.add_argument("checkpoint", nargs="?", help="a run directory or a checkpoint file")
     evaluate.add_argument("--dataset", required=True,
                           help="digits, fashion-mnist, imagefolder, csv, or a clip_benchmark dataset name")
     evaluate.add_argument("--root", help="where a clip_benchmark dataset is staged; the folder or CSV for local sets")
-    evaluate.add_argument("--model", help="the open_clip model name, for a checkpoint that does not name it")
+    evaluate.add_argument("--model", help="the open_clip model (name or config file), for a checkpoint that does not "
+                          "name it or with --pretrained")
+    evaluate.add_argument("--pretrained", metavar="TAG|FILE", help="an open_clip pretrained tag or a weights file")
+    evaluate.add_argument("--record", action="store_true", help="store the model as a reference row (no teacher, no "
+                          "method), shown apart on the leaderboard and in the ablation")
+    evaluate.add_argument("--db", help=db_help)
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--workers", type=int, help="loader workers (default: this process's CPUs less one, at most 8)")
     evaluate.set_defaults(func=_cmd_eval)
@@ -291,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("grid", help="grid file (YAML)")
         sub.add_argument("--db", help=db_help)
         sub.set_defaults(func=_cmd_grid)
+        if name in ("plan", "submit"):
+            sub.add_argument("--no-check-data", action="store_true",
+                             help="do not check that each cell's data, benchmarks and teacher weights exist (for a "
+                                  "head node that cannot see the compute nodes' filesystems)")
         if name == "submit":
             sub.add_argument("--executor", choices=["local", "slurm"], default="local")
             sub.add_argument("--wait", action="store_true", help="follow the SLURM jobs until every cell has ended")

@@ -34,14 +34,21 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    model: str = Field(description="open_clip model name, or a config in harness/model_configs/")
+    model: str = Field(description="an open_clip model name, a config of harness/model_configs/ or of a plugin "
+                       "package, or the path of an open_clip model-config JSON file")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint file")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from harness.models import known_model_names
+        from harness.models import ModelLoadError, is_config_file, known_model_names, read_config_file
 
+        if is_config_file(name):  # the path of an open_clip model-config JSON file
+            try:
+                read_config_file(name)
+            except ModelLoadError as error:
+                raise ValueError(str(error)) from None
+            return name
         names = known_model_names()
         if name not in names:
             close = difflib.get_close_matches(name, names, n=5)
@@ -218,8 +225,15 @@ class RunConfig(Strict):
         return self.model_dump(mode="json")
 
     def training_fields(self) -> dict[str, Any]:
-        """The resolved config without the fields that cannot change the trained weights."""
-        return _without(self.resolved(), NON_TRAINING_FIELDS)
+        """The resolved config without the fields that cannot change the trained weights; a model given as a
+        config file by its content, not its path."""
+        from harness.models import model_identity
+
+        fields = _without(self.resolved(), NON_TRAINING_FIELDS)
+        for role in ("student", "teacher"):
+            if (fields.get(role) or {}).get("model"):
+                fields[role] = {**fields[role], "model": model_identity(fields[role]["model"])}
+        return fields
 
     @property
     def run_id(self) -> str:

@@ -1,9 +1,18 @@
-"""Building students and teachers with open_clip, including the project's own model configs."""
+"""Building students and teachers with open_clip, including the project's own model configs.
+
+A model is an open_clip name, a config of ``harness/model_configs/`` or of a plugin package (entry-point group
+``clipkd.model_configs``: a package or module whose folder holds open_clip model-config JSON files), or the path
+of such a JSON file. A file is registered with open_clip under its stem and a hash of its content, so two files of
+one name never collide, and a run's id follows the file's content, not its path (harness/config.py).
+"""
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +32,74 @@ class ModelLoadError(ClipkdError, RuntimeError):
     """A model or its weights could not be built; the message names the model and the file."""
 
 
+MODEL_CONFIG_ENTRY_POINTS = "clipkd.model_configs"
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
 @functools.cache
 def register_model_configs() -> None:
-    """open_clip keeps added configs per process, so every process (and every job) registers them once."""
+    """open_clip keeps added configs per process, so every process (and every job) registers them once: the
+    project's and those plugin packages ship."""
     open_clip.add_model_config(MODEL_CONFIG_DIR)
+    for entry_point in importlib.metadata.entry_points(group=MODEL_CONFIG_ENTRY_POINTS):
+        package = entry_point.dist.name if entry_point.dist else "an unknown package"
+        try:
+            module = entry_point.load()
+            folder = Path(module.__file__).parent
+        except Exception as error:
+            raise ModelLoadError(f"entry point {entry_point.name!r} = {entry_point.value!r} of {package} (group "
+                                 f"{MODEL_CONFIG_ENTRY_POINTS}) is not an importable module with a folder of model "
+                                 f"configs: {type(error).__name__}: {error}") from None
+        open_clip.add_model_config(folder)
 
 
 def known_model_names() -> list[str]:
     register_model_configs()
     return open_clip.list_models()
+
+
+def is_config_file(model: str) -> bool:
+    return model.endswith(".json")
+
+
+def read_config_file(model: str) -> tuple[dict[str, Any], str]:
+    """An open_clip model-config JSON file's content and the hash that names it; errors name the file."""
+    path = Path(model)
+    try:
+        text = path.read_text()
+        config = json.loads(text)
+    except OSError as error:
+        raise ModelLoadError(f"model config {model!r} cannot be read ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"model config {model!r} is not valid JSON: {error}") from None
+    missing = [key for key in CONFIG_KEYS if key not in (config if isinstance(config, dict) else {})]
+    if missing:
+        raise ModelLoadError(f"model config {model!r} is not an open_clip model config: no {', '.join(missing)}")
+    return config, hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_registered_files: dict[str, str] = {}
+
+
+def model_name(model: str) -> str:
+    """The name open_clip knows a model by; a config file is registered in this process first."""
+    if not is_config_file(model):
+        register_model_configs()
+        return model
+    config, digest = read_config_file(model)
+    name = f"{Path(model).stem}-{digest}"
+    if name not in _registered_files:
+        folder = Path(tempfile.mkdtemp(prefix="clipkd-model-configs-"))
+        (folder / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder / f"{name}.json")
+        _registered_files[name] = str(folder)
+    return name
+
+
+def model_identity(model: str) -> str:
+    """What a run id records of a model: its name, or a config file's content hash (a moved file is the same
+    model, an edited one another)."""
+    return f"json:{read_config_file(model)[1]}" if is_config_file(model) else model
 
 
 @dataclass
@@ -71,26 +139,26 @@ class _NoRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def create_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> ClipBundle:
-    register_model_configs()
+    name = model_name(model)
     if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
-        raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model_name!r} does not exist")
+        raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model!r} does not exist")
     notice = _NoRandomInitNotice()
     logging.getLogger().addFilter(notice)
     try:
-        model, _, preprocess_eval = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, weights_only=False
+        clip, _, preprocess_eval = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=False
         )
     except Exception as error:
         if pretrained is None:
             raise
-        raise ModelLoadError(_describe_load_failure(model_name, pretrained, error)) from None
+        raise ModelLoadError(_describe_load_failure(model, pretrained, error)) from None
     finally:
         logging.getLogger().removeFilter(notice)
-    model.to(dtype)
-    embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
-    return ClipBundle(model, preprocess_eval, open_clip.get_tokenizer(model_name), embed_dim)
+    clip.to(dtype)
+    embed_dim = open_clip.get_model_config(name)["embed_dim"]
+    return ClipBundle(clip, preprocess_eval, open_clip.get_tokenizer(name), embed_dim)
 
 
 def teacher_run_dir(run: str) -> Path:

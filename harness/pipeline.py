@@ -1,6 +1,7 @@
 """One run from config to store: resolved config → run id → train (checkpointing) → evaluate → store."""
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -20,9 +21,17 @@ from harness import checkpoint
 from harness.config import RunConfig, parse_config
 from harness.data import workers
 from harness.distributed import init_distributed
-from harness.models import FINAL_CHECKPOINT, ClipBundle, create_clip, create_teacher, teacher_run_dir
+from harness.models import (
+    FINAL_CHECKPOINT,
+    ClipBundle,
+    create_clip,
+    create_teacher,
+    model_identity,
+    model_name,
+    teacher_run_dir,
+)
 from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
-from results.queries import PROGRESS_TERM
+from results.queries import PROGRESS_TERM, REFERENCE
 from results.records import ingest, read_record, write_record
 from results.store import Store, now, terms_json
 
@@ -98,7 +107,26 @@ def teacher_label(config: RunConfig) -> str | None:
         config_file = teacher_run_dir(config.teacher.run) / "config.json"
         model = json.loads(config_file.read_text())["student"]["model"] if config_file.is_file() else "run"
         return f"{model}@run:{Path(config.teacher.run).stem}"
-    return f"{config.teacher.model}@{Path(config.teacher.pretrained).name}"
+    return f"{model_name(config.teacher.model)}@{Path(config.teacher.pretrained).name}"
+
+
+def reference_record(model: str, pretrained: str) -> dict[str, Any]:
+    """A public model evaluated here but not trained here (``clipkd eval --record``): its row in the store, with
+    method and setting "reference" and its source named (an open_clip tag, or a weights file)."""
+    weights = Path(pretrained)
+    if weights.is_file():
+        stat = weights.stat()
+        source = {"file": str(weights.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+        label = weights.name
+    else:
+        source, label = {"tag": pretrained}, pretrained
+    identity = json.dumps({"model": model_identity(model), **source}, sort_keys=True)
+    name, run_id = model_name(model), "ref-" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return {"id": run_id, "setting_id": run_id, "name": f"{name}@{label}", "teacher": None, "student": name,
+            "method": REFERENCE, "terms": "{}", "dataset": f"pretrained:{label}", "seed": 0, "status": "done",
+            "error": None,
+            "config": json.dumps({"reference": {"model": model, "pretrained": pretrained, **source}}),
+            "run_dir": None, "finished_at": now(), "host": socket.gethostname(), "code_version": code_version()}
 
 
 def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
@@ -107,7 +135,7 @@ def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
         "setting_id": config.setting_id,
         "name": config.name,
         "teacher": teacher_label(config),
-        "student": config.student.model,
+        "student": model_name(config.student.model),
         "method": config.method_label,
         "terms": terms_json({name: weight for name, (weight, _) in config.method_terms().items()}),
         "dataset": config.data.dataset if config.data.dataset in ("digits", "fashion-mnist") else config.data.path,

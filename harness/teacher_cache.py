@@ -45,7 +45,7 @@ from harness.data.shards import ShardSource
 from harness.data.views import Augmentation, ViewSpec
 from harness.distributed import DistEnv, init_distributed
 from harness.errors import ClipkdError
-from harness.models import create_teacher, parameter_dtype, register_model_configs, teacher_run_dir
+from harness.models import create_teacher, model_identity, model_name, parameter_dtype, teacher_run_dir
 
 CACHE_DIR = ".teacher-embeddings"
 META = "meta.json"
@@ -61,8 +61,7 @@ def preprocessing(config: RunConfig) -> dict[str, Any]:
     """What turns a sample into the teacher's input: the student's view of it and the student's tokenizer."""
     import open_clip
 
-    register_model_configs()
-    text = open_clip.get_model_config(config.student.model).get("text_cfg", {})
+    text = open_clip.get_model_config(model_name(config.student.model)).get("text_cfg", {})
     forward = {"teacher_dtype": "float64"} if config.train.precision == "fp64" else {}
     return {"view": ViewSpec.of(config.student.model).describe(), "views_version": VIEWS_VERSION,
             "context_length": text.get("context_length", 77), "tokenizer": text.get("hf_tokenizer_name"), **forward}
@@ -72,11 +71,11 @@ def teacher_identity(config: RunConfig) -> dict[str, Any]:
     teacher = config.teacher
     if teacher.run:  # a run of this project: its id names its final weights
         return {"run": teacher_run_dir(teacher.run).name}
-    weights = Path(teacher.pretrained)
+    weights, model = Path(teacher.pretrained), model_identity(teacher.model)
     if weights.is_file():  # a local file: its size and time stand for its contents
         stat = weights.stat()
-        return {"model": teacher.model, "file": str(weights.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
-    return {"model": teacher.model, "pretrained": teacher.pretrained}
+        return {"model": model, "file": str(weights.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+    return {"model": model, "pretrained": teacher.pretrained}
 
 
 def data_identity(config: RunConfig) -> dict[str, Any]:
@@ -343,8 +342,7 @@ def _embed(config: RunConfig, folder: Path, device: torch.device, share: tuple[i
 def student_tokenizer(config: RunConfig):
     import open_clip
 
-    register_model_configs()
-    return open_clip.get_tokenizer(config.student.model)
+    return open_clip.get_tokenizer(model_name(config.student.model))
 
 
 def _keys_digest(source: ShardSource, shard: int) -> str:

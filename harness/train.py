@@ -73,7 +73,7 @@ class Objective(nn.Module):
         self.methods = nn.ModuleDict(built)
         self.weights = {name: weight for name, (weight, _) in terms.items()}
         self.task = ClipLoss()
-        ratios = {m.image_mask_ratio for m in self.methods.values() if m.image_mask_ratio is not None}
+        ratios = {methods.image_mask_ratio(m) for m in self.methods.values()} - {None}
         if len(ratios) > 1:
             raise TrainingError(f"methods ask for different image mask ratios {sorted(ratios)}; use one")
         self.image_mask_ratio = ratios.pop() if ratios else None
@@ -89,7 +89,7 @@ class Objective(nn.Module):
 
     def student_projection(self) -> nn.Module | None:
         """The first learned student→teacher projection among the methods, in config order."""
-        return next((p for m in self.methods.values() if (p := m.student_projection()) is not None), None)
+        return next((p for m in self.methods.values() if (p := methods.student_projection(m)) is not None), None)
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return terms["task"] + sum(self.weights[name] * terms[name] for name in self.methods)

@@ -5,7 +5,17 @@
     loss = loss_fn(methods.DistillBatch(...))
 """
 from methods.base import DistillBatch, DistillMethod, LogitScale, normalize, projection
-from methods.registry import ENTRY_POINT_GROUP, UnknownMethodError, available, get, register
+from methods.registry import (
+    ENTRY_POINT_GROUP,
+    MethodPluginError,
+    UnknownMethodError,
+    available,
+    describe,
+    get,
+    image_mask_ratio,
+    register,
+    student_projection,
+)
 
 # Built-ins register themselves on import.
 from methods import afd, crd, fd, gd, icl, mfd, open_clip_distill, tinyclip  # noqa: E402,F401  isort: skip
@@ -15,10 +25,14 @@ __all__ = [
     "DistillMethod",
     "ENTRY_POINT_GROUP",
     "LogitScale",
+    "MethodPluginError",
     "UnknownMethodError",
     "available",
+    "describe",
     "get",
+    "image_mask_ratio",
     "normalize",
     "projection",
     "register",
+    "student_projection",
 ]

@@ -46,10 +46,6 @@ class DistillMethod(nn.Module):
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
 
-    @classmethod
-    def description(cls) -> str:
-        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-
     def forward(self, batch: DistillBatch) -> torch.Tensor:
         raise NotImplementedError
 

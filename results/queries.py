@@ -32,6 +32,7 @@ METRIC_ALIASES = {
     "sim_gap": "pair_similarity_gap",
 }
 PROGRESS_TERM = "zero-shot acc1"  # the curve of accuracy during training (eval.every_steps), per benchmark
+REFERENCE = "reference"  # the method and setting of a public model evaluated, not trained, here (clipkd eval --record)
 LEADERBOARD_METRICS = ["top1", "top5", "i2t_r1", "t2i_r1", "cos_img", "cos_txt", "cka_img", "cka_txt", "sim_gap"]
 
 
@@ -161,8 +162,9 @@ def ablation(store: Store, teacher=None, student=None, dataset=None) -> pd.DataF
     summary["column"] = summary["benchmark"] + " " + summary["metric"].map(ABLATION_METRICS)
     keys = ["dataset", "student", "teacher", "method"]
     table = summary.groupby(keys, sort=False)["seeds"].max().to_frame()
-    for column in sorted(set(summary["column"]), key=lambda c: (c.split(" ")[0], list(ABLATION_METRICS.values()).index(
-            c.split(" ", 1)[1]))):
+    order = list(ABLATION_METRICS)
+    columns = summary.drop_duplicates("column").sort_values("metric", key=lambda m: m.map(order.index), kind="stable")
+    for column in columns.sort_values("benchmark", kind="stable")["column"]:
         part = summary[summary["column"] == column].groupby(keys)[["mean", *INTERVAL_COLUMNS]].first()
         table = table.join(part.rename(columns={"mean": column, **{c: f"{column}_{c}" for c in INTERVAL_COLUMNS}}))
     return table.reset_index()
@@ -279,12 +281,32 @@ LEGEND = ("[low, high]: 95 % interval over seeds (t), or over test items (bootst
           "bootstrap over test items; * p < 0.05")
 
 
+def split_references(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs trained here, and reference models (evaluated only), which are shown apart."""
+    if "method" not in frame.columns:
+        return frame, frame.iloc[0:0]
+    reference = frame["method"] == REFERENCE
+    return frame[~reference].reset_index(drop=True), frame[reference].reset_index(drop=True)
+
+
 def render(frame: pd.DataFrame, fmt: str) -> str:
-    """Accuracies and recalls as percentages, like the paper's tables; csv keeps every number in its own column."""
+    """Accuracies and recalls as percentages, like the paper's tables; csv keeps every number in its own column;
+    the other formats show reference models (evaluated, not trained here) in a table of their own."""
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
     if frame.empty:
         return "no finished runs match; run `clipkd run CONFIG` (or a grid) first\n"
+    trained, references = split_references(frame)
+    if fmt != "csv" and not references.empty:
+        shown = references.drop(columns=[c for c in references.columns if "delta" in c or c.endswith(("_p",
+                                         "_significant", "_test")) or c in ("teacher", "method")])
+        shown = shown.rename(columns={"dataset": "weights"})
+        return ((_render(trained, fmt) if not trained.empty else "")
+                + "\nreference models (evaluated here, not trained here):\n" + _render(shown, fmt))
+    return _render(frame, fmt)
+
+
+def _render(frame: pd.DataFrame, fmt: str) -> str:
     numbers = as_percent(frame)
     if fmt == "csv":
         return numbers.to_csv(index=False)

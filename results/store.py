@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,24 +135,36 @@ class GridCell(Base):
     cell: Mapped[str] = mapped_column(String(300))
 
 
-def _add_cost_and_items(connection: Connection) -> None:
-    for name in ("world_size", "device_hours", "teacher_forward_samples", "gflops_image", "gflops_text",
-                 "images_per_second"):
-        column = Run.__table__.c[name]
-        connection.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN {name} {column.type.compile(connection.dialect)}")
-    ItemResult.__table__.create(connection)
+# Versioned schema: Alembic migrations in results/migrations/versions, revision "000N" being schema N. The version
+# is also kept in clipkd_schema, which every clipkd since the first reads: a store from a newer clipkd is refused.
+MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-# Upgrades from an older schema: MIGRATIONS[v] takes a store from version v to v + 1.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {
-    1: lambda connection: GridCell.__table__.create(connection),
-    2: _add_cost_and_items,
-}
+def _revision(version: int) -> str:
+    return f"{version:04d}"
+
+
+def _migrate(connection: Connection, from_version: int | None) -> None:
+    """Bring the store to SCHEMA_VERSION with Alembic; a store from before Alembic (clipkd_schema alone) is first
+    stamped with the revision of its version."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    if from_version is not None and "alembic_version" not in inspect(connection).get_table_names():
+        command.stamp(config, _revision(from_version))
+    command.upgrade(config, _revision(SCHEMA_VERSION))
+    _upsert(connection, SchemaInfo.__table__, [{"key": "version", "value": str(SCHEMA_VERSION)}])
+
+
 RUN_COLUMNS = {column.name for column in Run.__table__.columns}
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """An ISO time to the microsecond: records rewritten within one second still order (ingestion compares them)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -240,8 +252,7 @@ class Store:
             if not tables:
                 if readonly:
                     raise StoreError(f"results store {self.url} is empty: run `clipkd run CONFIG` first")
-                Base.metadata.create_all(connection)
-                _upsert(connection, SchemaInfo.__table__, [{"key": "version", "value": str(SCHEMA_VERSION)}])
+                _migrate(connection, None)  # a new store is the migrations applied to nothing
                 return
             version = int(connection.execute(select(SchemaInfo.value).where(SchemaInfo.key == "version")).scalar_one())
             if version > SCHEMA_VERSION:
@@ -253,16 +264,10 @@ class Store:
                 self._upgrade(connection, version, readonly)
 
     def _upgrade(self, connection: Connection, version: int, readonly: bool) -> None:
-        missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
-        if readonly or missing:
-            raise StoreError(
-                f"results store {self.url} has schema version {version}; this clipkd needs {SCHEMA_VERSION} "
-                + ("and opens it read-only: upgrade it with any write command first" if readonly and not missing
-                   else f"and has no upgrade from version {missing[0]}")
-            )
-        for v in range(version, SCHEMA_VERSION):
-            MIGRATIONS[v](connection)
-        _upsert(connection, SchemaInfo.__table__, [{"key": "version", "value": str(SCHEMA_VERSION)}])
+        if readonly:
+            raise StoreError(f"results store {self.url} has schema version {version}; this clipkd needs "
+                             f"{SCHEMA_VERSION} and opens it read-only: upgrade it with any write command first")
+        _migrate(connection, version)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

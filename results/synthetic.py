@@ -28,6 +28,7 @@ def fill(store: Store, runs: int = SEEDS * len(STUDENTS) * len(DATASETS) * (1 + 
     """Write ``runs`` runs (10,000 by default) with metrics and short curves; returns how many were written."""
     rng = random.Random(seed)
     rows, metrics, curves, cells = [], [], [], []
+    written = now()  # one bulk write: every run the same time
     settings = list(product(DATASETS, STUDENTS))
     cases = [(d, s, None, "baseline") for d, s in settings] + [
         (d, s, t, m) for (d, s), t, m in product(settings, TEACHERS, METHODS)]
@@ -46,7 +47,7 @@ def fill(store: Store, runs: int = SEEDS * len(STUDENTS) * len(DATASETS) * (1 + 
             "config": json.dumps({"student": {"model": student}, "seed": run_seed}), "run_dir": f"/runs/{run_id}",
             "grid": grid, "host": "node-01", "code_version": "synthetic", "student_params": 5_600_000,
             "teacher_params": 150_000_000 if teacher else None, "train_seconds": rng.uniform(3e4, 9e4),
-            "eval_seconds": rng.uniform(300, 900), "started_at": now(), "finished_at": now(), "updated_at": now()})
+            "eval_seconds": rng.uniform(300, 900), "started_at": written, "finished_at": written, "updated_at": written})
         cells.append({"grid": grid, "run_id": run_id, "cell": rows[-1]["name"]})
         if status != "done":
             continue

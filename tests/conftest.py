@@ -40,14 +40,27 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+REFERENCE_WEIGHTS = "published-tiny-teacher.pt"  # a "public" model the smoke store records beside its runs
+
+
 @pytest.fixture(scope="session")
 def smoke_grid(tmp_path_factory) -> tuple[Path, str]:
-    """grids/smoke.yaml run once on the local executor (a teacher, then 8 students): its folder and the output
-    of that first submission. Several test modules read its store."""
+    """grids/smoke.yaml run once on the local executor (a teacher, then 8 students), then a reference model
+    recorded beside them (`clipkd eval --record`, offline, from a weights file): its folder and the output of
+    the grid's first submission. Several test modules read its store."""
+    import torch
+
+    from harness.models import create_clip
+
     workdir = tmp_path_factory.mktemp("smoke_grid")
     shutil.copytree(ROOT / "grids", workdir / "grids")
     shutil.copytree(ROOT / "configs", workdir / "configs")
-    return workdir, run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout
+    out = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "local", cwd=workdir).stdout
+    torch.manual_seed(11)
+    torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, workdir / REFERENCE_WEIGHTS)
+    run_clipkd("eval", "--model", "clipkd-tiny-teacher", "--pretrained", REFERENCE_WEIGHTS, "--dataset", "digits",
+               "--workers", "0", "--record", cwd=workdir)
+    return workdir, out
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +96,41 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard") -> str:
                 sink.write({"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i]})
         start += size
     return str(folder / f"{prefix}-{{00..{len(sizes) - 1:02d}}}.tar")
+
+
+POSTGRES = ROOT / "scripts" / "postgres.sh"
+
+
+def _postgres_up() -> bool:
+    return subprocess.run(["bash", str(POSTGRES), "status"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The URL of the test PostgreSQL server's maintenance database (scripts/postgres.sh, which .ci/run starts)."""
+    if not _postgres_up() and os.geteuid() == 0 and list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        subprocess.run(["bash", str(POSTGRES), "start"], capture_output=True, timeout=180)
+    require(_postgres_up(), "no PostgreSQL server is running: `sudo scripts/postgres.sh install && sudo "
+                            "scripts/postgres.sh start` (needs root)")
+    return subprocess.run(["bash", str(POSTGRES), "url"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A new, empty results store: a SQLite file, or a database of its own on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(request.getfixturevalue("postgres_server"))
+    name = f"clipkd_test_{uuid.uuid4().hex[:12]}"
+    maintenance = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(maintenance, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(maintenance, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -1,5 +1,6 @@
 """The dashboard through Streamlit's AppTest: every page on real runs and on 10,000 generated ones, cached reads
 that follow the store, bound parameters under hostile filter values, and a store that stays untouched."""
+import base64
 import hashlib
 import json
 import re
@@ -50,6 +51,13 @@ def plotly_specs(app: AppTest) -> list[dict]:
     return [json.loads(chart.proto.spec) for chart in app.get("plotly_chart")]
 
 
+def plotly_values(array) -> list:
+    """A trace's data array: a plain list, or plotly's typed binary {"dtype", "bdata"}."""
+    if isinstance(array, dict) and "bdata" in array:
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
 def digest(path: Path) -> str:
     """The store's bytes, its write-ahead log included."""
     wal = path.with_name(path.name + "-wal")
@@ -74,13 +82,19 @@ def generated_store(tmp_path_factory) -> Path:
 def test_leaderboard_ranks_the_real_runs_with_deltas(real_store, monkeypatch):
     app = open_page(f"sqlite:///{real_store}", "leaderboard", monkeypatch)
     shown = app.dataframe[0].value
-    expected = queries.leaderboard(Store(f"sqlite:///{real_store}", readonly=True), "top1", "digits")
+    expected, references = queries.split_references(
+        queries.leaderboard(Store(f"sqlite:///{real_store}", readonly=True), "top1", "digits"))
     assert list(shown["method"]) == list(expected["method"]) and set(shown["method"]) == SMOKE_METHODS
     assert list(shown["rank"]) == list(range(1, 10))
-    assert shown["top1"].iloc[0] == f"{expected['top1'].iloc[0] * 100:.2f}"  # one seed: no ± std
+    # one seed: its interval is a bootstrap over the test items
+    assert shown["top1"].iloc[0].startswith(f"{expected['top1'].iloc[0] * 100:.2f} [")
     baseline = shown[(shown["method"] == "baseline") & (shown["teacher"] == "-") & (shown["student"] == "clipkd-tiny")]
-    assert baseline["Δ top1"].iloc[0] == 0
+    assert baseline["Δ top1"].iloc[0] == "+0.00"
     assert app.get("download_button")[0].proto.label == "Download CSV"
+    apart = app.dataframe[1].value  # the reference model, in a table of its own, its weights named
+    assert list(apart["student"]) == ["clipkd-tiny-teacher"] and list(apart["weights"]) == [
+        "pretrained:published-tiny-teacher.pt"]
+    assert app.subheader[0].value == "Reference models" and len(references) == 1
 
 
 def test_ablation_stars_the_best_value_of_each_column(real_store, monkeypatch):
@@ -113,13 +127,15 @@ def test_accuracy_vs_cost_draws_each_run_and_the_pareto_front(real_store, monkey
     (spec,) = plotly_specs(app)
     points = [t for t in spec["data"] if t.get("mode") == "markers"]
     expected = queries.cost_points(Store(f"sqlite:///{real_store}", readonly=True), "digits")
-    assert sum(len(t["x"]) for t in points) == len(expected) == 9  # every run of the smoke grid, with its cost
+    assert sum(len(t["customdata"]) for t in points) == len(expected) == 10  # every run, with its cost
+    assert "reference" in {t["name"] for t in points}  # and the reference model, on the same axes
     assert (expected["gflops_image"] > 0).all() and (expected["images_per_s"] > 0).all()
     (front,) = [t for t in spec["data"] if t["name"] == "Pareto front"]
     table = app.dataframe[0].value
-    assert len(front["x"]) == len(table) >= 1
+    front_x, front_y = plotly_values(front["x"]), plotly_values(front["y"])
+    assert len(front_x) == len(table) >= 1
     # no run of the front is beaten on both axes by another run
-    for cost, accuracy in zip(front["x"], front["y"]):
+    for cost, accuracy in zip(front_x, front_y):
         assert not ((expected["gflops_image"] <= cost) & (expected["accuracy"] * 100 > accuracy)).any()
     assert list(pareto_front(np.array([3.0, 1.0, 2.0, 1.0]), np.array([0.9, 0.5, 0.8, 0.4]), False)) == [1, 2, 0]
     assert list(pareto_front(np.array([10.0, 30.0, 20.0]), np.array([0.9, 0.5, 0.95]), True)) == [1, 2]
@@ -168,7 +184,7 @@ def test_leaderboard_pages_10000_runs(generated_store, monkeypatch):
     app.number_input(key="leaderboard_page").set_value(37).run()
     last = app.dataframe[0].value
     assert list(last["rank"]) == list(range(1801, 1851)) and not set(last["rank"]) & set(first["rank"])
-    assert "±" in first["top1"].iloc[0]  # five seeds
+    assert re.fullmatch(r"\d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]", first["top1"].iloc[0])  # five seeds: an interval
 
 
 def test_ablation_shows_the_papers_numbers_beside_matching_cells(generated_store, monkeypatch):
@@ -230,6 +246,25 @@ def test_the_dashboards_own_connection_refuses_writes(generated_store, monkeypat
     with pytest.raises(OperationalError, match="readonly database"), store.engine.connect() as connection:
         connection.exec_driver_sql("DELETE FROM runs")
     assert digest(generated_store) == before
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_on_postgresql_every_page_reads_and_the_dashboards_connection_cannot_write(store_url, monkeypatch):
+    from sqlalchemy.exc import DBAPIError
+
+    from app.data import _open
+
+    writer = Store(store_url)
+    for run_id, method, top1 in (("b", "baseline", 0.5), ("f", "fd", 0.6)):
+        _run(run_id, method, top1, writer)
+    for page in PAGES:
+        open_page(store_url, page, monkeypatch)
+    store = _open(store_url)
+    assert store.readonly and store.count_runs() == 2
+    with pytest.raises(DBAPIError, match="read-only transaction"):
+        store.put_run({"id": "intruder", "setting_id": "s", "name": "x", "student": "S", "method": "baseline",
+                       "terms": "{}", "dataset": "d", "seed": 0, "status": "done", "config": "{}"})
+    assert writer.count_runs() == 2
 
 
 def test_pages_leave_the_store_untouched(generated_store, monkeypatch):

@@ -8,8 +8,14 @@ from conftest import ROOT
 
 @pytest.mark.parametrize("script, args, prints", [
     ("train_step.py", ["--batch", "64", "--steps", "2", "--warmup", "1", "--threads", "1"], "cached/baseline"),
+    ("train_step.py", ["--batch", "32", "--steps", "2", "--warmup", "1", "--threads", "1", "--data", "webdataset",
+                       "--views", "2"], "cached/baseline"),
+    ("data_throughput.py", ["--samples", "512", "--shards", "8", "--size", "64", "--batch", "32", "--skip-kd",
+                            "--repeats", "1", "--share-steps", "3", "--share-dataset", "digits"],
+     "decoded per epoch ÷ dataset at world size 2: 1.00"),
     ("store.py", ["--runs", "800", "--repeats", "1"], "leaderboard (imagenet1k, top1)"),
     ("gd_memory.py", ["--batch", "64", "--dim", "32"], "released code's B×D×B"),
+    ("cache_size.py", ["--views", "2", "--batches", "1"], "GB float16"),
     ("eval.py", ["--dataset", "digits", "--repeats", "1"], "numbers identical"),
 ])
 def test_benchmark_runs_and_prints_its_ratios(script, args, prints):

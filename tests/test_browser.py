@@ -30,7 +30,7 @@ PAGES = {
 
 # page -> (the control a reader clicks, what shows it took effect)
 INTERACTIONS = {
-    "Ablation": ("the paper's Table 1 beside every method", "[data-testid=stDataFrame] :text('paper Δ')"),
+    "Ablation": ("the paper's Table 1 beside every method", "[data-testid=stDataFrame] [role=columnheader]:has-text('paper Δ')"),
     "Training curves": ("samples seen", ".js-plotly-plot .xtitle:has-text('samples seen')"),
 }
 
@@ -116,9 +116,13 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
             if keep:
                 shutil.copy(tmp_path / name, Path(keep) / name)
             if title == "Leaderboard" and not STORE:
-                rows = page.locator("[data-testid=stDataFrame] [role=row]").all_text_contents()
+                trained, references = page.locator("[data-testid=stDataFrame]").all()
+                rows = trained.locator("[role=row]").all_text_contents()
                 assert len(rows) == 1 + 9  # the header and the smoke grid's nine runs
                 assert any("crd+fd+icl" in row for row in rows) and any("baseline" in row for row in rows)
+                apart = references.locator("[role=row]").all_text_contents()  # the reference model, apart
+                assert len(apart) == 2 and "pretrained:published-tiny-teacher.pt" in apart[1]
+                assert page.locator("h3:has-text('Reference models')").count() == 1
             if title == "Feature similarity vs accuracy" and not STORE:
                 assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
                 assert "fit (r = " in page.locator(".js-plotly-plot").inner_text()

@@ -238,3 +238,30 @@ def test_each_item_level_metric_is_the_mean_of_its_stored_bits(trained_run):
     assert run["gflops_image"] > 0 and run["gflops_text"] > 0 and run["images_per_second"] > 0
     assert run["device_hours"] == pytest.approx(run["train_seconds"] / 3600) and run["world_size"] == 1
     assert checked == 5
+
+
+def test_a_public_model_is_recorded_as_a_reference_and_shown_apart(tmp_path):
+    """`clipkd eval --model NAME --pretrained FILE --record`, offline: a reference row (no teacher, no method, its
+    weights named) that the leaderboard lists apart from the runs trained here."""
+    from harness.models import create_clip
+    from results.queries import list_runs
+    from results.store import Store
+
+    weights = tmp_path / "tiny.pt"
+    torch.manual_seed(3)
+    torch.save({"state_dict": create_clip("clipkd-tiny").model.state_dict()}, weights)
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["eval", "--model", "clipkd-tiny", "--pretrained", str(weights), "--dataset", "digits", "--workers", "0",
+            "--record", "--db", db]
+    assert "recorded reference model clipkd-tiny@tiny.pt" in run_clipkd(*args, cwd=tmp_path).stdout
+    run_clipkd(*args, cwd=tmp_path)  # again: the same row
+    store = Store(db, readonly=True)
+    (run_id,) = list_runs(store)[0]["id"]
+    row = store.get_run(run_id)
+    assert (row["method"], row["teacher"], row["dataset"]) == ("reference", None, "pretrained:tiny.pt")
+    assert row["gflops_image"] > 0 and row["images_per_second"] > 0 and row["student_params"] > 0
+    assert len(store.items([run_id], "digits", "acc1")[run_id]) == 361
+    table = run_clipkd("leaderboard", "--db", db, cwd=tmp_path).stdout
+    assert "reference models (evaluated here, not trained here):" in table and "pretrained:tiny.pt" in table
+    result = run_clipkd("eval", "--dataset", "digits", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "or --model NAME with --pretrained TAG|FILE" in result.stderr

@@ -19,13 +19,34 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def test_plan_lists_the_papers_cells_without_downloading(workdir):
-    out = run_clipkd("grid", "plan", "grids/paper_ablation.yaml", cwd=workdir, env=HF_OFFLINE).stdout
+    out = run_clipkd("grid", "plan", "grids/paper_ablation.yaml", "--no-check-data", cwd=workdir, env=HF_OFFLINE).stdout
     assert "10 cells (1 teachers trained first)" in out
     for method in ["baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "fd+icl", "clip-kd"]:
         assert f"/ViT-T-16/{method}/" in out
     assert "teacher/vit-b-16" in out and "new" in out
-    for grid in ("paper_students", "paper_laion", "demo", "smoke"):
-        run_clipkd("grid", "plan", f"grids/{grid}.yaml", cwd=workdir, env=HF_OFFLINE)
+    for grid in ("paper_students", "paper_laion"):
+        run_clipkd("grid", "plan", f"grids/{grid}.yaml", "--no-check-data", cwd=workdir, env=HF_OFFLINE)
+    for grid in ("demo", "smoke"):  # their data is on this machine: checked, and found
+        out = run_clipkd("grid", "plan", f"grids/{grid}.yaml", cwd=workdir, env=HF_OFFLINE).stdout
+        assert "MISSING" not in out and " ok " in out
+
+
+def test_plan_and_submit_check_every_cells_data_before_anything_queues(workdir):
+    """Planned on a machine without /datasets, the paper's grid is one error naming what each cell would miss:
+    its shards, its benchmarks' roots. Nothing is submitted."""
+    for command in (["plan"], ["submit", "--executor", "slurm"]):
+        result = run_clipkd("grid", *command, "grids/paper_ablation.yaml", cwd=workdir, check=False, env=HF_OFFLINE)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "10 of 10 cells would not find their data" in result.stderr
+        assert "1380 of 1380 training shards do not exist, e.g. '/datasets/cc3m_cc12m/00000.tar'" in result.stderr
+        assert "benchmark 'imagenet1k': root '/datasets/imagenet' does not exist" in result.stderr
+        assert "--no-check-data" in result.stderr
+    assert not (workdir / "runs" / ".grids").exists()
+    grid = yaml.safe_load((workdir / "grids" / "smoke.yaml").read_text())
+    grid["base"]["eval"] = {"benchmarks": [{"dataset": "digits"}, {"dataset": "csv", "root": "nowhere.csv"}]}
+    (workdir / "grids" / "bench.yaml").write_text(yaml.safe_dump(grid))
+    result = run_clipkd("grid", "plan", "grids/bench.yaml", cwd=workdir, check=False)
+    assert result.returncode == 2 and "benchmark 'csv': root 'nowhere.csv' does not exist" in result.stderr
 
 
 def test_dry_run_shows_the_sbatch_script_with_the_grids_resources(workdir):

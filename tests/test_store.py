@@ -1,4 +1,5 @@
-"""The results store: concurrent writers, idempotent writes, schema versions, and the leaderboard arithmetic."""
+"""The results store: concurrent writers, idempotent writes, record ingestion, read-only readers and schema
+versions, on SQLite and on a real PostgreSQL server (scripts/postgres.sh); and the leaderboard arithmetic."""
 import math
 import multiprocessing as mp
 import shutil
@@ -30,25 +31,49 @@ def _write_runs(url, worker, count):
             store.put_run(run_row(run_id, seed=i), metrics=metrics)
 
 
-def test_eight_processes_writing_fifty_runs_each(tmp_path):
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def _count(store: Store, sql: str) -> int:
+    with store.engine.connect() as connection:
+        return connection.exec_driver_sql(sql).scalar_one()
+
+
+def test_eight_processes_writing_fifty_runs_each(store_url):
+    Store(store_url).engine.dispose()  # the schema first: eight processes must not race to create it
     context = mp.get_context("spawn")
-    workers = [context.Process(target=_write_runs, args=(url, w, 50)) for w in range(8)]
+    workers = [context.Process(target=_write_runs, args=(store_url, w, 50)) for w in range(8)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=300)
         assert worker.exitcode == 0
-    connection = sqlite3.connect(tmp_path / "store.db")
-    assert connection.execute("select count(*) from runs").fetchone()[0] == 400
-    assert connection.execute("select count(distinct id) from runs").fetchone()[0] == 400
-    assert connection.execute("select count(*) from metrics").fetchone()[0] == 800
-    assert connection.execute("select count(*) from curves").fetchone()[0] == 800
-    assert connection.execute("pragma journal_mode").fetchone()[0] == "wal"
+    store = Store(store_url)
+    assert _count(store, "select count(*) from runs") == 400
+    assert _count(store, "select count(distinct id) from runs") == 400
+    assert _count(store, "select count(*) from metrics") == 800
+    assert _count(store, "select count(*) from curves") == 800
+    if store_url.startswith("sqlite"):
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("pragma journal_mode").scalar_one() == "wal"
 
 
-def test_writes_are_idempotent_and_metrics_replace(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+def test_job_records_are_ingested_once_and_the_newest_wins(store_url, tmp_path):
+    """What `grid status` does with the record.json files jobs write: idempotent, newer records replace older."""
+    from results.records import ingest, write_record
+
+    runs = [tmp_path / "runs" / f"r{i}" for i in range(5)]
+    for i, run_dir in enumerate(runs):
+        write_record(run_dir, run_row(f"r{i}", seed=i, status="running"))
+    store = Store(store_url)
+    assert ingest(store, runs) == 5 and ingest(store, runs) == 0
+    write_record(runs[2], run_row("r2", seed=2), metrics={"digits": {"acc1": 0.75}},
+                 curves=[("task", 1, 2.0)], items={"digits": {"acc1": np.array([True, True, False, True])}})
+    assert ingest(store, runs) == 1
+    assert store.get_run("r2")["status"] == "done" and store.metrics("r2") == {"digits": {"acc1": 0.75}}
+    assert store.items(["r2"], "digits", "acc1")["r2"].tolist() == [True, True, False, True]
+    assert [store.get_run(f"r{i}")["status"] for i in range(5)] == ["running", "running", "done", "running", "running"]
+
+
+def test_writes_are_idempotent_and_metrics_replace(store_url):
+    store = Store(store_url)
     store.put_run(run_row("a"), metrics={"digits": {"acc1": 0.1, "acc5": 0.5}})
     store.put_run(run_row("a"), metrics={"digits": {"acc1": 0.2}})
     assert store.count_runs() == 1
@@ -84,15 +109,31 @@ def test_foreign_database_and_empty_readonly_store_are_refused(tmp_path):
     assert not (tmp_path / "new.db").exists()
 
 
-def test_a_readonly_store_cannot_write(tmp_path):
+def test_a_readonly_store_cannot_write(store_url):
+    """The dashboard's store: SQLite opened with mode=ro, PostgreSQL in read-only transactions; either way the
+    database itself refuses a write, and nothing changes."""
+    from sqlalchemy.exc import DBAPIError
+
+    writer = Store(store_url)
+    writer.put_run(run_row("a"))
+    reader = Store(store_url, readonly=True)
+    assert reader.get_run("a")["status"] == "done"
+    refused = "readonly database" if store_url.startswith("sqlite") else "read-only transaction"
+    with pytest.raises(DBAPIError, match=refused):
+        reader.put_run(run_row("b"))
+    with pytest.raises(DBAPIError, match=refused), reader.engine.connect() as connection:
+        connection.exec_driver_sql("DELETE FROM runs")
+    assert writer.count_runs() == 1 and writer.get_run("a")["status"] == "done"
+
+
+def test_a_readonly_sqlite_store_leaves_its_bytes_alone(tmp_path):
     path = tmp_path / "store.db"
     Store(f"sqlite:///{path}").put_run(run_row("a"))
     before = path.read_bytes()
     reader = Store(f"sqlite:///{path}", readonly=True)
-    assert reader.get_run("a")["status"] == "done"
     with pytest.raises(OperationalError, match="readonly database"):
         reader.put_run(run_row("b"))
-    assert path.read_bytes() == before and Store(f"sqlite:///{path}").count_runs() == 1
+    assert path.read_bytes() == before
 
 
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -117,6 +158,25 @@ def test_a_store_written_by_an_earlier_clipkd_is_upgraded_in_place(tmp_path, ver
     assert list(store.items(["new"], "digits", "acc1")["new"]) == [True, False, True]
     reader = Store(f"sqlite:///{path}", readonly=True)
     assert reader.count_runs() == 2 and reader.get_run("new")["status"] == "done"
+
+
+def test_a_new_store_is_the_migrations_and_a_newer_one_is_refused(store_url):
+    """A new store is Alembic's migrations applied to nothing, equal to the models the code reads with; the
+    schema version a newer clipkd writes is refused, on either backend."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from results.store import Base
+
+    store = Store(store_url)
+    with store.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert differences == []
+        assert connection.exec_driver_sql("select version_num from alembic_version").scalar_one() == f"{SCHEMA_VERSION:04d}"
+    with store.transaction() as connection:
+        connection.exec_driver_sql(f"update clipkd_schema set value = '{SCHEMA_VERSION + 1}' where key = 'version'")
+    with pytest.raises(StoreError, match=f"newer than this clipkd's {SCHEMA_VERSION}"):
+        Store(store_url)
 
 
 def filled_store(tmp_path) -> Store:

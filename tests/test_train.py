@@ -205,6 +205,111 @@ def test_readme_plugin_installs_through_entry_points_and_trains(tmp_path, teache
     assert "methods.cosine_fd.project.weight" in final_state(run_dir)["methods"]
 
 
+def pip_install_package(tmp_path, name: str, files: dict[str, str], entry_points: dict[str, dict[str, str]]) -> dict:
+    """A package of ``files`` with ``entry_points``, pip-installed into a folder: the PYTHONPATH that sees it."""
+    package, site = tmp_path / name, tmp_path / f"{name}-site"
+    for file, text in files.items():
+        (package / file).parent.mkdir(parents=True, exist_ok=True)
+        (package / file).write_text(text)
+    groups = "".join(f'[project.entry-points."{group}"]\n' + "".join(f'{k} = "{v}"\n' for k, v in points.items())
+                     for group, points in entry_points.items())
+    modules = [f.removesuffix(".py") for f in files if f.endswith(".py") and "/" not in f]
+    packages = sorted({f.split("/")[0] for f in files if f.endswith("/__init__.py")})
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "0.1.0"\n{groups}'
+        f"[tool.setuptools]\npy-modules = {modules!r}\npackages = {packages!r}\n"
+        '[tool.setuptools.package-data]\n"*" = ["*.json"]\n')
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(package)], check=True, capture_output=True)
+    return {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+
+
+PLAIN_MODULE_METHOD = '''import torch
+from torch import nn
+
+
+class PlainCosine(nn.Module):
+    """Image cosine distance to the teacher, written as a plain nn.Module."""
+
+    def __init__(self, student_dim, teacher_dim, scale=1.0):
+        super().__init__()
+        self.project, self.scale = nn.Linear(student_dim, teacher_dim), scale
+
+    def forward(self, batch):
+        student = nn.functional.normalize(self.project(batch.student_image), dim=-1)
+        return self.scale * (1 - (student * batch.teacher_image).sum(-1)).mean()
+
+
+def make_loss(student_dim, teacher_dim):
+    return PlainCosine(student_dim, teacher_dim)
+
+
+class NoDims(nn.Module):
+    def forward(self, batch):
+        return batch.student_image.sum()
+'''
+
+
+def test_a_plugin_of_any_module_that_meets_the_contract_is_listed_and_trains(tmp_path, teacher_checkpoint):
+    """Not a DistillMethod subclass: an nn.Module built as (student_dim, teacher_dim, **options) and called with
+    a DistillBatch is a method; image_mask_ratio and student_projection take the base class's defaults."""
+    env = pip_install_package(tmp_path, "clipkd-plain", {"plain_kd.py": PLAIN_MODULE_METHOD},
+                              {"clipkd.methods": {"plain_cosine": "plain_kd:PlainCosine"}})
+    listed = run_clipkd("methods", cwd=tmp_path, env=env).stdout
+    assert re.search(r"^plain_cosine\s+Image cosine distance to the teacher", listed, flags=re.M), listed
+    path = write_config(tmp_path, "plain", teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
+                        distill={"plain_cosine": {"weight": 1.0, "scale": 2.0}})
+    run_clipkd("run", str(path), cwd=tmp_path, env=env)
+    (run_dir,) = (p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(0 < r["plain_cosine"] <= 4 for r in records)
+    assert "methods.plain_cosine.project.weight" in final_state(run_dir)["methods"]
+    metrics = json.loads((run_dir / "record.json").read_text())["metrics"]["digits"]
+    assert "feature_cosine_image" in metrics  # evaluation found its projection P by the default convention
+
+
+@pytest.mark.parametrize("target, problem", [
+    ("plain_kd:make_loss", "names <function make_loss"),
+    ("plain_kd:NoDims", "which cannot be built as NoDims(student_dim, teacher_dim)"),
+    ("plain_kd_missing", "failed to import: ModuleNotFoundError"),
+])
+def test_an_unusable_plugin_is_one_message_naming_it_and_its_package(tmp_path, target, problem):
+    env = pip_install_package(tmp_path, "clipkd-broken", {"plain_kd.py": PLAIN_MODULE_METHOD},
+                              {"clipkd.methods": {"broken": target}})
+    result = run_clipkd("methods", cwd=tmp_path, env=env, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"entry point 'broken' = '{target}' of package clipkd-broken 0.1.0 (group clipkd.methods)" in result.stderr
+    assert problem in result.stderr
+
+
+def test_a_model_config_file_is_a_model_named_by_its_content(tmp_path):
+    """student.model may be the path of an open_clip model-config JSON: the run id follows its content (a copy
+    elsewhere is the same run; an edit is another), and a plugin package can ship configs by entry point."""
+    config = json.loads((ROOT / "harness" / "model_configs" / "clipkd-tiny.json").read_text())
+    first, moved = tmp_path / "mine" / "my-student.json", tmp_path / "elsewhere" / "copy.json"
+    for file in (first, moved):
+        file.parent.mkdir()
+        file.write_text(json.dumps(config, indent=4))
+    runs = [parse_config(yaml.safe_load(write_config(tmp_path, f"file{i}", student={"model": str(file)}).read_text()))
+            for i, file in enumerate((first, moved))]
+    assert runs[0].run_id == runs[1].run_id
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**config, "embed_dim": 48}))
+    other = parse_config(yaml.safe_load(write_config(tmp_path, "edited", student={"model": str(edited)}).read_text()))
+    assert other.run_id != runs[0].run_id
+    run_clipkd("train", str(tmp_path / "file0.yaml"), cwd=tmp_path)
+    assert final_state(tmp_path / runs[0].run_dir)["step"] == 8
+
+    env = pip_install_package(tmp_path, "clipkd-zoo", {"zoo/__init__.py": "", "zoo/zoo-student.json": json.dumps(config)},
+                              {"clipkd.model_configs": {"zoo": "zoo"}})
+    path = write_config(tmp_path, "zoo", student={"model": "zoo-student"}, output_dir=str(tmp_path / "zoo"))
+    run_clipkd("train", str(path), cwd=tmp_path, env=env)
+    bad = write_config(tmp_path, "bad", student={"model": str(tmp_path / "missing.json")})
+    result = run_clipkd("train", str(bad), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "missing.json' cannot be read" in result.stderr
+
+
 def test_smoke_configs_train_teacher_then_student_and_rerun_is_a_no_op(project):
     run_clipkd("run", "configs/smoke_teacher.yaml", cwd=project)
     result = run_clipkd("run", "configs/smoke_kd.yaml", cwd=project)

@@ -3,7 +3,16 @@ import pandas as pd
 import streamlit as st
 
 from app.data import filter_boxes, open_reader, paginate
-from results.queries import LEADERBOARD_METRICS, LEGEND, as_percent, filter_options, leaderboard, render, with_intervals
+from results.queries import (
+    LEADERBOARD_METRICS,
+    LEGEND,
+    as_percent,
+    filter_options,
+    leaderboard,
+    render,
+    split_references,
+    with_intervals,
+)
 
 st.title("Leaderboard")
 read = open_reader()
@@ -21,20 +30,26 @@ if read is not None:
         st.caption(f"{len(table)} rows, accuracies and recalls in %. {LEGEND}. Green or red: a significant Δ.")
         st.download_button("Download CSV", render(table, "csv"), file_name=f"leaderboard-{benchmark}-{rank_by}.csv",
                            mime="text/csv", icon=":material/download:")
+        table, references = split_references(table)
         ranked = table.copy()
         ranked.insert(0, "rank", range(1, len(ranked) + 1))
         numbers = as_percent(paginate(ranked, key="leaderboard_page"))
         page = with_intervals(numbers)
-        deltas = [c for c in page.columns if c.endswith("_delta")]
+        page = page.rename(columns={c: "Δ " + c.removesuffix("_delta") for c in page.columns if c.endswith("_delta")})
+        deltas = [c for c in page.columns if c.startswith("Δ ")]
 
         def colour(column: pd.Series) -> list[str]:
             """Significant deltas in green (better) or red (worse); the others unstyled."""
-            name = column.name.removesuffix("_delta")
+            name = column.name.removeprefix("Δ ")
             significant = numbers.get(f"{name}_significant", pd.Series(False, index=numbers.index)).fillna(False)
-            delta = numbers[column.name]
             return ["" if not s or pd.isna(d) else "color: #1a7f37" if d > 0 else "color: #cf222e"
-                    for s, d in zip(significant.astype(bool), delta)]
+                    for s, d in zip(significant.astype(bool), numbers[f"{name}_delta"])]
 
-        styled = page.style.apply(colour, subset=deltas)
-        st.dataframe(styled.relabel_index(["Δ " + c.removesuffix("_delta") if c in deltas else c for c in page.columns],
-                                          axis=1), hide_index=True, key="leaderboard_table")
+        st.dataframe(page.style.apply(colour, subset=deltas), hide_index=True, key="leaderboard_table")
+        if not references.empty:  # public models evaluated here: beside the students, not ranked among them
+            st.subheader("Reference models")
+            st.caption("Evaluated here on the same benchmarks, not trained here (`clipkd eval --model NAME --pretrained "
+                       "TAG|FILE --record`); the name says model@weights.")
+            shown = with_intervals(as_percent(references)).rename(columns={"dataset": "weights"})
+            keep = [c for c in shown.columns if "delta" not in c and c not in ("teacher", "method")]
+            st.dataframe(shown[keep], hide_index=True, key="leaderboard_references")

@@ -95,10 +95,9 @@ class ViewSpec:
         import open_clip
         from open_clip.transform import PreprocessCfg
 
-        from harness.models import register_model_configs
+        from harness.models import model_name as registered_name
 
-        register_model_configs()
-        config = open_clip.get_model_config(model_name)
+        config = open_clip.get_model_config(registered_name(model_name))
         preprocess = asdict(PreprocessCfg()) | config.get("preprocess_cfg", {})
         size = config["vision_cfg"]["image_size"]
         return cls(size if isinstance(size, int) else size[0], tuple(preprocess["mean"]), tuple(preprocess["std"]))
