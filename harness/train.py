@@ -380,9 +380,10 @@ class Trainer:
                     if self.step % cfg.train.checkpoint_every == 0:
                         self.save(checkpoint.LATEST)
                     if any_rank(signals.received is not None):
+                        stopped_by = signal.Signals(signals.received or signal.SIGTERM)
                         self.save(checkpoint.LATEST)
-                        self.event("stop", signal=signals.received)
-                        raise TrainingInterrupted(self.step, signals.received or signal.SIGTERM)
+                        self.event("stop", signal=stopped_by.name)
+                        raise TrainingInterrupted(self.step, stopped_by)
                     if self.step >= self.total_steps:
                         break
         self.save(checkpoint.LATEST)

@@ -86,16 +86,18 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     _wait_until(lambda: (json.loads((timed_out / "record.json").read_text())["run"]["status"] == "done"), 300,
                 "the requeued cell to finish")
     events = _events(timed_out)
-    assert [e["event"] for e in events] == ["start", "resume", "finish"] and events[1]["step"] >= 30
-    assert events[0]["slurm_job"] == events[1]["slurm_job"]  # the same job, requeued
+    assert [e["event"] for e in events] == ["start", "stop", "resume", "finish"]
+    assert events[1]["signal"] == "SIGUSR2" and events[2]["step"] == events[1]["step"] >= 30
+    assert events[0]["slurm_job"] == events[2]["slurm_job"]  # the same job, requeued
 
     status = run_clipkd("grid", "status", "grids/interrupt.yaml", cwd=workdir).stdout
     assert "1 queued" in status and "1 done" in status  # interrupted, not failed
     out = run_clipkd("grid", "submit", "grids/interrupt.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
     assert "1 cells to submit, 1 skipped" in out and out.strip().endswith("2 done, 0 failed")
     events = _events(cancelled)
-    assert [e["event"] for e in events] == ["start", "resume", "finish"] and events[1]["step"] >= 30
-    assert events[0]["slurm_job"] != events[1]["slurm_job"]  # a new job resumed the run
+    assert [e["event"] for e in events] == ["start", "stop", "resume", "finish"]
+    assert events[1]["signal"] == "SIGTERM" and events[2]["step"] == events[1]["step"] >= 30
+    assert events[0]["slurm_job"] != events[2]["slurm_job"]  # a new job resumed the run
     for run_dir in (timed_out, cancelled):
         assert _steps(run_dir) == list(range(1, 301))  # every step exactly once across the interruption
 

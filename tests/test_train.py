@@ -108,6 +108,8 @@ def test_each_stop_signal_checkpoints_the_last_step_and_exits_like_the_signal(tm
     logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert 3 <= saved < 400 and logged[-1] == saved  # the checkpoint is of the last step completed
     assert not (run_dir / "checkpoints" / "final.pt").exists()
+    stop = json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])
+    assert (stop["event"], stop["signal"], stop["step"]) == ("stop", signum.name, saved)
 
 
 def test_operational_settings_leave_the_run_id_and_the_weights_alone(tmp_path):
