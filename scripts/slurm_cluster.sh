@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on loopback for the tests: munge, MariaDB, slurmdbd, slurmctld, slurmd.
+# A real SLURM cluster for the tests: munge, MariaDB, slurmdbd, slurmctld, slurmd.
 #   scripts/slurm_cluster.sh install   Debian packages (needs root)
 #   scripts/slurm_cluster.sh start     configure and start every daemon, wait until the node is idle
 #   scripts/slurm_cluster.sh stop      stop the daemons by their pid files
 #   scripts/slurm_cluster.sh status    exit 0 when sinfo reports the node
+# One node on loopback by default. NODES=2 starts two: node1 on this host and node2 in a network namespace of
+# its own (clipkd-node2, joined by a veth pair on 10.213.0.0/24, names in /etc/hosts), each with one CPU, so a
+# job can span two nodes whose processes meet over a network.
 set -euo pipefail
 
 STATE=${CLIPKD_SLURM_STATE:-/var/tmp/clipkd-slurm}
 CONF=/etc/slurm
-PACKAGES="munge slurmctld slurmd slurm-client slurmdbd mariadb-server"
+NODES=${NODES:-1}
+NETNS=clipkd-node2
+NODE1_IP=10.213.0.1
+NODE2_IP=10.213.0.2
+HOSTS_MARK="# clipkd test cluster"
+PACKAGES="munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2"
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "slurm_cluster: needs root" >&2; exit 3; }; }
 
 install() {
     need_root
-    if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null; then
+    if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null \
+        && command -v ip >/dev/null; then
         return 0
     fi
     # keep the packages' maintainer scripts from starting services: this script starts them itself
@@ -55,25 +64,61 @@ start_mariadb() {
         GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
 }
 
+make_netns() {  # node2's network: a namespace joined to this host by a veth pair, both ends named clipkd0
+    ip netns list | grep -qw "$NETNS" || ip netns add "$NETNS"
+    if ! ip link show clipkd0 >/dev/null 2>&1; then
+        ip link add clipkd0 type veth peer name clipkd0n
+        ip link set clipkd0n netns "$NETNS"
+        ip netns exec "$NETNS" ip link set clipkd0n name clipkd0
+        ip addr add "$NODE1_IP/24" dev clipkd0
+        ip link set clipkd0 up
+        ip netns exec "$NETNS" ip addr add "$NODE2_IP/24" dev clipkd0
+        ip netns exec "$NETNS" ip link set clipkd0 up
+        ip netns exec "$NETNS" ip link set lo up
+    fi
+    grep -q "$HOSTS_MARK" /etc/hosts || printf '%s node1 %s\n%s node2 %s\n' "$NODE1_IP" "$HOSTS_MARK" \
+        "$NODE2_IP" "$HOSTS_MARK" >> /etc/hosts
+}
+
+remove_netns() {
+    ip link del clipkd0 2>/dev/null || true
+    ip netns del "$NETNS" 2>/dev/null || true
+    sed -i "/$HOSTS_MARK/d" /etc/hosts
+}
+
+nodes_config() {  # the NodeName lines, the partition's node list, and where slurmctld listens
+    if [ "$NODES" = 2 ]; then
+        local memory; memory=$(slurmd -C | head -n 1 | sed -e 's/.*RealMemory=\([0-9]*\).*/\1/')
+        echo "SlurmctldHost=$(hostname -s)($NODE1_IP)"
+        echo "SlurmdParameters=config_overrides"
+        echo "NodeName=node1 NodeAddr=$NODE1_IP CPUs=1 RealMemory=$((memory / 2)) State=UNKNOWN"
+        echo "NodeName=node2 NodeAddr=$NODE2_IP CPUs=1 RealMemory=$((memory / 2)) State=UNKNOWN"
+        echo "PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP"
+    else
+        local hardware
+        hardware=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ UpTime=.*//')
+        echo "SlurmctldHost=localhost"
+        echo "NodeName=localhost NodeAddr=127.0.0.1 $hardware State=UNKNOWN"
+        echo "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP"
+    fi
+}
+
 write_config() {
     mkdir -p "$CONF" "$STATE/ctld" "$STATE/d" "$STATE/log"
-    local hardware
-    hardware=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ UpTime=.*//')
     # job ids restart at 1 after a state wipe and would collide with old result files: start from the clock
     local first_job_id=$(( $(date +%s) % 60000000 + 1000 ))  # below MaxJobId (67043328)
     cat > "$CONF/slurm.conf" <<CONF
 ClusterName=clipkd
-SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
 # a requeued job waits for the credential lifetime before it may start again (default 120 s)
 AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -88,8 +133,7 @@ MinJobAge=600
 KillWait=5
 ReturnToService=2
 MpiDefault=none
-NodeName=localhost NodeAddr=127.0.0.1 $hardware State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$(nodes_config)
 CONF
     cat > "$CONF/slurmdbd.conf" <<CONF
 AuthType=auth/munge
@@ -118,8 +162,18 @@ start() {
     wait_for 30 slurmdbd sacctmgr -n list cluster
     sacctmgr -i add cluster clipkd >/dev/null 2>&1 || true
     slurmctld -i
-    slurmd -N localhost
-    wait_for 60 "an idle node" sh -c 'sinfo -h -o %T | grep -qx idle'
+    if [ "$NODES" = 2 ]; then
+        make_netns
+        mkdir -p "$STATE/d/node1" "$STATE/d/node2"
+        slurmd -N node1
+        # nsenter, not "ip netns exec": that remounts /sys, hiding the cgroup tree slurmd needs
+        nsenter --net=/var/run/netns/"$NETNS" slurmd -N node2
+        wait_for 60 "two idle nodes" sh -c 'sinfo -h -N -o %T | grep -cx idle | grep -qx 2'
+    else
+        mkdir -p "$STATE/d/localhost"
+        slurmd -N localhost
+        wait_for 60 "an idle node" sh -c 'sinfo -h -o %T | grep -qx idle'
+    fi
     echo "slurm_cluster: up ($(sinfo -h -o '%P %D %T %c CPUs'))"
 }
 
@@ -135,10 +189,11 @@ stop_pid() {
 
 stop() {
     need_root
-    stop_pid "$STATE/slurmd.pid"
+    for pid_file in "$STATE"/slurmd-*.pid "$STATE/slurmd.pid"; do stop_pid "$pid_file"; done
     stop_pid "$STATE/slurmctld.pid"
     stop_pid "$STATE/slurmdbd.pid"
     stop_pid /run/mysqld/mariadb.pid
+    remove_netns
     echo "slurm_cluster: stopped"
 }
 
