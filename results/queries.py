@@ -276,9 +276,9 @@ def as_percent(frame: pd.DataFrame) -> pd.DataFrame:
     return numbers
 
 
-LEGEND = ("[low, high]: 95 % interval over seeds (t), or over test items (bootstrap) for one seed; Δ: against the "
-          "same setting's no-KD baseline, paired by seed (t-test) where two or more seeds are shared, else a paired "
-          "bootstrap over test items; * p < 0.05")
+LEGEND = ("[low, high]: 95 % interval over seeds (t), or for one seed over test items (bootstrap: test-set noise "
+          "only, not training noise); Δ: against the same setting's no-KD baseline, paired by seed (t-test) where two "
+          "or more seeds are shared, else a paired bootstrap over test items; * p < 0.05")
 
 
 def split_references(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
