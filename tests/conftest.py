@@ -34,6 +34,26 @@ def run_clipkd(*args: str, cwd: Path, env: dict | None = None, check: bool = Tru
 
 
 @pytest.fixture
+def clipkd(monkeypatch, capsys):
+    """The command line's main() in this process, for tests of what it answers to bad input: the same parsing,
+    checks, messages and exit code as ``run_clipkd`` without the seconds a new process spends importing torch and
+    open_clip (run_clipkd covers the process itself)."""
+    from harness.cli import main
+
+    def invoke(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's own usage errors
+            code = exit.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["clipkd", *args], code, out.out, out.err)
+
+    return invoke
+
+
+@pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A scratch copy of the project's configs, so runs land in tmp_path/runs."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")

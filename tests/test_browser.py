@@ -28,11 +28,29 @@ PAGES = {
 }
 
 
-# page -> (the control a reader clicks, what shows it took effect)
+# page -> (the control a reader turns on: its role and label, what shows it took effect)
 INTERACTIONS = {
-    "Ablation": ("the paper's Table 1 beside every method", "[data-testid=stDataFrame] [role=columnheader]:has-text('paper Δ')"),
-    "Training curves": ("samples seen", ".js-plotly-plot .xtitle:has-text('samples seen')"),
+    "Ablation": ("switch", "the paper's Table 1 beside every method",
+                 "[data-testid=stDataFrame] [role=columnheader]:has-text('paper Δ')"),
+    "Training curves": ("radio", "samples seen", ".js-plotly-plot .xtitle:has-text('samples seen')"),
 }
+
+
+def turn_on(page, role: str, label: str, shows: str) -> None:
+    """Click a control's label until the control is on, then wait for what it shows. A click that lands while
+    Streamlit replaces the page's elements can be lost; clicking again only after checking the state never turns
+    a toggle back off."""
+    control = page.get_by_role(role, name=label).first
+    for _ in range(3):
+        if control.is_checked():
+            break
+        page.get_by_text(label).first.click()
+        page.wait_for_timeout(1_000)
+    try:
+        page.wait_for_selector(shows, state="attached", timeout=60_000)
+    except Exception as error:  # say what the page showed instead
+        pytest.fail(f"{label!r} ({'on' if control.is_checked() else 'off'}) never showed {shows}: {error}\n"
+                    f"the page: {page.locator('[data-testid=stMain]').inner_text()[:3000]}")
 
 
 def free_port() -> int:
@@ -105,9 +123,7 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
             page.wait_for_selector(data, state="attached", timeout=60_000)  # a table's rows are its a11y DOM
             page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=60_000)  # rerun done
             if title in INTERACTIONS:  # as a reader would: the paper beside every method, curves against samples
-                label, shows = INTERACTIONS[title]
-                page.get_by_text(label).first.click()
-                page.wait_for_selector(shows, state="attached", timeout=60_000)
+                turn_on(page, *INTERACTIONS[title])
                 page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=60_000)
             assert page.locator("[data-testid=stException]").count() == 0, title
             assert page.locator("[data-testid=stAlertContentError]").count() == 0, title

@@ -137,7 +137,7 @@ def test_a_webdataset_epoch_decodes_every_sample_once_across_ranks_and_workers(t
 
     resumed = _epoch_of_two_ranks(tmp_path, shards, workers=2, start_step=4)
     assert [steps[4:] for steps in ranks] == resumed  # the same samples, and only those decoded
-    assert _epoch_of_two_ranks(tmp_path, shards, workers=1) == ranks == _epoch_of_two_ranks(tmp_path, shards, workers=0)
+    assert _epoch_of_two_ranks(tmp_path, shards, workers=0) == ranks  # workers split shards, not the order
 
 
 def test_a_webdataset_asking_for_more_samples_than_it_has_is_one_message(tmp_path):

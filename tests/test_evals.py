@@ -94,12 +94,12 @@ def test_pair_similarity_gap_by_hand():
         (["--dataset", "imagefolder", "--root", "/nonexistent"], "needs --root, an existing folder"),
     ],
 )
-def test_eval_dataset_errors_are_one_clear_message(trained_run, tmp_path, args, message):
-    result = run_clipkd("eval", str(trained_run), *args, cwd=tmp_path, check=False)
+def test_eval_dataset_errors_are_one_clear_message(trained_run, tmp_path, clipkd, args, message):
+    result = clipkd("eval", str(trained_run), *args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_eval_checkpoint_errors_are_one_clear_message(trained_run, tmp_path):
+def test_eval_checkpoint_errors_are_one_clear_message(trained_run, tmp_path, clipkd):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00garbage")
     cases = [
@@ -109,7 +109,7 @@ def test_eval_checkpoint_errors_are_one_clear_message(trained_run, tmp_path):
         ([str(tmp_path / "missing.pt")], "does not exist"),
     ]
     for args, message in cases:
-        result = run_clipkd("eval", *args, "--dataset", "digits", cwd=tmp_path, check=False)
+        result = clipkd("eval", *args, "--dataset", "digits", cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 

@@ -33,20 +33,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_smoke_grid_as_job_arrays_every_cell_done_and_resubmit_is_a_no_op(slurm, workdir):
-    out = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
-    assert "9 cells to submit" in out and out.strip().endswith("0 new, 0 queued, 0 running, 9 done, 0 failed")
-    jobs = json.loads((workdir / "runs" / ".grids" / "smoke" / "jobs.json").read_text())
-    arrays = {job["job_id"].split("_")[0] for job in jobs.values()}
-    assert len(jobs) == 9 and len(arrays) == 2  # the teacher's array, then the students' array
-    db = sqlite3.connect(workdir / "results" / "clipkd.db")
-    assert db.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 9
-    assert db.execute("select count(distinct run_id) from metrics where metric = 'acc1'").fetchone()[0] == 9
-    assert db.execute("select count(*) from metrics where metric = 'feature_cka_image'").fetchone()[0] == 7
-    again = run_clipkd("grid", "submit", "grids/smoke.yaml", "--executor", "slurm", cwd=workdir).stdout
-    assert "0 cells to submit, 9 skipped" in again and "submitted" not in again
-
-
 def _events(run_dir: Path) -> list[dict]:
     path = run_dir / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -68,7 +54,7 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     grid = {
         "name": "interrupt", "output_dir": "runs",
         "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 5},
-                 "train": {"batch_size": 64, "steps": 300, "checkpoint_every": 25}},
+                 "train": {"batch_size": 64, "steps": 150, "checkpoint_every": 25}},
         "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0, 1]},
         "slurm": {"cpus_per_task": 1, "timeout_min": 20},
     }
@@ -99,15 +85,19 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     assert events[1]["signal"] == "SIGTERM" and events[2]["step"] == events[1]["step"] >= 30
     assert events[0]["slurm_job"] != events[2]["slurm_job"]  # a new job resumed the run
     for run_dir in (timed_out, cancelled):
-        assert _steps(run_dir) == list(range(1, 301))  # every step exactly once across the interruption
+        assert _steps(run_dir) == list(range(1, 151))  # every step exactly once across the interruption
 
 
-def test_a_cached_teacher_grid_runs_its_cache_step_as_an_array_between_teacher_and_students(slurm, workdir):
+def test_a_grid_runs_as_one_job_array_per_stage_and_resubmitting_it_is_a_no_op(slurm, workdir):
+    """The smoke grid's teacher with a cached teacher's students: three stages (teacher, cache, students), each one
+    job array, every cell done with its metrics stored; a second submission submits nothing."""
     from test_grid import cached_teacher_grid
 
     cached_teacher_grid(workdir)
     out = run_clipkd("grid", "submit", "grids/cached.yaml", "--executor", "slurm", "--wait", cwd=workdir).stdout
     assert "5 cells to submit" in out and out.strip().endswith("0 new, 0 queued, 0 running, 5 done, 0 failed")
+    again = run_clipkd("grid", "submit", "grids/cached.yaml", "--executor", "slurm", cwd=workdir).stdout
+    assert "0 cells to submit, 5 skipped" in again and "submitted" not in again
     jobs = json.loads((workdir / "runs" / ".grids" / "cached" / "jobs.json").read_text())
     arrays: dict[int, list[str]] = {}
     for job in jobs.values():
@@ -118,6 +108,9 @@ def test_a_cached_teacher_grid_runs_its_cache_step_as_an_array_between_teacher_a
     (cache,) = [p for p in (workdir / "runs" / ".teacher-embeddings").iterdir() if p.is_dir()]
     built = (cache / "meta.json").stat().st_mtime
     db = sqlite3.connect(workdir / "results" / "clipkd.db")
+    assert db.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 4  # caches are no runs
+    assert db.execute("select count(distinct run_id) from metrics where metric = 'acc1'").fetchone()[0] == 4
+    assert db.execute("select count(*) from metrics where metric = 'feature_cka_image'").fetchone()[0] == 2
     started = [row[0] for row in db.execute("select run_dir from runs where teacher is not null")]
     assert len(started) == 2
     for run_dir in started:  # the distilled students started after the cache was complete (afterok)

@@ -73,8 +73,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_chec
     stopped_at = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"]
     assert 7 <= stopped_at < 30 and not (run_dir / "checkpoints" / "final.pt").exists()
 
-    refused = run_clipkd("train", str(interrupted), cwd=tmp_path, check=False)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
+    if source == "digits":  # (the same refusal for any data)
+        refused = run_clipkd("train", str(interrupted), cwd=tmp_path, check=False)
+        assert refused.returncode == 2 and "--resume" in refused.stderr
     run_clipkd("train", str(interrupted), "--resume", cwd=tmp_path)
 
     expected, resumed = final_state(tmp_path / "a" / run_id), final_state(run_dir)
@@ -358,9 +359,9 @@ def test_cli_methods_lists_every_builtin_with_a_description(tmp_path):
          "checkpoint file 'missing/teacher.pt' for model 'clipkd-tiny-teacher' does not exist"),
     ],
 )
-def test_bad_configs_give_one_clear_message(tmp_path, overrides, message):
+def test_bad_configs_give_one_clear_message(tmp_path, clipkd, overrides, message):
     path = write_config(tmp_path, "bad", **overrides)
-    result = run_clipkd("train", str(path), cwd=tmp_path, check=False)
+    result = clipkd("train", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert str(path) in result.stderr or "does not exist" in result.stderr
