@@ -93,12 +93,18 @@ def caption_templates(size: tuple[str, ...], second: tuple[str, ...], third: tup
 DIGIT_TEMPLATES = caption_templates(DIGIT_WORDS["size"], DIGIT_WORDS["weight"], DIGIT_WORDS["lean"])
 
 
-def _digit_captions(images: np.ndarray, labels: np.ndarray) -> list[str]:
+def _attribute_captions(images: np.ndarray, labels: np.ndarray, attributes: list[tuple[str, tuple[str, ...]]],
+                        names: list[str]) -> list[str]:
+    """'a {first}, {second}, {third} {class}': each word the tertile of one ink statistic (attributes: the
+    statistic and its three words, in the caption's order)."""
     stats = _ink_statistics(images)
-    weight = _tertile_words(stats["mean"], DIGIT_WORDS["weight"])
-    lean = _tertile_words(stats["slant"], DIGIT_WORDS["lean"])
-    size = _tertile_words(stats["area"], DIGIT_WORDS["size"])
-    return [f"a {s}, {w}, {slant} {DIGIT_NAMES[y]}" for w, slant, s, y in zip(weight, lean, size, labels)]
+    words = [_tertile_words(stats[statistic], vocabulary) for statistic, vocabulary in attributes]
+    return [f"a {first}, {second}, {third} {names[y]}" for first, second, third, y in zip(*words, labels)]
+
+
+def _digit_captions(images: np.ndarray, labels: np.ndarray) -> list[str]:
+    return _attribute_captions(images, labels, [("area", DIGIT_WORDS["size"]), ("mean", DIGIT_WORDS["weight"]),
+                                                ("slant", DIGIT_WORDS["lean"])], DIGIT_NAMES)
 
 
 @functools.cache
@@ -149,11 +155,8 @@ def _fashion_mnist(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fashion_captions(images: np.ndarray, labels: np.ndarray) -> list[str]:
-    stats = _ink_statistics(images)
-    shade = _tertile_words(stats["mean"], FASHION_WORDS["shade"])
-    size = _tertile_words(stats["area"], FASHION_WORDS["size"])
-    texture = _tertile_words(stats["spread"], FASHION_WORDS["texture"])
-    return [f"a {z}, {s}, {t} {FASHION_NAMES[y]}" for s, z, t, y in zip(shade, size, texture, labels)]
+    return _attribute_captions(images, labels, [("area", FASHION_WORDS["size"]), ("mean", FASHION_WORDS["shade"]),
+                                                ("spread", FASHION_WORDS["texture"])], FASHION_NAMES)
 
 
 def load_fashion_mnist_split(split: str) -> CaptionedImages:
