@@ -40,11 +40,18 @@ sys.path.insert(0, str(HERE))
 from jpeg_shards import write_jpeg_shards  # noqa: E402
 
 STUDENT, TEACHER = "bench-student", "bench-teacher"
-# open_clip_train is started through this, so that it knows the benchmark's model configs (per process)
-OPEN_CLIP_TRAIN = """import sys, open_clip
-open_clip.add_model_config(sys.argv.pop(1))
+# open_clip_train is started through this, so that it knows the benchmark's model configs (per process). Its
+# arguments come from a file: torchrun's own parser would take open_clip's --logs for its --logs-specs. On a CPU
+# open_clip_train hands DDP device_ids=[cpu], which torch refuses; the wrapper leaves device_ids out there.
+OPEN_CLIP_TRAIN = """import json, sys, open_clip, torch
+open_clip.add_model_config(sys.argv[1])
 from open_clip_train.main import main
-main(sys.argv[1:])
+DDP = torch.nn.parallel.DistributedDataParallel
+def cpu_ddp(module, device_ids=None, **options):
+    on_cpu = device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids)
+    return DDP(module, device_ids=None if on_cpu else device_ids, **options)
+torch.nn.parallel.DistributedDataParallel = cpu_ddp
+main(json.loads(open(sys.argv[2]).read()))
 """
 
 
@@ -157,14 +164,16 @@ def open_clip_kd_epoch(args, pattern: str, folder: Path, teacher: Path, distill:
 
     def run(epochs: int) -> float:
         name = f"open_clip-{'distill' if distill else 'no-kd'}-{epochs}"
-        command = [str(script), str(HERE / "model_configs"), "--train-data", pattern, "--train-num-samples",
-                   str(args.samples), "--dataset-type", "webdataset", "--batch-size", str(args.batch), "--workers",
-                   str(args.workers), "--epochs", str(epochs), "--model", STUDENT, "--lr", "1e-3", "--warmup", "10",
-                   "--precision", "fp32", "--device", "cpu", "--dist-backend", "gloo", "--logs", str(folder),
-                   "--name", name, "--save-frequency", "0", "--report-to", "", "--seed", "0"]
+        options = ["--train-data", pattern, "--train-num-samples", str(args.samples), "--dataset-type", "webdataset",
+                   "--batch-size", str(args.batch), "--workers", str(args.workers), "--epochs", str(epochs),
+                   "--model", STUDENT, "--lr", "1e-3", "--warmup", "10", "--precision", "fp32", "--device", "cpu",
+                   "--dist-backend", "gloo", "--logs", str(folder), "--name", name, "--save-frequency", "0",
+                   "--report-to", "", "--seed", "0"]
         if distill:
-            command += ["--distill-model", TEACHER, "--distill-pretrained", str(teacher)]
-        return torchrun(command, folder)
+            options += ["--distill-model", TEACHER, "--distill-pretrained", str(teacher)]
+        arguments = folder / f"{name}.json"
+        arguments.write_text(json.dumps(options))
+        return torchrun([str(script), str(HERE / "model_configs"), str(arguments)], folder)
 
     return per_epoch(run)
 
