@@ -269,7 +269,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
         make_url(url)
     except ArgumentError:
         raise ClipkdError(f"--db {url!r} is not an SQLAlchemy URL (e.g. sqlite:///results/clipkd.db, "
-                          "postgresql+psycopg://host/clipkd)") from None
+                          "postgresql+psycopg://host/clipkd) or a SQLite file path") from None
     if not 0 < args.port < 65536:
         raise ClipkdError(f"--port {args.port}: a TCP port is 1-65535")
     main_script = Path(__file__).resolve().parents[1] / "app" / "main.py"
@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its latest checkpoint")
     train.set_defaults(func=_cmd_train)
 
-    db_help = "results store: any SQLAlchemy URL (default $CLIPKD_DB, else sqlite:///results/clipkd.db)"
+    db_help = ("results store: any SQLAlchemy URL or a SQLite file path (default $CLIPKD_DB, else "
+               "sqlite:///results/clipkd.db)")
     run = commands.add_parser("run", help="train, evaluate and store one run (resumes; skips finished work)")
     run.add_argument("config")
     run.add_argument("--db", help=db_help)

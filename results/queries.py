@@ -312,7 +312,8 @@ def _render(frame: pd.DataFrame, fmt: str) -> str:
         return numbers.to_csv(index=False)
     shown = with_intervals(numbers)
     if fmt == "markdown":
-        return shown.to_markdown(index=False, floatfmt=".2f") + f"\n\n{LEGEND}\n"
+        missing_as_none = shown.astype(object).where(shown.notna(), None)  # tabulate prints NaN as "nan"
+        return missing_as_none.to_markdown(index=False, floatfmt=".2f", missingval="-") + f"\n\n{LEGEND}\n"
     if fmt == "latex":
         return (shown.to_latex(index=False, na_rep="--", float_format="%.2f").replace("Δ", r"$\Delta$")
                 + f"% {LEGEND}\n")

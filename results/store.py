@@ -168,7 +168,9 @@ def now() -> str:
 
 
 def resolve_url(url: str | None = None) -> str:
-    return url or os.environ.get("CLIPKD_DB") or DEFAULT_URL
+    """A SQLAlchemy URL; a plain file path (no ``scheme://``) names a SQLite file, as researchers type it."""
+    url = url or os.environ.get("CLIPKD_DB") or DEFAULT_URL
+    return url if "://" in url else f"sqlite:///{url}"
 
 
 def _sqlite_engine(url: str) -> Engine:

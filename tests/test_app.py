@@ -386,7 +386,7 @@ def test_grid_progress_with_hostile_grid_names(hostile_store, monkeypatch):
 
 # -- the command ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["--db", "not a url"], "--db 'not a url' is not an SQLAlchemy URL"),
+    (["--db", "not a scheme://x"], "--db 'not a scheme://x' is not an SQLAlchemy URL"),
     (["--port", "70000"], "--port 70000: a TCP port is 1-65535"),
 ])
 def test_app_command_rejects_bad_arguments(tmp_path, args, message):

@@ -229,3 +229,16 @@ def test_ablation_has_methods_as_rows_and_benchmarks_as_columns(tmp_path):
     table = ablation(filled_store(tmp_path), student="tiny").set_index("method")
     assert {"digits top1", "digits I2T R@1", "digits T2I R@1"} <= set(table.columns)
     assert table.loc["fd", "digits top1"] == pytest.approx(0.42)
+
+
+def test_ablation_beside_the_paper_in_markdown_from_a_store_given_as_a_file_path(tmp_path, clipkd):
+    store = filled_store(tmp_path)
+    store.put_run(run_row("t0", student="big", setting="s3"), metrics={"digits": {"acc1": 0.8}})  # the teacher
+    out = clipkd("ablation", "--db", "store.db", "--paper", "--format", "markdown", cwd=tmp_path).stdout
+    header, _rule, *lines = [[cell.strip() for cell in line.strip("|").split("|")]
+                             for line in out.splitlines() if line.startswith("|")]
+    rows = {(row[header.index("student")], row[header.index("method")]): row for row in lines}
+    paper, paper_delta = header.index("paper ImageNet top1"), header.index("paper ImageNet top1_delta")
+    assert (rows["big", "baseline"][paper], rows["big", "baseline"][paper_delta]) == ("36.99", "-")  # ViT-B/16
+    assert (rows["tiny", "fd"][paper], rows["tiny", "fd"][paper_delta]) == ("34.23", "3.68")
+    assert "nan" not in out
