@@ -1,4 +1,4 @@
-"""What a job will read, checked before it queues: its training data, every benchmark root, its teacher's weights.
+"""What a job will read, checked before it queues: its training data and every benchmark root.
 
 A mistake found at plan or submit time costs a second; found by the job, it costs the hours it waited in the
 queue. Checks read only file metadata (a shard set is counted, never opened), and are cached across cells that
@@ -14,7 +14,6 @@ import braceexpand
 
 from harness.config import BenchmarkSpec, DataSpec, RunConfig
 from harness.data.builtin import BUILTIN_DATASETS, FASHION_MNIST_DIR
-from harness.models import is_config_file
 
 
 def _builtin(name: str) -> str | None:
@@ -51,14 +50,7 @@ def benchmark(spec: BenchmarkSpec) -> str | None:
 
 
 def problems(config: RunConfig) -> list[str]:
-    """Everything a run's job would fail to read, each named."""
+    """Everything a run's job would fail to read, each named. (A teacher's weights and a model-config file are
+    checked earlier, when the grid and its configs are loaded.)"""
     found = [training_data(config.data), *(benchmark(spec) for spec in config.benchmarks())]
-    teacher = config.teacher
-    if teacher is not None and teacher.run is None:
-        pretrained = teacher.pretrained
-        if ("/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}) and not Path(
-                pretrained).is_file():
-            found.append(f"teacher weights {pretrained!r} do not exist")
-        if is_config_file(teacher.model) and not Path(teacher.model).is_file():
-            found.append(f"teacher model config {teacher.model!r} does not exist")
     return [problem for problem in found if problem]

@@ -157,7 +157,7 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
     """A teacher must be loadable without a download: a file, a finished run, or a tag open_clip knows."""
     import open_clip
 
-    from harness.models import is_config_file, known_model_names, resolve_teacher_run
+    from harness.models import is_config_file, known_model_names, names_a_file, resolve_teacher_run
 
     if "run" in ref:
         try:
@@ -170,7 +170,7 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
         raise GridError(f"{where}: a teacher needs `cell` (a teacher of this grid), `run`, or `model` + `pretrained`")
     if not (is_config_file(model) and Path(model).is_file()) and model not in known_model_names():
         raise GridError(f"{where}: unknown teacher model {model!r}")
-    if "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}:
+    if names_a_file(pretrained):
         if not Path(pretrained).is_file():
             raise GridError(f"{where}: teacher unreachable: checkpoint file {pretrained!r} does not exist")
     elif pretrained not in open_clip.list_pretrained_tags_by_model(model):

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,21 +79,23 @@ def read_config_file(model: str) -> tuple[dict[str, Any], str]:
     return config, hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_registered_files: dict[str, str] = {}
-
-
 def model_name(model: str) -> str:
     """The name open_clip knows a model by; a config file is registered in this process first."""
+    register_model_configs()
     if not is_config_file(model):
-        register_model_configs()
         return model
     config, digest = read_config_file(model)
     name = f"{Path(model).stem}-{digest}"
-    if name not in _registered_files:
-        folder = Path(tempfile.mkdtemp(prefix="clipkd-model-configs-"))
-        (folder / f"{name}.json").write_text(json.dumps(config))
-        open_clip.add_model_config(folder / f"{name}.json")
-        _registered_files[name] = str(folder)
+    if name not in open_clip.list_models():
+        # open_clip names a config by its file's stem: register a copy named by content, kept in one folder
+        # (content-addressed, so processes that write it at once write the same bytes).
+        copy = Path(tempfile.gettempdir()) / "clipkd-model-configs" / f"{name}.json"
+        if not copy.is_file():
+            copy.parent.mkdir(exist_ok=True)
+            partial = copy.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(config))
+            partial.replace(copy)
+        open_clip.add_model_config(copy)
     return name
 
 
@@ -110,14 +113,15 @@ class ClipBundle:
     embed_dim: int
 
 
-def _looks_like_path(pretrained: str) -> bool:
+def names_a_file(pretrained: str) -> bool:
+    """Whether a ``pretrained`` value is a weights file's path rather than an open_clip tag."""
     return "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 
 
 def _describe_load_failure(model_name: str, pretrained: str, error: Exception) -> str:
     """open_clip reports a file that is not a checkpoint and weights of another architecture alike; tell them apart."""
     reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    if not _looks_like_path(pretrained):
+    if not names_a_file(pretrained):
         return f"pretrained tag {pretrained!r} for model {model_name!r} could not be loaded ({reason})"
     mismatch = isinstance(error, (AssertionError, KeyError)) or "loading state_dict" in str(error)
     if mismatch:
@@ -142,7 +146,7 @@ class _NoRandomInitNotice(logging.Filter):
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> ClipBundle:
     name = model_name(model)
-    if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+    if pretrained is not None and names_a_file(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model!r} does not exist")
     notice = _NoRandomInitNotice()
     logging.getLogger().addFilter(notice)

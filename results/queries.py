@@ -289,6 +289,13 @@ def split_references(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frame[~reference].reset_index(drop=True), frame[reference].reset_index(drop=True)
 
 
+def reference_columns(references: pd.DataFrame) -> pd.DataFrame:
+    """Reference rows as shown: no teacher, method or comparison with a baseline; their dataset is their weights."""
+    compared = [c for c in references.columns
+                if "delta" in c or c.endswith(("_p", "_significant", "_test")) or c in ("teacher", "method")]
+    return references.drop(columns=compared).rename(columns={"dataset": "weights"})
+
+
 def render(frame: pd.DataFrame, fmt: str) -> str:
     """Accuracies and recalls as percentages, like the paper's tables; csv keeps every number in its own column;
     the other formats show reference models (evaluated, not trained here) in a table of their own."""
@@ -298,11 +305,8 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
         return "no finished runs match; run `clipkd run CONFIG` (or a grid) first\n"
     trained, references = split_references(frame)
     if fmt != "csv" and not references.empty:
-        shown = references.drop(columns=[c for c in references.columns if "delta" in c or c.endswith(("_p",
-                                         "_significant", "_test")) or c in ("teacher", "method")])
-        shown = shown.rename(columns={"dataset": "weights"})
         return ((_render(trained, fmt) if not trained.empty else "")
-                + "\nreference models (evaluated here, not trained here):\n" + _render(shown, fmt))
+                + "\nreference models (evaluated here, not trained here):\n" + _render(reference_columns(references), fmt))
     return _render(frame, fmt)
 
 

@@ -4,7 +4,15 @@ import streamlit as st
 
 from app.data import filter_boxes, open_reader, paginate
 from results.paper import paper_column, paper_values, table1_by_method
-from results.queries import LEGEND, ablation, as_percent, filter_options, split_references, with_intervals
+from results.queries import (
+    LEGEND,
+    ablation,
+    as_percent,
+    filter_options,
+    reference_columns,
+    split_references,
+    with_intervals,
+)
 
 BEST = " ★"
 
@@ -45,6 +53,5 @@ if read is not None:
         if not references.empty:
             st.subheader("Reference models")
             st.caption("Evaluated here, not trained here (`clipkd eval ... --record`).")
-            shown = with_intervals(as_percent(references)).rename(columns={"dataset": "weights"})
-            st.dataframe(shown[[c for c in shown.columns if "delta" not in c and c not in ("teacher", "method")]],
-                         hide_index=True, key="ablation_references")
+            st.dataframe(with_intervals(as_percent(reference_columns(references))), hide_index=True,
+                         key="ablation_references")

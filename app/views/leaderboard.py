@@ -9,6 +9,7 @@ from results.queries import (
     as_percent,
     filter_options,
     leaderboard,
+    reference_columns,
     render,
     split_references,
     with_intervals,
@@ -50,6 +51,5 @@ if read is not None:
             st.subheader("Reference models")
             st.caption("Evaluated here on the same benchmarks, not trained here (`clipkd eval --model NAME --pretrained "
                        "TAG|FILE --record`); the name says model@weights.")
-            shown = with_intervals(as_percent(references)).rename(columns={"dataset": "weights"})
-            keep = [c for c in shown.columns if "delta" not in c and c not in ("teacher", "method")]
-            st.dataframe(shown[keep], hide_index=True, key="leaderboard_references")
+            st.dataframe(with_intervals(as_percent(reference_columns(references))), hide_index=True,
+                         key="leaderboard_references")
