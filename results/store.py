@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import QueuePool
 
@@ -197,6 +198,8 @@ def _sqlite_engine(url: str) -> Engine:
 
 def _readonly_sqlite_engine(url: str) -> Engine:
     path = make_url(url).database
+    if path and Path(path).is_dir():
+        raise StoreError(f"results store {url}: {path!r} is a folder; give the store's file (e.g. results/clipkd.db)")
     if not path or path == ":memory:" or not Path(path).is_file():
         raise StoreError(f"results store {url} does not exist: run `clipkd run CONFIG` or `clipkd grid submit GRID` "
                          "first, or pass --db URL")
@@ -239,7 +242,10 @@ class Store:
             raise
         except Exception as error:  # a malformed URL or a missing driver
             raise StoreError(f"cannot open results store {self.url!r}: {error}") from None
-        self._check_schema(readonly)
+        try:
+            self._check_schema(readonly)
+        except DBAPIError as error:  # a file that is not a database, a server that does not answer
+            raise StoreError(f"cannot open results store {self.url!r}: {error.orig}") from None
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"

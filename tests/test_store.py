@@ -107,6 +107,14 @@ def test_foreign_database_and_empty_readonly_store_are_refused(tmp_path):
     with pytest.raises(StoreError, match="is empty: run `clipkd run CONFIG` first"):
         Store(f"sqlite:///{tmp_path / 'blank.db'}", readonly=True)
     assert not (tmp_path / "new.db").exists()
+    notes = tmp_path / "notes.txt"  # a plain path names a SQLite file: one that is not a database is left alone
+    notes.write_text("my notes\n")
+    for readonly in (True, False):
+        with pytest.raises(StoreError, match=f"cannot open results store 'sqlite:///{notes}': file is not a database"):
+            Store(str(notes), readonly=readonly)
+    assert notes.read_text() == "my notes\n" and [p.name for p in tmp_path.glob("notes.txt*")] == ["notes.txt"]
+    with pytest.raises(StoreError, match="is a folder; give the store's file"):
+        Store(str(tmp_path), readonly=True)
 
 
 def test_a_readonly_store_cannot_write(store_url):
