@@ -109,12 +109,28 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENC
     return Interval(estimate, *_percentile(draws, confidence), "bootstrap", n), float(min(1.0, 2 * tail))
 
 
+def paired_t_power(difference: float, differences_sd: float, seeds: int, confidence: float = CONFIDENCE) -> float:
+    """The exact power of a two-sided paired t-test over ``seeds`` seeds against a true mean difference: the
+    statistic is noncentral t with seeds − 1 degrees of freedom and noncentrality Δ·√seeds / sd."""
+    degrees = seeds - 1
+    critical = stats.t.ppf(0.5 + confidence / 2, degrees)
+    shift = difference * np.sqrt(seeds) / differences_sd
+    wrong_side = stats.nct.cdf(-critical, degrees, shift)  # ~0 for Δ > 0; scipy returns nan far out in that tail
+    return float(stats.nct.sf(critical, degrees, shift) + np.nan_to_num(wrong_side, nan=0.0))
+
+
 def minimum_detectable(differences_sd: float, seeds: int, confidence: float = CONFIDENCE, power: float = 0.8) -> float:
     """The smallest true paired Δ that a two-sided paired t-test over ``seeds`` seeds detects with ``power``,
-    given the standard deviation of per-seed differences."""
+    given the standard deviation of per-seed differences: solved on the exact (noncentral t) power. The usual
+    shortcut (t_{1-α/2} + t_{power}) · sd / √n falls short of the power asked: 0.77 at 3 seeds, 0.78 at 4."""
+    from scipy.optimize import brentq
+
     degrees = seeds - 1
-    return float((stats.t.ppf(0.5 + confidence / 2, degrees) + stats.t.ppf(power, degrees)) * differences_sd
-                 / np.sqrt(seeds))
+    upper = (stats.t.ppf(0.5 + confidence / 2, degrees) + stats.t.ppf(power, degrees)) * differences_sd / np.sqrt(seeds)
+    while paired_t_power(upper, differences_sd, seeds, confidence) < power:  # the shortcut is an underestimate
+        upper *= 1.2
+    return float(brentq(lambda d: paired_t_power(d, differences_sd, seeds, confidence) - power, 0.0, upper,
+                        xtol=1e-12 * differences_sd))
 
 
 def correlation(x, y, confidence: float = CONFIDENCE) -> tuple[Interval, float] | None:
