@@ -8,6 +8,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.models import autocast
+
 THROUGHPUT_REPEATS = 3
 
 
@@ -31,17 +33,20 @@ def gflops_per_sample(model, tokenizer, device: torch.device) -> tuple[float, fl
 
 
 @torch.no_grad()
-def images_per_second(model, device: torch.device, batch: int) -> float:
-    """Image-tower throughput on ``device`` at the evaluation batch size: the median of a few timed batches."""
+def images_per_second(model, device: torch.device, batch: int, precision: str = "fp32") -> float:
+    """Image-tower throughput on ``device`` at the evaluation batch size, in the run's ``precision``: the median of
+    a few timed batches."""
     model.eval()
     images = torch.randn(batch, 3, image_size(model), image_size(model), device=device)
-    model.encode_image(images)  # warm-up: kernels, allocator
+    with autocast(device, precision):
+        model.encode_image(images)  # warm-up: kernels, allocator
     seconds = []
     for _ in range(THROUGHPUT_REPEATS):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        model.encode_image(images)
+        with autocast(device, precision):
+            model.encode_image(images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)

@@ -125,18 +125,21 @@ def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
     return _clip_benchmark_set(name, root, transform)
 
 
-class FirstItems(Dataset):
-    """The first ``count`` items of a classification set, its classes and templates kept: a fixed subset."""
+class DuringTraining(Dataset):
+    """A classification set as evaluation during training reads it: its first ``count`` items (a fixed subset; all
+    of them when None), images in the student's parameter dtype (float64 in an fp64 run), classes and templates
+    kept."""
 
-    def __init__(self, dataset: Dataset, count: int):
-        self.dataset, self.count = dataset, min(count, len(dataset))
+    def __init__(self, dataset: Dataset, count: int | None, dtype: torch.dtype):
+        self.dataset, self.count, self.dtype = dataset, min(count or len(dataset), len(dataset)), dtype
         self.classes, self.templates = dataset.classes, dataset.templates
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int):
-        return self.dataset[index]
+        image, label = self.dataset[index]
+        return image.to(self.dtype), label
 
 
 def retrieval_collate(batch):

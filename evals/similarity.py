@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from evals.datasets import EvalSet, retrieval_collate
 from evals.zeroshot import RetrievalEmbeddings, eval_loader
+from harness.models import autocast
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -33,25 +34,29 @@ def pair_similarity_gap(images: torch.Tensor, texts: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def embed_pairs(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device):
+def embed_pairs(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device, precision: str = "fp32"):
+    """Every image and its first caption (one caption per image keeps pairs aligned), in the run's precision."""
     images, texts = [], []
     for batch_images, batch_captions in loader:
-        images.append(model.encode_image(batch_images.to(device)).float().cpu())
-        first_captions = [captions[0] for captions in batch_captions]  # one caption per image keeps pairs aligned
-        texts.append(model.encode_text(tokenizer(first_captions).to(device)).float().cpu())
+        with autocast(device, precision):
+            images.append(model.encode_image(batch_images.to(device)).float().cpu())
+            first_captions = [captions[0] for captions in batch_captions]
+            texts.append(model.encode_text(tokenizer(first_captions).to(device)).float().cpu())
     return torch.cat(images), torch.cat(texts)
 
 
 @torch.no_grad()
 def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection: nn.Module | None, eval_set: EvalSet,
-                       device: torch.device, batch_size: int = 256, workers: int = 0) -> dict[str, float]:
+                       device: torch.device, batch_size: int = 256, workers: int = 0, precision: str = "fp32"
+                       ) -> dict[str, float]:
     """Metrics over the set's image-caption pairs (the student's embeddings are those its retrieval evaluation
-    computed); empty when the set has no captions."""
+    computed; the teacher runs in the run's ``precision``, as it did in training); empty when the set has no
+    captions."""
     if eval_set.retrieval is None or student is None:
         return {}
     loader = eval_loader(eval_set.retrieval, batch_size, device, workers, retrieval_collate)
     student_images, student_texts = student.images, student.first_texts
-    teacher_images, teacher_texts = embed_pairs(teacher.model, teacher.tokenizer, loader, device)
+    teacher_images, teacher_texts = embed_pairs(teacher.model, teacher.tokenizer, loader, device, precision)
     metrics = {
         "feature_cka_image": linear_cka(student_images, teacher_images),
         "feature_cka_text": linear_cka(student_texts, teacher_texts),

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from clip_benchmark.metrics.zeroshot_classification import accuracy, run_classification, zero_shot_classifier
 from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from sklearn.metrics import balanced_accuracy_score
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from evals.datasets import EvalSet, retrieval_collate
+from harness.distributed import gather_shares, my_share
 
 RECALL_K = (1, 5, 10)
 
@@ -70,9 +71,13 @@ def eval_loader(dataset, batch_size: int, device: torch.device, workers: int, co
 
 def classification_metrics(model, tokenizer, dataset, device: torch.device, batch_size: int,
                            classifiers: Classifiers, workers: int = 0) -> BenchmarkResult:
+    """clip_benchmark's metrics; under torchrun each rank embeds its share of the images and all gather the
+    logits (the numbers are those of one process: each image's logits depend on that image alone)."""
     classifier = classifiers.get(model, tokenizer, dataset.classes, dataset.templates, device)
-    loader = eval_loader(dataset, batch_size, device, workers)
+    share = my_share(len(dataset))
+    loader = eval_loader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size, device, workers)
     logits, target = run_classification(model, classifier, loader, device.type, amp=use_amp(device))
+    logits, target = gather_shares(logits, len(dataset)), gather_shares(target, len(dataset))
     ks = (1, 5) if len(dataset.classes) >= 5 else (1,)  # clip_benchmark's rule for top-5
     accuracies = accuracy(logits, target, topk=ks)
     # each item's hit, from the same top-k call as clip_benchmark's accuracy(): their mean is its number exactly

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import submitit
 
 from harness.errors import ClipkdError
 from harness.grid import RUN, TEACHER_CACHE, Cell, Grid, SlurmSpec
+from harness.processes import pid_alive
 from results.records import ingest, read_record
 from results.store import Store
 
@@ -47,7 +49,8 @@ class CellJob:
         if self.threads:
             torch.set_num_threads(self.threads)
         if submitit.JobEnvironment().num_tasks > 1:  # one task per GPU: export RANK, WORLD_SIZE, MASTER_ADDR…
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            for replaced in export_task_environment():
+                print(f"clipkd: {replaced}", file=sys.stderr)
         return self.work(parse_config(self.config, f"grid {self.grid}"))
 
     def work(self, config) -> str:
@@ -66,6 +69,23 @@ class CellJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
+def export_task_environment(environ=os.environ) -> list[str]:
+    """torch.distributed's variables for this task of a SLURM job, as submitit derives them: the rank, the sizes
+    and MASTER_ADDR (the job's first node) overwrite any a site's ``setup:`` line or module already exported, since
+    a stale RANK would join another rank's place; a preset MASTER_PORT is the site's choice of port and is kept
+    (submitit reads it too). submitit's own ``export()`` raises when any of them is set. CUDA_VISIBLE_DEVICES is
+    left as SLURM set it: the device is chosen from what the task sees (harness/distributed.py). Returns a line
+    per value replaced, for the job's log."""
+    task = submitit.helpers.TorchDistributedEnvironment()
+    values = {"MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port), "RANK": str(task.rank),
+              "WORLD_SIZE": str(task.world_size), "LOCAL_RANK": str(task.local_rank),
+              "LOCAL_WORLD_SIZE": str(task.local_world_size)}
+    replaced = [f"{name}={environ[name]} was set; this task's {name} is {value}" for name, value in values.items()
+                if environ.get(name, value) != value]
+    environ.update(values)
+    return replaced
+
+
 class CacheJob(CellJob):
     """A teacher-cache cell's job: build the cache (on every GPU of the job), or find it built. A requeued job
     starts the build again; a failure leaves its reason beside the cache folder for ``grid status``."""
@@ -73,12 +93,12 @@ class CacheJob(CellJob):
     def work(self, config) -> str:
         from harness import teacher_cache
         from harness.distributed import init_distributed
-        from harness.train import default_device
 
         failed = teacher_cache.failure_file(config)
         failed.unlink(missing_ok=True)
         try:
-            teacher_cache.ensure(config, default_device(init_distributed()))
+            env = init_distributed()
+            teacher_cache.ensure(config, env.device, env)
         except Exception as error:
             failed.parent.mkdir(parents=True, exist_ok=True)
             failed.write_text(f"{type(error).__name__}: {error}")
@@ -113,21 +133,13 @@ def _slurm_in_flight(job_ids: list[str]) -> set[str]:
     return {j for j in job_ids if j in listed or j.split("_")[0] in arrays}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def in_flight(grid: Grid) -> set[str]:
     """Run ids whose recorded job is still pending or running."""
     jobs = load_jobs(grid)
     slurm = {rid: j["job_id"] for rid, j in jobs.items() if j["executor"] == "slurm"}
     live = _slurm_in_flight(list(slurm.values())) if slurm else set()
     return {rid for rid, jid in slurm.items() if jid in live} | {
-        rid for rid, j in jobs.items() if j["executor"] == "local" and j.get("pid") and _pid_alive(j["pid"])
+        rid for rid, j in jobs.items() if j["executor"] == "local" and j.get("pid") and pid_alive(j["pid"])
     }
 
 

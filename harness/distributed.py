@@ -1,19 +1,38 @@
-"""torch.distributed plumbing: the environment torchrun or submitit exports, gathers, gradient averaging.
+"""torch.distributed plumbing: the process group and device of a process, gathers, gradient averaging.
 
 Gradients are averaged by hand (one flat all-reduce after backward) rather than through DistributedDataParallel:
 a step runs the student several times (image, text, masked image) and the losses own parameters too, which
 DDP's one-forward-per-backward contract does not fit. Every rank computes the same global loss from gathered
 embeddings; the autograd all-gather sums the ranks' identical output gradients, so each rank's gradient is
 world_size × its share and the average over ranks is exactly the single-process gradient.
+
+The group (``plan_process_group``): with CUDA it has two backends, ``cpu:gloo,cuda:nccl``. Embeddings, gradients
+and weights are CUDA tensors and go over NCCL; the control messages (a stop flag, object broadcasts, barriers)
+are CPU tensors and go over gloo. An NCCL-only group refuses CPU tensors ("No backend type associated with device
+type cpu"); moving each control message to the GPU instead would make it a device round trip that waits for the
+GPU's queue, where over gloo it never touches the GPU.
+
+No collective waits on one rank's long work: the teacher cache's ranks meet only after they all embedded their
+shares (teacher_cache.py), and evaluation during training is sharded over the ranks (evals/zeroshot.py). The
+group keeps torch's default timeout (NCCL's watchdog: 10 minutes).
 """
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as collectives
+
+from harness.errors import ClipkdError
+
+CPU_AND_CUDA_BACKENDS = "cpu:gloo,cuda:nccl"
+
+
+class DistributedSetupError(ClipkdError, RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -21,6 +40,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -31,17 +51,47 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (torchrun, submitit), if any."""
+@dataclass(frozen=True)
+class GroupPlan:
+    backend: str
+    device: torch.device
+
+
+def plan_process_group(local_rank: int, cuda_available: bool, visible_devices: int) -> GroupPlan:
+    """The backend of the process group and this process's device.
+
+    The device is chosen from the GPUs the task can see: ``cuda:LOCAL_RANK`` when it sees every GPU of its node,
+    ``cuda:0`` when it sees one (a site that binds a GPU per task: ``--gpus-per-task``, ``--gpu-bind``; what
+    open_clip_train's ``--no-set-device-rank`` is for)."""
+    if not cuda_available:
+        return GroupPlan("gloo", torch.device("cpu"))
+    if visible_devices == 1:
+        return GroupPlan(CPU_AND_CUDA_BACKENDS, torch.device("cuda", 0))
+    if local_rank < visible_devices:
+        return GroupPlan(CPU_AND_CUDA_BACKENDS, torch.device("cuda", local_rank))
+    raise DistributedSetupError(
+        f"LOCAL_RANK {local_rank}, but this process sees {visible_devices} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each task one GPU or every GPU of its node")
+
+
+def init_distributed(timeout: datetime.timedelta | None = None) -> DistEnv:
+    """This process's rank and device; joins the process group that RANK/WORLD_SIZE/LOCAL_RANK (torchrun,
+    submitit) describe, if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    plan = plan_process_group(local_rank, cuda, torch.cuda.device_count() if cuda else 0)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
     if world_size == 1:
-        return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        return DistEnv(device=plan.device)
+    if "RANK" not in os.environ:
+        raise DistributedSetupError(f"WORLD_SIZE is {world_size} but RANK is not set: start the processes with "
+                                    "torchrun or srun, or unset WORLD_SIZE")
+    env = DistEnv(int(os.environ["RANK"]), world_size, local_rank, plan.device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=world_size)
+        dist.init_process_group(backend=plan.backend, rank=env.rank, world_size=world_size,
+                                **({"timeout": timeout} if timeout else {}))
     return env
 
 
@@ -83,6 +133,28 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+def my_share(count: int) -> range:
+    """This rank's contiguous share of ``count`` items (sizes differ by one at most)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return range(count)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return range(count * rank // world, count * (rank + 1) // world)
+
+
+@torch.no_grad()
+def gather_shares(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Every rank's rows of ``my_share(count)``, in order, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    world = dist.get_world_size()
+    sizes = [count * (r + 1) // world - count * r // world for r in range(world)]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on some rank (a stop signal must stop all ranks together)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -90,3 +162,12 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def from_main(value):
+    """Rank 0's ``value`` on every rank (over the group's CPU backend: it never waits for a GPU)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -30,7 +30,7 @@ from harness.models import (
     model_name,
     teacher_run_dir,
 )
-from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, default_device, train
+from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, train
 from results.queries import PROGRESS_TERM, REFERENCE
 from results.records import ingest, read_record, write_record
 from results.store import Store, now, terms_json
@@ -75,7 +75,7 @@ def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluatio
         if trained.teacher is not None:
             result.metrics.update(feature_similarity(result.embedded, trained.teacher,
                                                      trained.objective.student_projection(), eval_set, device,
-                                                     batch_size, loader_workers))
+                                                     batch_size, loader_workers, trained.config.train.precision))
         evaluation.metrics[eval_set.benchmark], evaluation.items[eval_set.benchmark] = result.metrics, result.items
     return evaluation
 
@@ -84,7 +84,8 @@ def cost(trained: TrainedRun, device: torch.device) -> dict[str, float]:
     """The student's inference cost (GFLOPs per image and per text, images/s on this device)."""
     gflops_image, gflops_text = gflops_per_sample(trained.student.model, trained.student.tokenizer, device)
     return {"gflops_image": gflops_image, "gflops_text": gflops_text,
-            "images_per_second": images_per_second(trained.student.model, device, trained.config.eval.batch_size)}
+            "images_per_second": images_per_second(trained.student.model, device, trained.config.eval.batch_size,
+                                                   trained.config.train.precision)}
 
 
 def code_version() -> str:
@@ -220,7 +221,7 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
         raise
     if not env.is_main:
         return "done"
-    started, device = time.perf_counter(), default_device(env)
+    started, device = time.perf_counter(), env.device
     try:
         trained = load_trained_run(run_dir, device)
         evaluation = evaluate(trained, config.benchmarks(), device)

@@ -17,12 +17,15 @@ Layout of ``<output_dir>/.teacher-embeddings/<key>/`` (``clipkd cache info`` sum
   path, sample count and a digest of its ``__key__``s in ``meta.json``.
 
 Loader workers read the rows of the samples they yield (``CachedRows``); the trainer never builds the teacher.
-A build is one pass over the data: under torchrun every rank embeds its share (shards: whole shards per rank and
-loader worker). Builders queue on an exclusive lock, write a private folder and rename it into place, so a cache
-folder is whole whenever it exists; a builder that holds the lock removes the partial folders of killed builders.
+A build is one pass over the data: under torchrun every rank embeds its share at once (shards: whole shards per
+rank and loader worker), in the run's precision. Builders queue on an exclusive lock, write a private folder and
+rename it into place, so a cache folder is whole whenever it exists; a builder removes the partial folders whose
+builders are gone. No rank waits inside a collective for another's long work (the lock, the embedding): those
+waits are polls of the lock and of marker files, and the collectives that remain last a moment.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -30,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,9 +47,19 @@ from harness.config import RunConfig
 from harness.data import build_source, workers
 from harness.data.shards import ShardSource
 from harness.data.views import Augmentation, ViewSpec
-from harness.distributed import DistEnv, init_distributed
+from harness.distributed import DistEnv, from_main, init_distributed
 from harness.errors import ClipkdError
-from harness.models import create_teacher, model_identity, model_name, parameter_dtype, teacher_run_dir
+from harness.models import (
+    autocast,
+    create_teacher,
+    model_identity,
+    model_name,
+    output_dtype,
+    parameter_dtype,
+    teacher_run_dir,
+)
+from harness.processes import pid_alive
+from methods import normalize
 
 CACHE_DIR = ".teacher-embeddings"
 META = "meta.json"
@@ -62,7 +76,9 @@ def preprocessing(config: RunConfig) -> dict[str, Any]:
     import open_clip
 
     text = open_clip.get_model_config(model_name(config.student.model)).get("text_cfg", {})
-    forward = {"teacher_dtype": "float64"} if config.train.precision == "fp64" else {}
+    forward = {  # the teacher runs in the run's precision: a bf16 run's cache is not an fp32 run's
+        "fp64": {"teacher_dtype": "float64"}, "bf16": {"teacher_autocast": "bf16"}, "fp16": {"teacher_autocast": "fp16"},
+    }.get(config.train.precision, {})
     return {"view": ViewSpec.of(config.student.model).describe(), "views_version": VIEWS_VERSION,
             "context_length": text.get("context_length", 77), "tokenizer": text.get("hf_tokenizer_name"), **forward}
 
@@ -130,6 +146,36 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / META).read_text())
 
 
+MAX_OPEN_ARRAYS = 64  # per process; each open map holds a file descriptor (the usual soft limit is 1,024)
+
+
+class OpenArrays:
+    """A cache folder's ``.npy`` arrays, memory-mapped on first use, at most MAX_OPEN_ARRAYS at a time (the least
+    recently used is flushed and closed): a cache of the paper's 1,380 shards holds 4,140 arrays."""
+
+    def __init__(self, folder: Path, writable: bool = False, limit: int = MAX_OPEN_ARRAYS):
+        self.folder, self.mode, self.limit = Path(folder), "r+" if writable else "r", limit
+        self._open: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._open:
+            self._open.move_to_end(name)
+        else:
+            while len(self._open) >= self.limit:
+                self._release(self._open.popitem(last=False)[1])
+            self._open[name] = np.load(self.folder / f"{name}.npy", mmap_mode=self.mode)
+        return self._open[name]
+
+    def _release(self, array: np.ndarray) -> None:
+        if self.mode == "r+":
+            array.flush()
+        # the map (and its descriptor) closes with its last reference: callers keep copies, never views
+
+    def close(self) -> None:
+        while self._open:
+            self._release(self._open.popitem()[1])
+
+
 class CachedRows:
     """Reads the rows of given samples and views from a finished cache. Picklable: each process (a loader worker)
     maps the arrays itself, on first use."""
@@ -139,17 +185,16 @@ class CachedRows:
         meta = read_meta(self.folder)
         self.samples, self.embed_dim, self.logit_scale = meta["samples"], meta["embed_dim"], meta["logit_scale"]
         self.views, self.shards = meta["spec"]["views"], meta.get("shards")
-        self._arrays: dict[str, np.ndarray] = {}
-        self._pid = None
+        # what the live teacher handed the losses: a bf16 run's embeddings are bf16, stored exactly as float32
+        self.embedding_dtype = getattr(torch, meta.get("embedding_dtype", "float32"))
+        self._arrays, self._pid = None, None
 
     def __getstate__(self):
-        return {**self.__dict__, "_arrays": {}, "_pid": None}
+        return {**self.__dict__, "_arrays": None, "_pid": None}
 
     def _array(self, name: str) -> np.ndarray:
-        if self._pid != os.getpid():
-            self._arrays, self._pid = {}, os.getpid()
-        if name not in self._arrays:
-            self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        if self._pid != os.getpid():  # maps are never shared with a forked loader worker
+            self._arrays, self._pid = OpenArrays(self.folder), os.getpid()
         return self._arrays[name]
 
     def lookup(self, samples: np.ndarray, views: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,67 +227,95 @@ def info(folder: Path) -> dict[str, Any]:
 
 
 # -- building ------------------------------------------------------------------------------------------------------
+POLL_SECONDS = 0.5
+
+
+def _try_lock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another builder holds it
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _exclusive(lock_path: Path, env: DistEnv) -> Iterator[None]:
+    """The builders' lock, held by rank 0 for all ranks. It is tried, not waited for: while another job builds,
+    the ranks meet in a short broadcast every POLL_SECONDS rather than waiting in one collective for as long as
+    that build takes (an NCCL or gloo group times out)."""
+    handle = None
+    if env.is_main:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a")
+    try:
+        while not from_main(handle is not None and _try_lock(handle)):
+            time.sleep(POLL_SECONDS)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+OWNER = ".owner.json"  # in a partial folder: the builder's host and pid; its mtime is the builder's heartbeat
+STALE_SECONDS = 15 * 60  # a builder on another host is gone when it has not written for this long
 
 
 def _partial_name(folder: Path) -> str:
     return f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"
 
 
+def _claim(partial: Path) -> None:
+    partial.mkdir(parents=True)
+    (partial / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def _abandoned(partial: Path) -> bool:
+    """Whether a partial folder's builder is gone: on this host its process has ended; on another, it has not
+    written for STALE_SECONDS. A lock that works keeps other live builders out anyway; this keeps a builder on a
+    filesystem whose lock does nothing (some NFS mounts) from deleting the folder another one is filling."""
+    owner = partial / OWNER
+    try:
+        facts, age = json.loads(owner.read_text()), time.time() - owner.stat().st_mtime
+    except (OSError, ValueError):  # a folder a builder has just made (or a pre-owner-file one): by its age
+        return time.time() - partial.stat().st_mtime > STALE_SECONDS
+    if facts.get("host") == socket.gethostname():
+        return not pid_alive(int(facts["pid"]))
+    return age > STALE_SECONDS
+
+
 def _remove_abandoned(folder: Path) -> None:
-    """Partial folders of builders that died mid-build: with the lock held, no live builder owns one."""
-    for abandoned in folder.parent.glob(f"{folder.name}.partial-*"):
-        shutil.rmtree(abandoned, ignore_errors=True)
+    """Partial folders of builders that died mid-build."""
+    for partial in folder.parent.glob(f"{folder.name}.partial-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if _abandoned(partial):
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) -> Path:
-    """The cache folder of ``config``'s teacher, data and views, built first if it does not exist yet."""
+    """The cache folder of ``config``'s teacher, data and views, built first if it does not exist yet; under
+    torchrun every rank embeds its share."""
     folder = cache_dir(config)
     env = env or init_distributed()
-    if env.distributed:  # every rank embeds its share into the folder rank 0 names
-        return _build_distributed(config, folder, device, env)
-    if _complete(folder):
+    if from_main(_complete(folder)):
         return folder
-    with _exclusive(folder.with_suffix(".lock")):
-        if not _complete(folder):  # another builder may have finished while this one waited
-            _remove_abandoned(folder)
-            partial = folder.with_name(_partial_name(folder))
-            _embed(config, partial, device, share=(0, 1), create=True)
-            _publish(partial, folder)
+    builder = _Builder(config, device)  # the teacher and the data's index, before this rank meets the others
+    with _exclusive(folder.with_suffix(".lock"), env):
+        built, partial = from_main((_complete(folder), folder.with_name(_partial_name(folder))))
+        if not built:  # another builder may have finished while this one waited
+            if env.is_main:
+                _remove_abandoned(folder)
+            builder.build(partial, env)
+            if env.is_main:
+                _publish(partial, folder)
+        _meet(env)  # rank 0 has renamed the folder into place: a moment's wait
     return folder
 
 
-def _build_distributed(config: RunConfig, folder: Path, device: torch.device, env: DistEnv) -> Path:
-    import torch.distributed as dist
+def _meet(env: DistEnv) -> None:
+    if env.distributed:
+        import torch.distributed as dist
 
-    lock = contextlib.ExitStack()
-    if env.is_main:
-        lock.enter_context(_exclusive(folder.with_suffix(".lock")))  # rank 0 holds it for the whole build
-    with lock:
-        decision = [_complete(folder), _partial_name(folder)]
-        dist.broadcast_object_list(decision, src=0)  # rank 0 decides for all, so no rank waits alone
-        built, partial = decision[0], folder.with_name(decision[1])
-        if built:
-            return folder
-        if env.is_main:
-            _remove_abandoned(folder)
-            _embed(config, partial, device, share=(0, env.world_size), create=True)
-        dist.barrier()  # the arrays exist; the other ranks fill their rows
-        if not env.is_main:
-            _embed(config, partial, device, share=(env.rank, env.world_size), create=False)
         dist.barrier()
-        if env.is_main:
-            _publish(partial, folder)
-    dist.barrier()
-    return folder
 
 
 def _publish(partial: Path, folder: Path) -> None:
@@ -250,6 +323,35 @@ def _publish(partial: Path, folder: Path) -> None:
         os.rename(partial, folder)  # atomic: readers see no folder or a whole one
     except OSError:  # a concurrent builder published first (no working lock): keep its copy
         shutil.rmtree(partial, ignore_errors=True)
+
+
+class _Marks:
+    """Files in a partial cache folder by which its builders' ranks follow each other's progress (arrays
+    created, a rank's share embedded, a rank failed) without waiting inside a collective."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f".mark-{name}"
+
+    def set(self, name: str, text: str = "") -> None:
+        self._path(name).write_text(text)
+
+    def wait(self, names: list[str]) -> None:
+        """Until every mark in ``names`` is set; a failed rank's mark raises here."""
+        while True:
+            failed = sorted(self.folder.glob(".mark-failed-*"))
+            if failed:
+                raise TeacherCacheError(f"building {self.folder}: {failed[0].name.removeprefix('.mark-')}: "
+                                        f"{failed[0].read_text()}")
+            if all(self._path(name).is_file() for name in names):
+                return
+            time.sleep(POLL_SECONDS)
+
+    def clear(self) -> None:
+        for mark in self.folder.glob(".mark-*"):
+            mark.unlink()
 
 
 class _Work(IterableDataset):
@@ -289,53 +391,84 @@ def _chunks(source, share: tuple[int, int], batch: int) -> list[tuple[str, np.nd
     return [("", ids[start:start + batch], ids[start:start + batch]) for start in range(0, len(ids), batch)]
 
 
-def _create_arrays(folder: Path, prefix: str, count: int, views: int, dim: int, storage) -> None:
-    shapes = {"image": ((count, max(1, views), dim), storage), "text": ((count, dim), storage),
-              "boxes": ((count, views, 4), np.int32)}
-    for name, (shape, dtype) in shapes.items():
-        np.lib.format.open_memmap(folder / f"{prefix}{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+class _Builder:
+    """One process's part of a build: the teacher, run in the run's precision (the cached embeddings are the ones
+    a live teacher of the same run computes), and the training set as the student sees it."""
 
+    def __init__(self, config: RunConfig, device: torch.device):
+        self.config, self.device, self.spec = config, device, CacheSpec.of(config)
+        self.teacher = create_teacher(config.teacher, device, parameter_dtype(config.train.precision))
+        augmentation = Augmentation("replay", views=self.spec.views) if self.spec.views else Augmentation("none")
+        self.source = build_source(config.data, config.student.model, student_tokenizer(config), augmentation,
+                                   config.output_dir)
+        self.sharded = isinstance(self.source, ShardSource)
+        self.prefixes = ([(f"shards/{i}.", int(n)) for i, n in enumerate(self.source.index.counts)]
+                         if self.sharded else [("", len(self.source))])
 
-def _embed(config: RunConfig, folder: Path, device: torch.device, share: tuple[int, int], create: bool) -> None:
-    """Embed this rank's share of the samples (every stored view) into ``folder``'s arrays (created by rank 0)."""
-    spec = CacheSpec.of(config)
-    dtype = parameter_dtype(config.train.precision)
-    teacher = create_teacher(config.teacher, device, dtype)
-    augmentation = Augmentation("replay", views=spec.views) if spec.views else Augmentation("none")
-    source = build_source(config.data, config.student.model, student_tokenizer(config), augmentation,
-                          config.output_dir)
-    storage, dim = STORAGE[spec.storage], teacher.embed_dim
-    prefixes = ([(f"shards/{i}.", int(n)) for i, n in enumerate(source.index.counts)]
-                if isinstance(source, ShardSource) else [("", len(source))])
-    if create:
-        (folder / "shards" if isinstance(source, ShardSource) else folder).mkdir(parents=True, exist_ok=True)
-        for prefix, count in prefixes:
-            _create_arrays(folder, prefix, count, spec.views, dim, storage)
-    chunks = _chunks(source, share, config.eval.batch_size)
-    loader = DataLoader(_Work(source, chunks, spec.views), batch_size=None,
-                        num_workers=min(workers(config.data.workers), len(chunks)))
-    opened: dict[str, dict[str, np.ndarray]] = {}
-    with torch.no_grad():
-        for prefix, rows, images, tokens, boxes in loader:
-            arrays = opened.setdefault(prefix, {name: np.load(folder / f"{prefix}{name}.npy", mmap_mode="r+")
-                                                for name in ("image", "text", "boxes")})
-            views, n = images.shape[:2]
-            embedded = teacher.model.encode_image(images.flatten(0, 1).to(device, dtype))
-            embedded = torch.nn.functional.normalize(embedded, dim=-1).view(views, n, -1).transpose(0, 1)
-            arrays["image"][rows] = embedded.cpu().numpy().astype(storage)
-            texts = torch.nn.functional.normalize(teacher.model.encode_text(tokens.to(device)), dim=-1)
-            arrays["text"][rows] = texts.cpu().numpy().astype(storage)
-            if spec.views:
-                arrays["boxes"][rows] = boxes.transpose(0, 1).numpy()
-    for arrays in opened.values():
-        for array in arrays.values():
-            array.flush()
-    if share[0] == 0:
-        meta = {"spec": asdict(spec), "samples": sum(n for _, n in prefixes), "embed_dim": dim,
-                "logit_scale": float(teacher.model.logit_scale.exp()), "teacher_model": type(teacher.model).__name__}
-        if isinstance(source, ShardSource):
-            meta["shards"] = [{"path": str(path), "samples": count, "keys": _keys_digest(source, i)}
-                              for i, (path, (_, count)) in enumerate(zip(source.index.shards, prefixes))]
+    def build(self, folder: Path, env: DistEnv) -> None:
+        """Rank 0 creates the arrays (cheap: their files), then every rank embeds its share at once; they meet
+        when all are done."""
+        marks = _Marks(folder)
+        try:
+            if env.is_main:
+                _claim(folder)
+                self.create_arrays(folder)
+                marks.set("created")
+            else:
+                marks.wait(["created"])
+            self.embed(folder, (env.rank, env.world_size))
+        except BaseException as error:
+            if folder.is_dir():
+                marks.set(f"failed-rank{env.rank}", f"{type(error).__name__}: {error}")
+            raise
+        marks.set(f"embedded-{env.rank}")
+        marks.wait([f"embedded-{rank}" for rank in range(env.world_size)])
+        _meet(env)  # every rank has seen every mark: a moment's wait
+        if env.is_main:
+            marks.clear()
+            (folder / OWNER).unlink()
+            self.write_meta(folder)
+
+    def create_arrays(self, folder: Path) -> None:
+        if self.sharded:
+            (folder / "shards").mkdir()
+        storage, views, dim = STORAGE[self.spec.storage], self.spec.views, self.teacher.embed_dim
+        for prefix, count in self.prefixes:
+            shapes = {"image": ((count, max(1, views), dim), storage), "text": ((count, dim), storage),
+                      "boxes": ((count, views, 4), np.int32)}
+            for name, (shape, dtype) in shapes.items():
+                np.lib.format.open_memmap(folder / f"{prefix}{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+
+    def embed(self, folder: Path, share: tuple[int, int]) -> None:
+        """Embed this rank's share of the samples (every stored view) into the arrays."""
+        chunks = _chunks(self.source, share, self.config.eval.batch_size)
+        loader = DataLoader(_Work(self.source, chunks, self.spec.views), batch_size=None,
+                            num_workers=min(workers(self.config.data.workers), len(chunks)))
+        storage, model = STORAGE[self.spec.storage], self.teacher.model
+        dtype = parameter_dtype(self.config.train.precision)
+        arrays, owner = OpenArrays(folder, writable=True), folder / OWNER
+        with torch.no_grad():
+            for prefix, rows, images, tokens, boxes in loader:
+                os.utime(owner)  # the heartbeat that tells other builders this one is alive
+                views, n = images.shape[:2]
+                with autocast(self.device, self.config.train.precision):
+                    image = normalize(model.encode_image(images.flatten(0, 1).to(self.device, dtype)))
+                    text = normalize(model.encode_text(tokens.to(self.device)))
+                # through float64, which holds a bf16, fp32 or fp64 value exactly: one rounding, to the storage dtype
+                arrays[f"{prefix}image"][rows] = image.view(views, n, -1).transpose(0, 1).double().cpu().numpy().astype(storage)
+                arrays[f"{prefix}text"][rows] = text.double().cpu().numpy().astype(storage)
+                if self.spec.views:
+                    arrays[f"{prefix}boxes"][rows] = boxes.transpose(0, 1).numpy()
+        arrays.close()
+
+    def write_meta(self, folder: Path) -> None:
+        meta = {"spec": asdict(self.spec), "samples": sum(n for _, n in self.prefixes),
+                "embed_dim": self.teacher.embed_dim, "logit_scale": float(self.teacher.model.logit_scale.exp()),
+                "embedding_dtype": str(output_dtype(self.config.train.precision)).removeprefix("torch."),
+                "teacher_model": type(self.teacher.model).__name__}
+        if self.sharded:
+            meta["shards"] = [{"path": str(path), "samples": count, "keys": _keys_digest(self.source, i)}
+                              for i, (path, (_, count)) in enumerate(zip(self.source.index.shards, self.prefixes))]
         (folder / META).write_text(json.dumps(meta, indent=1))
 
 

@@ -34,7 +34,7 @@ from harness.distributed import (
 )
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
-from harness.models import ClipBundle, create_clip, create_teacher, parameter_dtype
+from harness.models import ClipBundle, autocast, create_clip, create_teacher, parameter_dtype
 from harness.teacher_cache import CachedRows
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
@@ -116,13 +116,14 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """The teacher's embeddings of the batch's samples and views, read from its cache by the loader: it never runs."""
+    """The teacher's embeddings of the batch's samples and views, read from its cache by the loader: it never runs.
+    They reach the losses in the dtype the live teacher's would have (bf16 under bf16 autocast)."""
 
-    def __init__(self, logit_scale: float):
-        self.logit_scale = logit_scale
+    def __init__(self, rows: CachedRows):
+        self.logit_scale, self.dtype = rows.logit_scale, rows.embedding_dtype
 
     def __call__(self, batch: Batch):
-        return (batch.teacher_image, batch.teacher_text,
+        return (batch.teacher_image.to(self.dtype), batch.teacher_text.to(self.dtype),
                 torch.tensor(self.logit_scale, device=batch.images.device, dtype=batch.images.dtype))
 
 
@@ -154,20 +155,21 @@ def compute_losses(
 
 class ProgressEvaluation:
     """Zero-shot top-1 during training, every ``eval.every_steps`` steps, on the run's first benchmark (or its first
-    ``eval.during_items`` items), logged with the samples seen so far: how many samples a method needs. On rank 0,
-    with the global RNG left as it was, so a run trains to the same weights with or without it."""
+    ``eval.during_items`` items), logged with the samples seen so far: how many samples a method needs. Every rank
+    embeds its share of the images (no rank waits for another's evaluation in the next step's gather); the global
+    RNG is left as it was, so a run trains to the same weights with or without it."""
 
-    def __init__(self, config: RunConfig, student: ClipBundle, device: torch.device, log: Path):
-        from evals.datasets import FirstItems, load_eval_set
+    def __init__(self, config: RunConfig, student: ClipBundle, device: torch.device, log: Path | None):
+        from evals.datasets import DuringTraining, load_eval_set
 
         benchmarks = config.benchmarks()
         eval_set = load_eval_set(benchmarks[0].dataset, benchmarks[0].root, student.preprocess_eval) if benchmarks else None
         if eval_set is None or eval_set.classification is None:
             raise TrainingError("eval.every_steps evaluates zero-shot classification on the first of eval.benchmarks; "
                                 "give a benchmark with classes (a built-in set, imagefolder or a clip_benchmark one)")
-        self.benchmark, self.dataset = eval_set.benchmark, eval_set.classification
-        if config.eval.during_items:
-            self.dataset = FirstItems(self.dataset, config.eval.during_items)
+        self.benchmark = eval_set.benchmark
+        self.dataset = DuringTraining(eval_set.classification, config.eval.during_items,
+                                      parameter_dtype(config.train.precision))
         self.student, self.device, self.log = student, device, log
         self.batch_size, self.workers = config.eval.batch_size, workers(config.eval.workers)
 
@@ -179,9 +181,10 @@ class ProgressEvaluation:
             metrics = classification_metrics(model, self.student.tokenizer, self.dataset, self.device,
                                              self.batch_size, Classifiers(), self.workers).metrics
         model.train()
-        with self.log.open("a") as log:
-            log.write(json.dumps({"step": step, "samples_seen": samples_seen, "benchmark": self.benchmark,
-                                  "acc1": metrics["acc1"]}) + "\n")
+        if self.log is not None:
+            with self.log.open("a") as log:
+                log.write(json.dumps({"step": step, "samples_seen": samples_seen, "benchmark": self.benchmark,
+                                      "acc1": metrics["acc1"]}) + "\n")
 
 
 def parameter_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -256,7 +259,6 @@ class Trainer:
         self.schedule = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, self.total_steps)
         use_cuda = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.precision == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         self.step = 0
 
     def _teacher(self) -> tuple[LiveTeacher | CachedTeacher | None, int | None]:
@@ -265,7 +267,7 @@ class Trainer:
             return None, None
         if teacher.embeddings == "cached":
             self.cached_rows = CachedRows(teacher_cache.ensure(self.config, self.device, self.env))
-            return CachedTeacher(self.cached_rows.logit_scale), self.cached_rows.embed_dim
+            return CachedTeacher(self.cached_rows), self.cached_rows.embed_dim
         bundle = create_teacher(teacher, self.device, self.dtype)
         return LiveTeacher(bundle.model), bundle.embed_dim
 
@@ -310,12 +312,7 @@ class Trainer:
         if self.objective.image_mask_ratio is not None:
             rows, cols = patch_grid(self.student.model.visual, batch.images.shape[-1])
             noise = mask_noise(cfg.train.batch_size, rows * cols, cfg.seed, self.step, self.env)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with autocast(self.device, cfg.train.precision):
             terms = compute_losses(self.student.model, self.teacher, self.objective, batch, noise)
             loss = self.objective.total(terms)
         # one device-to-host transfer for every term, not one sync per term
@@ -349,9 +346,10 @@ class Trainer:
         return (self.run_dir / TRAIN_LOG).open("a")
 
     def _progress(self) -> ProgressEvaluation | None:
-        if self.config.eval.every_steps is None or not self.env.is_main:
+        if self.config.eval.every_steps is None:
             return None
-        return ProgressEvaluation(self.config, self.student, self.device, self.run_dir / EVAL_LOG)
+        return ProgressEvaluation(self.config, self.student, self.device,
+                                  self.run_dir / EVAL_LOG if self.env.is_main else None)
 
     def fit(self) -> None:
         cfg = self.config
@@ -400,10 +398,6 @@ class Trainer:
                                      "teacher_forward_samples": embedded, **fields}) + "\n")
 
 
-def default_device(env: DistEnv) -> torch.device:
-    return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def train(config: RunConfig, resume: bool = False) -> Path:
     """Train one run to completion in ``config.run_dir``; with ``resume`` continue from its latest checkpoint."""
     env = init_distributed()
@@ -413,7 +407,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         return run_dir  # the same resolved config has already been trained: nothing to do
     if latest.exists() and not resume:
         raise TrainingError(f"{run_dir} holds an unfinished run; continue it with --resume (or delete the directory)")
-    trainer = Trainer(config, env, default_device(env))
+    trainer = Trainer(config, env, env.device)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.resolved(), indent=2) + "\n")

@@ -107,15 +107,15 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard") -> str:
 
     data = load_builtin("digits", "train")
     folder.mkdir(parents=True, exist_ok=True)
-    start = 0
+    start, digits = 0, max(2, len(str(len(sizes) - 1)))
     for shard, size in enumerate(sizes):
-        with wds.TarWriter(str(folder / f"{prefix}-{shard:02d}.tar")) as sink:
+        with wds.TarWriter(str(folder / f"{prefix}-{shard:0{digits}d}.tar")) as sink:
             for i in range(start, start + size):
                 png = io.BytesIO()
                 Image.fromarray(data.images[i]).save(png, format="PNG")
                 sink.write({"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i]})
         start += size
-    return str(folder / f"{prefix}-{{00..{len(sizes) - 1:02d}}}.tar")
+    return str(folder / f"{prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
 
 
 POSTGRES = ROOT / "scripts" / "postgres.sh"

@@ -17,6 +17,7 @@ from conftest import ROOT
     ("gd_memory.py", ["--batch", "64", "--dim", "32"], "released code's B×D×B"),
     ("cache_size.py", ["--views", "2", "--batches", "1"], "GB float16"),
     ("eval.py", ["--dataset", "digits", "--repeats", "1"], "numbers identical"),
+    ("gpu_check.py", [], "There is no CUDA here"),  # and every part ran: a crash exits 1
 ])
 def test_benchmark_runs_and_prints_its_ratios(script, args, prints):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,

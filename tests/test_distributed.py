@@ -5,6 +5,7 @@ the sums, and how far that moves a gradient depends on the CPU's kernels (1.6e-5
 EPYC stayed below 1e-6). In float64 reordering moves a value by about n·2⁻⁵³ of the summed magnitudes, far below
 the tolerances here, while a wrong gather or a missing average moves gradients by a factor (e.g. 2x).
 """
+import json
 import os
 import socket
 
@@ -107,7 +108,8 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, teacher)
     kd = dict(teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher)},
               distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1},
-              train={"steps": 6, "checkpoint_every": 3, "precision": "fp64"})
+              train={"steps": 6, "checkpoint_every": 3, "precision": "fp64"},
+              eval={"every_steps": 3, "workers": 0})  # each rank embeds its share of the test images
     one = write_config(tmp_path, "one", output_dir=str(tmp_path / "one"), **kd)
     two = write_config(tmp_path, "two", output_dir=str(tmp_path / "two"), **kd)
     run_clipkd("train", str(one), cwd=tmp_path)
@@ -118,6 +120,8 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     )
     (run_one,), (run_two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
     assert run_one.name == run_two.name  # output_dir and name do not change the run id
+    progress = [[json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()] for run in (run_one, run_two)]
+    assert [p["step"] for p in progress[0]] == [0, 3, 6] and progress[0] == progress[1]
     a = torch.load(run_one / "checkpoints" / "final.pt", weights_only=False)
     b = torch.load(run_two / "checkpoints" / "final.pt", weights_only=False)
     for part in ("state_dict", "methods"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, require, run_clipkd
+from test_teacher_cache import _free_port
 
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 
@@ -43,9 +44,11 @@ def test_a_cell_runs_as_one_job_on_two_nodes_and_equals_one_process(two_nodes, t
             "train": {"batch_size": 32, "steps": 6, "checkpoint_every": 3, "precision": "fp64"}}
     grid = {"name": "two-nodes", "output_dir": "runs", "base": base,
             "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}},
-            # the ranks' rendezvous goes over the link between the nodes, named alike on both
+            # the ranks' rendezvous goes over the link between the nodes, named alike on both; the site presets a
+            # port (kept) and a stale RANK (replaced by each task's own)
             "slurm": {"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 10,
-                      "setup": ["export GLOO_SOCKET_IFNAME=clipkd0"]}}
+                      "setup": ["export GLOO_SOCKET_IFNAME=clipkd0", f"export MASTER_PORT={_free_port()}",
+                                "export RANK=7"]}}
     (tmp_path / "grids").mkdir()
     (tmp_path / "grids" / "two.yaml").write_text(yaml.safe_dump(grid))
     out = run_clipkd("grid", "submit", "grids/two.yaml", "--executor", "slurm", "--wait", cwd=tmp_path).stdout
@@ -58,6 +61,9 @@ def test_a_cell_runs_as_one_job_on_two_nodes_and_equals_one_process(two_nodes, t
     nodelist = subprocess.run(["sacct", "-n", "-X", "-j", job["job_id"], "-o", "NodeList%30"], capture_output=True,
                               text=True).stdout.split()
     assert nodelist == ["node[1-2]"], nodelist
+    logs = sorted((tmp_path / "runs" / ".grids" / "two-nodes" / "jobs").rglob("*_log.err"))
+    said = [line for log in logs for line in log.read_text().splitlines() if "RANK=7 was set" in line]
+    assert sorted(said) == ["clipkd: RANK=7 was set; this task's RANK is 0", "clipkd: RANK=7 was set; this task's RANK is 1"]
 
     config = yaml.safe_load((tmp_path / "grids" / "two.yaml").read_text())["base"]
     one = tmp_path / "one.yaml"
