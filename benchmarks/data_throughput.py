@@ -98,13 +98,34 @@ def _open_clip_epoch(rank: int, port: int, args, pattern: str, index_root: str, 
     options = SimpleNamespace(train_data=pattern, train_num_samples=args.samples, train_data_upsampling_factors=None,
                               dataset_resampled=False, batch_size=args.batch, workers=args.workers, world_size=2,
                               seed=0)
+    decodes = counting_webdataset_decodes()
     data = get_wds_dataset(options, preprocess_train, is_train=True, epoch=0, tokenizer=open_clip.get_tokenizer(STUDENT))
     torch.distributed.barrier()
     started, images = time.perf_counter(), 0
     for image, _ in data.dataloader:
         images += len(image)
-    # open_clip decodes each sample it yields, once
-    Path(out).write_text(json.dumps({"seconds": time.perf_counter() - started, "images": images, "decoded": images}))
+    Path(out).write_text(json.dumps({"seconds": time.perf_counter() - started, "images": images,
+                                     "decoded": decodes.value}))
+
+
+def counting_webdataset_decodes():
+    """A counter of webdataset's image decodes (open_clip's ``wds.decode("pilrgb")``) in this process and the
+    loader workers it forks: shared memory, since each worker decodes in its own process."""
+    import multiprocessing
+
+    import webdataset.autodecode as autodecode
+
+    decodes, decode = multiprocessing.get_context("fork").Value("q", 0), autodecode.ImageHandler.__call__
+
+    def counted(self, key, data):
+        image = decode(self, key, data)
+        if image is not None:  # None: not an image extension
+            with decodes.get_lock():
+                decodes.value += 1
+        return image
+
+    autodecode.ImageHandler.__call__ = counted
+    return decodes
 
 
 def loader_epoch(tool, args, pattern: str, folder: Path) -> dict:

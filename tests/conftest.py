@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,26 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def rendezvous():
+    """Where a group of test processes meets: a store this process serves on a port the OS picks, held open for
+    the group's life (a port found free, closed and handed on can be taken in between). The processes join as its
+    clients, as ranks do under torchrun, with the variables it yields."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def free_port() -> int:
+    """A port free now, for a server that must be told its port (Streamlit, a site's preset MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_clipkd(*args: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600):

@@ -3,6 +3,7 @@ shows its data (the leaderboard rows, the scatter plot's points), and raises no 
 
 CLIPKD_SCREENSHOTS=DIR also keeps the screenshots there, and CLIPKD_BROWSER_DB=URL serves that store instead of the
 smoke grid's: the README's pictures are this test over the demo grid's store (`make screenshots`)."""
+import json
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require
+from conftest import ROOT, free_port, require
 
 CHROMIUM = "/usr/bin/chromium"
 # page title in the sidebar -> what shows the page has its data
@@ -37,26 +38,25 @@ INTERACTIONS = {
 
 
 def turn_on(page, role: str, label: str, shows: str) -> None:
-    """Click a control's label until the control is on, then wait for what it shows. A click that lands while
-    Streamlit replaces the page's elements can be lost; clicking again only after checking the state never turns
-    a toggle back off."""
+    """Click a control's label, wait until the control is on, then wait for what it shows. A click that lands while
+    Streamlit replaces the page's elements can be lost: then the control stays off and is clicked again; clicking
+    only when it is off never turns a toggle back off."""
+    from playwright.sync_api import expect
+
     control = page.get_by_role(role, name=label).first
     for _ in range(3):
         if control.is_checked():
             break
         page.get_by_text(label).first.click()
-        page.wait_for_timeout(1_000)
+        try:
+            expect(control).to_be_checked(timeout=15_000)
+        except AssertionError:
+            continue
     try:
         page.wait_for_selector(shows, state="attached", timeout=60_000)
     except Exception as error:  # say what the page showed instead
         pytest.fail(f"{label!r} ({'on' if control.is_checked() else 'off'}) never showed {shows}: {error}\n"
                     f"the page: {page.locator('[data-testid=stMain]').inner_text()[:3000]}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -73,29 +73,58 @@ def listening_addresses(port: int) -> set[str]:
 STORE = os.environ.get("CLIPKD_BROWSER_DB")  # None: the smoke grid's store, whose rows the test knows
 
 
+def start_app(workdir: Path) -> tuple[subprocess.Popen, int]:
+    """``clipkd app`` on a free port, once it answers its health check; on another port if one was taken between
+    finding it free and Streamlit binding it."""
+    store = ["--db", STORE] if STORE else []
+    for _ in range(3):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "harness.cli", "app", "--port", str(port), *store],
+                                  cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        return server, port
+            except OSError:
+                time.sleep(0.5)
+        server.kill()
+        output = server.stdout.read()
+        if "address already in use" not in output.lower():
+            break
+    pytest.fail(f"clipkd app did not start:\n{output}")
+
+
 @pytest.fixture(scope="module")
 def served_app(request):
     workdir = ROOT if STORE else request.getfixturevalue("smoke_grid")[0]
-    port = free_port()
-    store = ["--db", STORE] if STORE else []
-    server = subprocess.Popen([sys.executable, "-m", "harness.cli", "app", "--port", str(port), *store], cwd=workdir,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"clipkd app did not start:\n{server.stdout.read()}")
-            time.sleep(0.5)
-    yield url, port
+    server, port = start_app(workdir)
+    yield f"http://127.0.0.1:{port}", port, workdir
     server.terminate()
     server.wait(timeout=30)
+
+
+def assert_progress_curves_are_the_runs(page, workdir: Path) -> None:
+    """The chart of accuracy during training against samples seen: each run's points are those of its
+    eval_log.jsonl, at step × global batch."""
+    traces = page.evaluate("""() => {
+        const plot = [...document.querySelectorAll('.js-plotly-plot')].find(
+            p => (p.layout.title.text || '').replace(/<[^>]*>/g, '').startsWith('zero-shot acc1'));
+        return plot && plot._fullData.map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));
+    }""")
+    assert traces, "no chart of accuracy against samples seen"
+    logs = {}
+    for config_file in (workdir / "runs").glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        points = [json.loads(line) for line in (config_file.parent / "eval_log.jsonl").read_text().splitlines()]
+        logs[config["name"]] = (config["train"]["batch_size"], points)
+    for trace in traces:
+        batch, points = logs[trace["name"]]
+        assert trace["x"] == [p["step"] * batch for p in points] == [p["samples_seen"] for p in points]
+        assert trace["y"] == pytest.approx([p["acc1"] for p in points], abs=1e-12)
+        assert len(points) >= 3
 
 
 def test_app_listens_on_localhost_only(served_app):
@@ -106,7 +135,7 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
     require(Path(CHROMIUM).is_file(), "Chromium is not installed (scripts/install_debian.sh chromium)")
     from playwright.sync_api import sync_playwright
 
-    url, _ = served_app
+    url, _, workdir = served_app
     problems = []
     keep = os.environ.get("CLIPKD_SCREENSHOTS")
     with sync_playwright() as playwright:
@@ -139,6 +168,8 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
                 apart = references.locator("[role=row]").all_text_contents()  # the reference model, apart
                 assert len(apart) == 2 and "pretrained:published-tiny-teacher.pt" in apart[1]
                 assert page.locator("h3:has-text('Reference models')").count() == 1
+            if title == "Training curves" and not STORE:
+                assert_progress_curves_are_the_runs(page, workdir)
             if title == "Feature similarity vs accuracy" and not STORE:
                 assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
                 assert "fit (r = " in page.locator(".js-plotly-plot").inner_text()

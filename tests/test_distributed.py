@@ -7,12 +7,12 @@ the tolerances here, while a wrong gather or a missing average moves gradients b
 """
 import json
 import os
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import rendezvous
 
 from harness.data import Batch
 from harness.data.builtin import load_builtin
@@ -55,9 +55,8 @@ def _losses_and_grads(rank_env, images, texts):
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
-def _worker(rank, world_size, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world_size, meeting, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), **meeting)
     torch.set_num_threads(1)
     env = init_distributed()
     _, _, _, images, texts = _setup()
@@ -68,12 +67,6 @@ def _worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_equals_single_process(tmp_path):
     from harness.distributed import DistEnv
 
@@ -81,7 +74,8 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     _, _, _, images, texts = _setup()
     single_terms, single_grads = _losses_and_grads(DistEnv(), images, texts)
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    with rendezvous() as meeting:
+        mp.spawn(_worker, args=(2, meeting, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         terms, grads = torch.load(tmp_path / f"rank{rank}.pt")
         assert terms.keys() == single_terms.keys()
@@ -114,7 +108,8 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     two = write_config(tmp_path, "two", output_dir=str(tmp_path / "two"), **kd)
     run_clipkd("train", str(one), cwd=tmp_path)
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "harness.cli", "train", str(two)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness.cli", "train",
+         str(two)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         check=True, capture_output=True, timeout=600,
     )

@@ -12,6 +12,7 @@
 """
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import resource
@@ -24,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, write_shards
-from test_teacher_cache import _free_port, first_step, kd_config
+from conftest import ROOT, rendezvous, write_shards
+from test_teacher_cache import first_step, kd_config
 from torch.distributed.distributed_c10d import BackendConfig
 
 from harness import distributed, teacher_cache
@@ -89,11 +90,10 @@ def test_a_task_bound_to_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
     assert plan_process_group(3, False, 0) == distributed.GroupPlan("gloo", CPU)
 
 
-def _train_rank(rank: int, port: int, config: dict) -> None:
+def _train_rank(rank: int, meeting: dict, config: dict) -> None:
     """A rank of a 2-process run on the group clipkd plans for CUDA, its backends standing in as gloo; the tensors
     stay on the CPU, so every CPU-tensor collective must find the group's CPU backend."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", **meeting)
     torch.set_num_threads(1)
     init = dist.init_process_group
     dist.init_process_group = lambda backend, **kwargs: init(gloo_standing_in_for(backend), **kwargs)
@@ -108,7 +108,8 @@ def test_two_ranks_train_on_the_group_planned_for_cuda(tmp_path, teacher_checkpo
     """A cached-teacher run: the cache's build (broadcasts, barriers) and every training step (gathers, gradient
     averaging, the stop flag) on the group; its final weights equal the 1-process run's in float64."""
     config = kd_config(tmp_path / "two", teacher_checkpoint, "cached", data={"workers": 0})
-    torch.multiprocessing.spawn(_train_rank, args=(_free_port(), config.resolved()), nprocs=2)
+    with rendezvous() as meeting:
+        torch.multiprocessing.spawn(_train_rank, args=(meeting, config.resolved()), nprocs=2)
     from harness.train import train
 
     one = kd_config(tmp_path / "one", teacher_checkpoint, "cached", data={"workers": 0})
@@ -123,9 +124,8 @@ GROUP_TIMEOUT_S = 3
 SLOW_CHUNK_S = 1.5  # rank 0's share: 3 chunks, 4.5 s, past the timeout
 
 
-def _build_rank(rank: int, port: int, config: dict, log: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _build_rank(rank: int, meeting: dict, config: dict, log: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", **meeting)
     torch.set_num_threads(1)
     env = init_distributed(timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     create = teacher_cache.create_teacher
@@ -164,15 +164,14 @@ def test_a_two_rank_cache_build_waits_in_no_collective_past_a_short_group_timeou
     lock = teacher_cache.cache_dir(config).with_suffix(".lock")
     lock.parent.mkdir(parents=True)
     log = tmp_path / "embedding.jsonl"
-    with lock.open("a") as held:
-        import fcntl
-
-        fcntl.flock(held, fcntl.LOCK_EX)
-        ranks = torch.multiprocessing.spawn(_build_rank, args=(_free_port(), config.resolved(), str(log)), nprocs=2,
-                                            join=False)
-        time.sleep(2 * GROUP_TIMEOUT_S)
-        released = time.time()
-    ranks.join()
+    with rendezvous() as meeting:
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            ranks = torch.multiprocessing.spawn(_build_rank, args=(meeting, config.resolved(), str(log)), nprocs=2,
+                                                join=False)
+            time.sleep(2 * GROUP_TIMEOUT_S)
+            released = time.time()
+        ranks.join()
     assert teacher_cache.is_built(config)
     spans = {line["rank"]: line for line in map(json.loads, log.read_text().splitlines())}
     assert spans[0]["began"] >= released and spans[1]["began"] >= released

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, require, run_clipkd
-from test_teacher_cache import _free_port
+from conftest import ROOT, free_port, require, run_clipkd
 
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 
@@ -47,7 +46,7 @@ def test_a_cell_runs_as_one_job_on_two_nodes_and_equals_one_process(two_nodes, t
             # the ranks' rendezvous goes over the link between the nodes, named alike on both; the site presets a
             # port (kept) and a stale RANK (replaced by each task's own)
             "slurm": {"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 10,
-                      "setup": ["export GLOO_SOCKET_IFNAME=clipkd0", f"export MASTER_PORT={_free_port()}",
+                      "setup": ["export GLOO_SOCKET_IFNAME=clipkd0", f"export MASTER_PORT={free_port()}",
                                 "export RANK=7"]}}
     (tmp_path / "grids").mkdir()
     (tmp_path / "grids" / "two.yaml").write_text(yaml.safe_dump(grid))

@@ -10,7 +10,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_clipkd, write_shards
+from conftest import ROOT, rendezvous, run_clipkd, write_shards
 
 from harness import teacher_cache
 from harness.config import parse_config
@@ -269,15 +268,8 @@ def test_shard_cache_replays_views_like_the_live_teacher(tmp_path, teacher_check
     assert np.load(folder / "shards" / "1.image.npy").shape == (60, 3, 96)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, config: dict, forbid_teacher: bool) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, meeting: dict, config: dict, forbid_teacher: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", **meeting)
     torch.set_num_threads(1)
     if forbid_teacher:
         def no_teacher(*args, **kwargs):
@@ -301,7 +293,8 @@ def test_two_processes_build_a_k3_shard_cache_then_two_ranks_train_from_it(tmp_p
     shards = write_shards(tmp_path / "shards", [40, 60])
     config = shard_config(tmp_path, teacher_checkpoint, "cached", shards, steps=3)
     for forbid_teacher in (False, True):  # build with two processes, then train two ranks without a teacher
-        torch.multiprocessing.spawn(_rank, args=(_free_port(), config.resolved(), forbid_teacher), nprocs=2)
+        with rendezvous() as meeting:
+            torch.multiprocessing.spawn(_rank, args=(meeting, config.resolved(), forbid_teacher), nprocs=2)
     folder = teacher_cache.cache_dir(config)
     one = tmp_path / "one"  # the same cache built by one process
     single = teacher_cache.ensure(shard_config(one, teacher_checkpoint, "cached", shards, steps=3), CPU)
@@ -322,7 +315,7 @@ def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoi
     config_file = tmp_path / "two.yaml"
     config_file.write_text(json.dumps(two.resolved()))  # JSON is YAML
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "harness.cli", "train",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness.cli", "train",
          str(config_file)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         check=True, capture_output=True, timeout=600,

@@ -21,7 +21,7 @@ class Batch:
     boxes: torch.Tensor | None = None  # the crop box (top, left, height, width) each image was cut to
     teacher_image: torch.Tensor | None = None
     teacher_text: torch.Tensor | None = None
-    decoded: int = 0  # image files decoded to make this block (benchmarks/data_throughput.py counts them)
+    decoded: int = 0  # images its process decoded since that process made its previous block (count_decode)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -42,13 +42,31 @@ class Batch:
         return len(self.samples)
 
 
+_decodes = 0  # images this process has turned from bytes into pixels
+_reported = 0  # of those, how many a block made here has reported already
+
+
+def count_decode() -> None:
+    """Called by every function that decodes an image file (shards, CSV sets)."""
+    global _decodes
+    _decodes += 1
+
+
+def decodes_to_report() -> int:
+    """Images decoded in this process since its previous block: summed over the blocks of an epoch, every decode
+    of every process that made them, also those no block used (a loader worker forked from a process inherits
+    its counts, so it starts from zero)."""
+    global _reported
+    fresh, _reported = _decodes - _reported, _decodes
+    return fresh
+
+
 def pil_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
               augmentation, tokenizer: Callable) -> Batch:
     """Decoded images cropped to this epoch's views (``views.ViewSpec.pil``), their captions tokenised at once."""
     boxes = augmentation.boxes(epoch, ids, views, [i.height for i in images], [i.width for i in images], spec)
     return Batch(torch.stack([spec.pil(image, box) for image, box in zip(images, boxes)]), tokenizer(list(captions)),
-                 torch.from_numpy(ids), None if views is None else torch.from_numpy(views), torch.from_numpy(boxes),
-                 decoded=len(ids))
+                 torch.from_numpy(ids), None if views is None else torch.from_numpy(views), torch.from_numpy(boxes))
 
 
 def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
@@ -58,4 +76,5 @@ def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
     batch = source.render(epoch, ids, views)
     if teacher_rows is not None:
         batch.teacher_image, batch.teacher_text = teacher_rows.lookup(ids, views)
+    batch.decoded = decodes_to_report()
     return batch

@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from harness.data.batch import Batch, make_block, pil_batch
+from harness.data.batch import Batch, count_decode, make_block, pil_batch
 from harness.data.memory import epoch_order
 from harness.data.views import Augmentation, ViewSpec
 
@@ -46,6 +46,7 @@ class CaptionTable:
         return subset
 
     def image(self, index: int) -> Image.Image:
+        count_decode()
         return Image.open(self.images[index]).convert("RGB")
 
 

@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from harness.data.batch import Batch, make_block, pil_batch
+from harness.data.batch import Batch, count_decode, make_block, pil_batch
 from harness.data.views import Augmentation, ViewSpec, mix
 
 INDEX_DIR = ".shard-index"
@@ -218,6 +218,7 @@ class ShardReader:
 
 def decode_sample(members: dict[str, bytes]) -> tuple[Image.Image, str]:
     image = next(members[e] for e in IMAGE_EXTENSIONS if e in members)
+    count_decode()
     return Image.open(io.BytesIO(image)).convert("RGB"), members["txt"].decode("utf-8")
 
 
