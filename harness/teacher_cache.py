@@ -349,6 +349,9 @@ class _Marks:
                 return
             time.sleep(POLL_SECONDS)
 
+    def read(self, name: str) -> str:
+        return self._path(name).read_text()
+
     def clear(self) -> None:
         for mark in self.folder.glob(".mark-*"):
             mark.unlink()
@@ -416,18 +419,19 @@ class _Builder:
                 marks.set("created")
             else:
                 marks.wait(["created"])
-            self.embed(folder, (env.rank, env.world_size))
+            embedded = self.embed(folder, (env.rank, env.world_size))
         except BaseException as error:
             if folder.is_dir():
                 marks.set(f"failed-rank{env.rank}", f"{type(error).__name__}: {error}")
             raise
-        marks.set(f"embedded-{env.rank}")
+        marks.set(f"embedded-{env.rank}", str(embedded))
         marks.wait([f"embedded-{rank}" for rank in range(env.world_size)])
         _meet(env)  # every rank has seen every mark: a moment's wait
         if env.is_main:
+            by_rank = [int(marks.read(f"embedded-{rank}")) for rank in range(env.world_size)]
             marks.clear()
             (folder / OWNER).unlink()
-            self.write_meta(folder)
+            self.write_meta(folder, by_rank)
 
     def create_arrays(self, folder: Path) -> None:
         if self.sharded:
@@ -439,8 +443,8 @@ class _Builder:
             for name, (shape, dtype) in shapes.items():
                 np.lib.format.open_memmap(folder / f"{prefix}{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
 
-    def embed(self, folder: Path, share: tuple[int, int]) -> None:
-        """Embed this rank's share of the samples (every stored view) into the arrays."""
+    def embed(self, folder: Path, share: tuple[int, int]) -> int:
+        """Embed this rank's share of the samples (every stored view) into the arrays; returns how many."""
         chunks = _chunks(self.source, share, self.config.eval.batch_size)
         loader = DataLoader(_Work(self.source, chunks, self.spec.views), batch_size=None,
                             num_workers=min(workers(self.config.data.workers), len(chunks)))
@@ -460,15 +464,17 @@ class _Builder:
                 if self.spec.views:
                     arrays[f"{prefix}boxes"][rows] = boxes.transpose(0, 1).numpy()
         arrays.close()
+        return sum(len(rows) for _, rows, _ in chunks)
 
-    def write_meta(self, folder: Path) -> None:
+    def write_meta(self, folder: Path, embedded_by_rank: list[int]) -> None:
         meta = {"spec": asdict(self.spec), "samples": sum(n for _, n in self.prefixes),
+                "embedded_by_rank": embedded_by_rank,
                 "embed_dim": self.teacher.embed_dim, "logit_scale": float(self.teacher.model.logit_scale.exp()),
                 "embedding_dtype": str(output_dtype(self.config.train.precision)).removeprefix("torch."),
                 "teacher_model": type(self.teacher.model).__name__}
-        if self.sharded:
-            meta["shards"] = [{"path": str(path), "samples": count, "keys": _keys_digest(self.source, i)}
-                              for i, (path, (_, count)) in enumerate(zip(self.source.index.shards, self.prefixes))]
+        if self.sharded:  # which shard's rows are where (the key names the shards by path, size and time)
+            meta["shards"] = [{"path": str(path), "samples": count}
+                              for path, (_, count) in zip(self.source.index.shards, self.prefixes)]
         (folder / META).write_text(json.dumps(meta, indent=1))
 
 
@@ -477,7 +483,3 @@ def student_tokenizer(config: RunConfig):
 
     return open_clip.get_tokenizer(model_name(config.student.model))
 
-
-def _keys_digest(source: ShardSource, shard: int) -> str:
-    keys = source.index.entries(shard)["keys"]
-    return hashlib.sha256("\n".join(map(str, keys)).encode()).hexdigest()[:16]

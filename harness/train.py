@@ -35,6 +35,7 @@ from harness.distributed import (
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, autocast, create_clip, create_teacher, parameter_dtype
+from harness.processes import started_at
 from harness.teacher_cache import CachedRows
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
@@ -418,6 +419,6 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         print(f"clipkd: {config.name}: student {config.student.model} starts from random weights "
               "(student.pretrained is not set)", file=sys.stderr)
     trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
-                  slurm_job=os.environ.get("SLURM_JOB_ID"))
+                  slurm_job=os.environ.get("SLURM_JOB_ID"), process_started=started_at())
     trainer.fit()
     return run_dir

@@ -9,8 +9,6 @@ exist, the item bootstrap is also reported beside the seed-paired one.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
@@ -19,36 +17,41 @@ from results import stats
 from results.store import Store
 
 GROUP = ["setting_id", "teacher", "method", "benchmark", "metric"]  # a setting fixes the student and the data
+COLUMNS = ["setting_id", "teacher", "student", "dataset", "method", "benchmark", "metric"]
 PAIRED = ["setting_id", "benchmark", "metric"]  # a method and its baseline share these
 SIGNIFICANCE = 0.05
 
 
-def summarize(per_seed: pd.DataFrame, store: Store | None = None, confidence: float = stats.CONFIDENCE) -> pd.DataFrame:
+def summarize(per_seed: pd.DataFrame, store: Store | None = None, confidence: float = stats.CONFIDENCE,
+              item_deltas: set[str] | None = None) -> pd.DataFrame:
     """Per group: seeds, mean, low, high, interval; delta, delta_low, delta_high, p, test, significant; and the
-    item bootstrap of the delta (delta_items_low/high, p_items) where both sides have per-item results."""
-    columns = ["setting_id", "teacher", "student", "dataset", "method", "benchmark", "metric"]
+    item bootstrap of the delta (delta_items_low/high, p_items) where both sides have per-item results (for
+    every metric, or those in ``item_deltas`` where seeds are also paired). Group keys may be text or
+    categoricals (queries.per_seed's); every statistic is computed on integer codes, for all groups at once."""
     if per_seed.empty:
-        return pd.DataFrame(columns=[*columns, "seeds", "mean", "low", "high", "delta", "p"])
-    frame = per_seed.assign(teacher=per_seed["teacher"].fillna("-"))
-    row = frame.groupby(GROUP, sort=False).ngroup().to_numpy()
+        return pd.DataFrame(columns=[*COLUMNS, "seeds", "mean", "low", "high", "delta", "p"])
+    teacher = per_seed["teacher"]
+    if isinstance(teacher.dtype, pd.CategoricalDtype) and "-" not in teacher.cat.categories:
+        teacher = teacher.cat.add_categories(["-"])
+    frame = per_seed.assign(teacher=teacher.fillna("-")).reset_index(drop=True)
+    row = frame.groupby(GROUP, sort=False, observed=True).ngroup().to_numpy()
     values = frame["value"].to_numpy(dtype=float)
-    table = frame.drop_duplicates(GROUP)[columns].reset_index(drop=True)
-    seed_column, seed_ids = pd.factorize(frame["seed"])
-    by_seed = np.full((len(table), len(seed_ids)), np.nan)
-    by_seed[row, seed_column] = values
+    _, first = np.unique(row, return_index=True)
+    table = frame.iloc[first][COLUMNS].reset_index(drop=True)
+    for name in table.columns[table.dtypes == "category"]:  # shown as text
+        table[name] = table[name].astype(str)
     counts = np.bincount(row, minlength=len(table))
-    table["seeds"] = counts
-    table["mean"] = np.bincount(row, weights=values, minlength=len(table)) / counts
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # one seed: no spread
-        std = np.nanstd(by_seed, axis=1, ddof=1)
-    table["low"], table["high"] = stats.t_from_moments(counts, table["mean"].to_numpy(), std, confidence)
+    means = np.bincount(row, weights=values, minlength=len(table)) / counts
+    table["seeds"], table["mean"] = counts, means
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.bincount(row, weights=(values - means[row]) ** 2, minlength=len(table)) / (counts - 1))
+    table["low"], table["high"] = stats.t_from_moments(counts, means, std, confidence)
     table["interval"] = np.where(counts > 1, "t over seeds", "")
-    _delta_by_seed(table, by_seed, confidence)
+    _delta_by_seed(table, frame, row, values, confidence)
     for column in ("delta_items_low", "delta_items_high", "p_items"):
         table[column] = np.nan
     if store is not None:
-        _item_intervals(table, frame.assign(row=row), store, confidence)
+        _item_intervals(table, frame.assign(row=row), store, confidence, item_deltas)
     table["significant"] = table["p"] < SIGNIFICANCE
     return table
 
@@ -60,21 +63,26 @@ def _baseline_rows(table: pd.DataFrame) -> np.ndarray:
     return baselines.reindex(keys).fillna(-1).astype(int).to_numpy()
 
 
-def _delta_by_seed(table: pd.DataFrame, by_seed: np.ndarray, confidence: float) -> None:
+def _delta_by_seed(table: pd.DataFrame, frame: pd.DataFrame, row: np.ndarray, values: np.ndarray,
+                   confidence: float) -> None:
     """Δ against the baseline; where two seeds or more are shared, its paired t-interval and p-value (the paired
     t-test of scipy.stats.ttest_rel, on the per-seed differences), for every row at once."""
     base = _baseline_rows(table)
-    has_base = (base >= 0) & (table["method"] != "baseline").to_numpy()
-    means = table["mean"].to_numpy()
+    means = table["mean"].to_numpy(dtype=float)
     table["delta"] = np.where(base >= 0, means - means[base], np.nan)
-    differences = by_seed - np.where((base >= 0)[:, None], by_seed[base], np.nan)
-    shared = (~np.isnan(differences)).sum(axis=1)
-    paired = has_base & (shared >= 2)
-    masked = np.where(paired[:, None], differences, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # rows with no shared seed: all-NaN, masked below
-        mean = np.nanmean(masked, axis=1)
-        sd = np.nanstd(masked, axis=1, ddof=1)
+    # each value's baseline partner: the baseline's value of the same setting, benchmark, metric and seed
+    partner = frame.groupby([*PAIRED, "seed"], sort=False, observed=True).ngroup().to_numpy()
+    is_base = (frame["method"] == "baseline").to_numpy()
+    baseline_value = np.full(partner.max() + 1, np.nan)
+    baseline_value[partner[is_base]] = values[is_base]
+    difference = values - baseline_value[partner]
+    has = ~is_base & ~np.isnan(difference)
+    shared = np.bincount(row[has], minlength=len(table))
+    paired = (base >= 0) & (table["method"] != "baseline").to_numpy() & (shared >= 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(row[has], weights=difference[has], minlength=len(table)) / shared
+        sd = np.sqrt(np.bincount(row[has], weights=(difference[has] - mean[row[has]]) ** 2, minlength=len(table))
+                     / (shared - 1))
         sem = sd / np.sqrt(shared)
         degrees = np.where(paired, shared - 1, np.nan)
         half = scipy_stats.t.ppf(0.5 + confidence / 2, degrees) * sem
@@ -86,28 +94,39 @@ def _delta_by_seed(table: pd.DataFrame, by_seed: np.ndarray, confidence: float) 
     table["test"] = np.where(paired, pd.Series(shared).map("paired t over {} seeds".format), "")
 
 
-def _item_intervals(table: pd.DataFrame, frame: pd.DataFrame, store: Store, confidence: float) -> None:
+def _item_intervals(table: pd.DataFrame, frame: pd.DataFrame, store: Store, confidence: float,
+                    item_deltas: set[str] | None) -> None:
     """Bootstrap intervals over test items where every run of a row has them: a single seed's mean, and every Δ
-    whose two sides have items."""
-    with_items = store.runs_with_items(set(frame["benchmark"]), set(frame["metric"]))
+    whose two sides have items (where seeds are paired too, only for the metrics in ``item_deltas``)."""
+    with_items = store.runs_with_items(frame["benchmark"].unique().tolist(), frame["metric"].unique().tolist())
     frame = frame[frame["run_id"].isin(with_items)]
     if frame.empty:
         return
     runs_of = frame.groupby("row")["run_id"].agg(list)
-    complete = {i for i, runs in runs_of.items() if len(runs) == table.at[i, "seeds"]}  # every seed has items
+    complete = {i for i, ids in runs_of.items() if len(ids) == table.at[i, "seeds"]}  # every seed has items
+    wanted = {i for i in complete if table.at[i, "seeds"] == 1 or item_deltas is None
+              or table.at[i, "metric"] in item_deltas}
     base = _baseline_rows(table)
+    complete = wanted | {int(base[i]) for i in wanted if base[i] >= 0 and int(base[i]) in complete}
+    singles, deltas = {}, {}
     for (benchmark, metric), rows in table.loc[sorted(complete)].groupby(["benchmark", "metric"]).groups.items():
         found = store.items({r for i in rows for r in runs_of[i]}, benchmark, metric)
         bits = {i: [found[r] for r in runs_of[i]] for i in rows if all(r in found for r in runs_of[i])}
         for i, mine in bits.items():
             if len(mine) == 1:
-                interval = stats.bootstrap_accuracy(mine[0], confidence)
-                table.loc[i, ["low", "high", "interval"]] = interval.low, interval.high, "bootstrap over items"
+                singles[i] = stats.bootstrap_accuracy(mine[0], confidence)
             theirs = bits.get(base[i])
-            if theirs is None or table.at[i, "method"] == "baseline" or len({len(x) for x in mine + theirs}) != 1:
+            if (theirs is None or i not in wanted or table.at[i, "method"] == "baseline"
+                    or len({len(x) for x in mine + theirs}) != 1):
                 continue
-            delta, p = stats.paired_bootstrap(np.stack(mine), np.stack(theirs), confidence)
-            table.loc[i, ["delta_items_low", "delta_items_high", "p_items"]] = delta.low, delta.high, p
-            if not table.at[i, "test"]:  # no seeds to pair: the items are the comparison
-                table.loc[i, ["delta", "delta_low", "delta_high", "p", "test"]] = (
-                    delta.estimate, delta.low, delta.high, p, f"paired bootstrap over {delta.n} items")
+            deltas[i] = stats.paired_bootstrap(np.stack(mine), np.stack(theirs), confidence)
+    if singles:
+        table.loc[list(singles), ["low", "high", "interval"]] = [
+            (interval.low, interval.high, "bootstrap over items") for interval in singles.values()]
+    if deltas:
+        table.loc[list(deltas), ["delta_items_low", "delta_items_high", "p_items"]] = [
+            (delta.low, delta.high, p) for delta, p in deltas.values()]
+        unpaired = [i for i in deltas if not table.at[i, "test"]]  # no seeds to pair: the items are the comparison
+        if unpaired:
+            table.loc[unpaired, ["delta", "delta_low", "delta_high", "p", "test"]] = [
+                (d.estimate, d.low, d.high, p, f"paired bootstrap over {d.n} items") for d, p in map(deltas.get, unpaired)]

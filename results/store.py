@@ -42,7 +42,7 @@ from sqlalchemy.pool import QueuePool
 from harness.errors import ClipkdError
 from results.stats import pack, unpack
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
 
@@ -97,6 +97,7 @@ class Run(Base):
         Index("ix_runs_setting", "setting_id", "method"),
         Index("ix_runs_status", "status"),
         Index("ix_runs_grid", "grid", "status"),
+        Index("ix_runs_id_status", "id", "status"),  # covers a value's join to its finished run
     )
 
 

@@ -117,8 +117,9 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def write_shards(folder: Path, sizes: list[int], prefix: str = "shard") -> str:
-    """Digits training images as PNG webdataset shards of the given sizes; returns the brace pattern."""
+def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: int = 0) -> str:
+    """Digits training images as PNG webdataset shards of the given sizes, keyed from 0, the images from the
+    ``offset``-th on; returns the brace pattern."""
     import io
 
     import webdataset as wds
@@ -133,8 +134,8 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard") -> str:
         with wds.TarWriter(str(folder / f"{prefix}-{shard:0{digits}d}.tar")) as sink:
             for i in range(start, start + size):
                 png = io.BytesIO()
-                Image.fromarray(data.images[i]).save(png, format="PNG")
-                sink.write({"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i]})
+                Image.fromarray(data.images[i + offset]).save(png, format="PNG")
+                sink.write({"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i + offset]})
         start += size
     return str(folder / f"{prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
 
@@ -156,22 +157,38 @@ def postgres_server() -> str:
     return subprocess.run(["bash", str(POSTGRES), "url"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+@contextlib.contextmanager
+def postgres_database(server_url: str):
+    """A database of its own on the test PostgreSQL server, dropped afterwards; yields its URL."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(server_url)
+    name = f"clipkd_test_{uuid.uuid4().hex[:12]}"
+    maintenance = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(maintenance, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(maintenance, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
     """A new, empty results store: a SQLite file, or a database of its own on the real PostgreSQL server."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    import uuid
+    with postgres_database(request.getfixturevalue("postgres_server")) as url:
+        yield url
 
-    import psycopg
-    from sqlalchemy.engine import make_url
 
-    server = make_url(request.getfixturevalue("postgres_server"))
-    name = f"clipkd_test_{uuid.uuid4().hex[:12]}"
-    maintenance = server.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(maintenance, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(maintenance, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+@pytest.fixture
+def postgres_store(postgres_server):
+    """A new, empty store on the real PostgreSQL server."""
+    with postgres_database(postgres_server) as url:
+        yield url

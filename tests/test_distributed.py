@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -115,6 +116,11 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     )
     (run_one,), (run_two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
     assert run_one.name == run_two.name  # output_dir and name do not change the run id
+    from harness.pipeline import training_cost
+
+    cost = training_cost(run_two)  # two processes: twice the wall time in device-hours
+    assert cost["world_size"] == 2 and cost["device_hours"] == pytest.approx(2 * cost["train_seconds"] / 3600)
+    assert cost["teacher_forward_samples"] == 6 * 64  # each rank embedded its block; the event counts both
     progress = [[json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()] for run in (run_one, run_two)]
     assert [p["step"] for p in progress[0]] == [0, 3, 6] and progress[0] == progress[1]
     a = torch.load(run_one / "checkpoints" / "final.pt", weights_only=False)

@@ -235,9 +235,31 @@ def test_each_item_level_metric_is_the_mean_of_its_stored_bits(trained_run):
         checked += 1
     assert len(store.items([run_id], "digits", "acc1")[run_id]) == 361  # the digits test split
     run = store.get_run(run_id)
-    assert run["gflops_image"] > 0 and run["gflops_text"] > 0 and run["images_per_second"] > 0
+    assert (run["gflops_image"], run["gflops_text"]) == (pytest.approx(CLIPKD_TINY_IMAGE_FLOPS / 1e9, rel=1e-12),
+                                                         pytest.approx(CLIPKD_TINY_TEXT_FLOPS / 1e9, rel=1e-12))
+    assert run["images_per_second"] > 0
     assert run["device_hours"] == pytest.approx(run["train_seconds"] / 3600) and run["world_size"] == 1
     assert checked == 5
+    table = run_clipkd("leaderboard", "--db", f"sqlite:///{trained_run.parents[1] / 'results' / 'clipkd.db'}",
+                       "--format", "csv", cwd=trained_run.parents[1]).stdout
+    header, row = table.splitlines()[:2]
+    columns = dict(zip(header.split(","), row.split(",")))
+    assert float(columns["gflops_image"]) == pytest.approx(CLIPKD_TINY_IMAGE_FLOPS / 1e9, abs=5e-5)  # as printed
+    assert float(columns["params_m"]) == pytest.approx(run["student_params"] / 1e6, abs=5e-3)
+    assert float(columns["images_per_s"]) > 0 and "device_hours" in columns
+
+
+def _transformer_flops(tokens: int, width: int, layers: int) -> int:
+    """Per layer: the q, k, v and output projections (4·N·d² multiply-adds), the MLP (N·d·4d twice), the scores
+    and their weighted sum (2·N²·d); 2 FLOPs a multiply-add."""
+    return layers * 2 * (4 * tokens * width**2 + 8 * tokens * width**2 + 2 * tokens**2 * width)
+
+
+# clipkd-tiny (harness/model_configs): 32 px images in 8 px patches (16 and a class token), width 64, 2 layers,
+# embed 64; 16 text tokens, width 64, 2 layers. The image's patch embedding is a 3·8·8 → 64 product per patch;
+# each tower ends in a 64 → 64 projection of one token.
+CLIPKD_TINY_IMAGE_FLOPS = 2 * 16 * 3 * 8 * 8 * 64 + _transformer_flops(17, 64, 2) + 2 * 64 * 64
+CLIPKD_TINY_TEXT_FLOPS = _transformer_flops(16, 64, 2) + 2 * 64 * 64
 
 
 def test_a_public_model_is_recorded_as_a_reference_and_shown_apart(tmp_path):

@@ -43,18 +43,18 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _wait_until(condition, seconds: float, what: str) -> None:
+def _wait_until(condition, seconds: float, what: str, poll: float = 0.5) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir):
     grid = {
         "name": "interrupt", "output_dir": "runs",
         "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 5},
-                 "train": {"batch_size": 64, "steps": 150, "checkpoint_every": 25}},
+                 "train": {"batch_size": 64, "steps": 200, "checkpoint_every": 25}},
         "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0, 1]},
         "slurm": {"cpus_per_task": 1, "timeout_min": 20},
     }
@@ -63,7 +63,10 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     jobs = json.loads((workdir / "runs" / ".grids" / "interrupt" / "jobs.json").read_text())
     (timed_out, timed_out_job), (cancelled, cancelled_job) = sorted(
         ((workdir / "runs" / run_id, job["job_id"]) for run_id, job in jobs.items()), key=lambda item: item[1])
-    _wait_until(lambda: len(_steps(timed_out)) >= 30 and len(_steps(cancelled)) >= 30, 240, "both cells to train")
+    # signalled as soon as both have trained 10 of their 200 steps (watched every 20 ms): however fast the node,
+    # neither can finish before its signal
+    _wait_until(lambda: len(_steps(timed_out)) >= 10 and len(_steps(cancelled)) >= 10, 240, "both cells to train",
+                poll=0.02)
 
     # the time-limit signal submitit asks SLURM for (--signal=USR2@90): checkpoint, requeue, resume
     subprocess.run(["scancel", "--signal=USR2", timed_out_job], check=True)
@@ -73,7 +76,7 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
                 "the requeued cell to finish")
     events = _events(timed_out)
     assert [e["event"] for e in events] == ["start", "stop", "resume", "finish"]
-    assert events[1]["signal"] == "SIGUSR2" and events[2]["step"] == events[1]["step"] >= 30
+    assert events[1]["signal"] == "SIGUSR2" and events[2]["step"] == events[1]["step"] >= 10
     assert events[0]["slurm_job"] == events[2]["slurm_job"]  # the same job, requeued
 
     status = run_clipkd("grid", "status", "grids/interrupt.yaml", cwd=workdir).stdout
@@ -82,10 +85,10 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     assert "1 cells to submit, 1 skipped" in out and out.strip().endswith("2 done, 0 failed")
     events = _events(cancelled)
     assert [e["event"] for e in events] == ["start", "stop", "resume", "finish"]
-    assert events[1]["signal"] == "SIGTERM" and events[2]["step"] == events[1]["step"] >= 30
+    assert events[1]["signal"] == "SIGTERM" and events[2]["step"] == events[1]["step"] >= 10
     assert events[0]["slurm_job"] != events[2]["slurm_job"]  # a new job resumed the run
     for run_dir in (timed_out, cancelled):
-        assert _steps(run_dir) == list(range(1, 151))  # every step exactly once across the interruption
+        assert _steps(run_dir) == list(range(1, 201))  # every step exactly once across the interruption
 
 
 def test_a_grid_runs_as_one_job_array_per_stage_and_resubmitting_it_is_a_no_op(slurm, workdir):
@@ -179,3 +182,23 @@ def test_queued_cells_are_not_submitted_twice_and_cancel_cancels_them(slurm, wor
     assert all("cancelled" in error for _, error in states)
     status = run_clipkd("grid", "status", grid, cwd=workdir).stdout
     assert "2 queued" in status and "*" not in status.split("\n", 1)[1]  # nothing in flight any more
+
+
+def test_jobs_write_a_postgresql_store_directly(slurm, workdir, postgres_store):
+    """With a server database the jobs themselves write the store: the runs reach it done, with their metrics,
+    while the head node ingests nothing (no `grid status`, no `--wait`)."""
+    from results.store import Store
+
+    grid = _small_grid(workdir, "direct", steps=10)
+    run_clipkd("grid", "submit", grid, "--executor", "slurm", "--db", postgres_store, cwd=workdir)
+    store = Store(postgres_store, readonly=True)
+
+    def done() -> list[str]:
+        with store.engine.connect() as connection:
+            return list(connection.exec_driver_sql("select id from runs where grid = 'direct' and status = 'done'")
+                        .scalars())
+
+    _wait_until(lambda: len(done()) == 2, 300, "both jobs to store their runs")
+    for run_id in done():
+        assert store.metrics(run_id)["digits"]["acc1"] > 0
+        assert store.get_run(run_id)["host"]  # written by the job, which names its host

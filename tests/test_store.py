@@ -147,16 +147,53 @@ def test_a_readonly_sqlite_store_leaves_its_bytes_alone(tmp_path):
 FIXTURES = Path(__file__).with_name("fixtures")
 
 
+def earlier_store(url: str, version: int) -> None:
+    """At ``url``, the store tests/fixtures/store-schemaN.db holds: written by clipkd's own code at schema N
+    (commits 5efff5b and e6f9102), as a SQLite file. On PostgreSQL the same rows go into the tables the
+    migrations up to revision N make, the schema that code made there."""
+    import sqlalchemy as sa
+
+    fixture = FIXTURES / f"store-schema{version}.db"
+    if url.startswith("sqlite:///"):
+        shutil.copy(fixture, url.removeprefix("sqlite:///"))
+        return
+    from alembic import command
+    from alembic.config import Config
+
+    from results.store import MIGRATIONS
+
+    old, engine = sa.create_engine(f"sqlite:///{fixture}"), sa.create_engine(url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, f"{version:04d}")
+        tables = sa.MetaData()
+        tables.reflect(connection)
+        with old.connect() as source:
+            for table in tables.sorted_tables:  # parents before children
+                if table.name != "alembic_version":
+                    rows = [dict(row._mapping) for row in source.execute(sa.text(f"select * from {table.name}"))]
+                    if rows:
+                        connection.execute(table.insert(), rows)
+
+
 @pytest.mark.parametrize("version", [1, 2])
-def test_a_store_written_by_an_earlier_clipkd_is_upgraded_in_place(tmp_path, version):
-    """tests/fixtures/store-schemaN.db were written by clipkd's own code at schema N (commits 5efff5b and
-    e6f9102): a reader refuses them until a writer upgrades them, keeping every run, metric and curve."""
-    path = tmp_path / "store.db"
-    shutil.copy(FIXTURES / f"store-schema{version}.db", path)
+def test_a_store_written_by_an_earlier_clipkd_is_upgraded_in_place(store_url, version):
+    """A reader refuses an earlier store until a writer upgrades it, keeping every run, metric and curve; the
+    upgraded schema is the one a new store gets, on SQLite and on PostgreSQL."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from results.store import Base
+
+    earlier_store(store_url, version)
     with pytest.raises(StoreError, match=f"schema version {version}; this clipkd needs {SCHEMA_VERSION} and opens it "
                                          "read-only"):
-        Store(f"sqlite:///{path}", readonly=True)
-    store = Store(f"sqlite:///{path}")
+        Store(store_url, readonly=True)
+    store = Store(store_url)
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     run = store.get_run(f"old-run-{version}")
     assert run["name"] == f"written by schema {version}" and run["train_seconds"] == 12.5
     assert run["device_hours"] is None and run["gflops_image"] is None  # columns added empty
@@ -164,7 +201,7 @@ def test_a_store_written_by_an_earlier_clipkd_is_upgraded_in_place(tmp_path, ver
     store.register_grid("g", {f"old-run-{version}": "g/a"})
     store.put_run(run_row("new"), items={"digits": {"acc1": np.array([True, False, True])}})
     assert list(store.items(["new"], "digits", "acc1")["new"]) == [True, False, True]
-    reader = Store(f"sqlite:///{path}", readonly=True)
+    reader = Store(store_url, readonly=True)
     assert reader.count_runs() == 2 and reader.get_run("new")["status"] == "done"
 
 

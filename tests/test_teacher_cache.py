@@ -23,7 +23,7 @@ from conftest import ROOT, rendezvous, run_clipkd, write_shards
 from harness import teacher_cache
 from harness.config import parse_config
 from harness.distributed import DistEnv
-from harness.models import autocast
+from harness.models import autocast, create_clip
 from harness.train import CachedTeacher, LiveTeacher, Trainer, compute_losses, train
 
 CPU = torch.device("cpu")
@@ -252,16 +252,19 @@ def test_float16_storage_halves_the_cache_and_moves_losses_as_the_readme_says(tm
 
 
 # -- webdataset shards ---------------------------------------------------------------------------------------------
-def shard_config(tmp_path: Path, teacher: Path, embeddings: str, shards: str, **train):
-    return kd_config(tmp_path / "runs", teacher, embeddings, augment=True, views=3,
-                     data={"dataset": "webdataset", "path": shards, "num_samples": 96, "workers": 0,
+def shard_config(tmp_path: Path, teacher: Path, embeddings: str, shards: str, workers: int = 0, views: int = 3,
+                 **train):
+    return kd_config(tmp_path / "runs", teacher, embeddings, augment=True, views=views,
+                     data={"dataset": "webdataset", "path": shards, "num_samples": 96, "workers": workers,
                            "shuffle_window": 32}, **{"batch_size": 32, **train})
 
 
-def test_shard_cache_replays_views_like_the_live_teacher(tmp_path, teacher_checkpoint):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_cache_replays_views_like_the_live_teacher(tmp_path, teacher_checkpoint, workers):
+    """With loader workers, each reads the cached rows of the samples it yields (in its own process)."""
     shards = write_shards(tmp_path / "shards", [40, 60])
-    live, cached = assert_cached_equals_live(shard_config(tmp_path, teacher_checkpoint, "live", shards),
-                                             shard_config(tmp_path, teacher_checkpoint, "cached", shards))
+    live, cached = assert_cached_equals_live(shard_config(tmp_path, teacher_checkpoint, "live", shards, workers),
+                                             shard_config(tmp_path, teacher_checkpoint, "cached", shards, workers))
     folder = teacher_cache.cache_dir(shard_config(tmp_path, teacher_checkpoint, "cached", shards))
     meta = json.loads((folder / "meta.json").read_text())
     assert [s["samples"] for s in meta["shards"]] == [40, 60] and meta["spec"]["views"] == 3
@@ -296,6 +299,7 @@ def test_two_processes_build_a_k3_shard_cache_then_two_ranks_train_from_it(tmp_p
         with rendezvous() as meeting:
             torch.multiprocessing.spawn(_rank, args=(meeting, config.resolved(), forbid_teacher), nprocs=2)
     folder = teacher_cache.cache_dir(config)
+    assert teacher_cache.read_meta(folder)["embedded_by_rank"] == [40, 60]  # whole shards: rank 0 the first
     one = tmp_path / "one"  # the same cache built by one process
     single = teacher_cache.ensure(shard_config(one, teacher_checkpoint, "cached", shards, steps=3), CPU)
     for shard in (0, 1):
@@ -322,12 +326,44 @@ def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoi
     )
     folders = [p for p in (tmp_path / "two" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]
     assert [p.name for p in folders] == [teacher_cache.cache_dir(two).name]
+    assert teacher_cache.read_meta(folders[0])["embedded_by_rank"] == [628, 629]  # each rank its half of 1257
     one = teacher_cache.ensure(kd_config(tmp_path / "one", teacher_checkpoint, "cached"), CPU)
     # float64 embeddings stored as float32: the two may round a value differing in its last float64 bits apart
     for name in ("image", "text"):
         np.testing.assert_allclose(np.load(folders[0] / f"{name}.npy"), np.load(one / f"{name}.npy"),
                                    rtol=2 * FLOAT32_ROUNDING, atol=0)
     assert (tmp_path / "two" / two.run_id / "checkpoints" / "final.pt").is_file()
+
+
+def test_new_teacher_weights_a_rewritten_shard_or_other_views_build_a_new_cache(tmp_path, teacher_checkpoint):
+    """In one output_dir: each change names another cache, which is built anew and holds other numbers; the old
+    one is never read for the new data."""
+    shards = write_shards(tmp_path / "shards", [40, 60])
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(teacher_checkpoint.read_bytes())
+
+    def built(**changes) -> Path:
+        return teacher_cache.ensure(shard_config(tmp_path, teacher, "cached", shards, **changes), CPU)
+
+    def embeddings(folder: Path, shard: int = 1) -> np.ndarray:
+        return np.load(folder / "shards" / f"{shard}.image.npy")
+
+    first = built()
+    torch.manual_seed(99)  # the teacher file rewritten with other weights
+    torch.save({"state_dict": create_clip("clipkd-tiny-teacher").model.state_dict()}, teacher)
+    retrained = built()
+    assert retrained != first and not np.allclose(embeddings(retrained), embeddings(first))
+
+    write_shards(tmp_path / "other", [40, 60], offset=500)  # shard 1 rewritten: the same keys, other images
+    (tmp_path / "shards" / "shard-01.tar").write_bytes((tmp_path / "other" / "shard-01.tar").read_bytes())
+    rewritten = built()
+    assert rewritten not in (first, retrained)
+    assert np.array_equal(embeddings(rewritten, 0), embeddings(retrained, 0))
+    assert not np.allclose(embeddings(rewritten), embeddings(retrained))
+
+    fewer_views = built(views=2)
+    assert fewer_views not in (first, retrained, rewritten) and embeddings(fewer_views).shape[1] == 2
+    assert len([p for p in (tmp_path / "runs" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]) == 4
 
 
 def test_cache_info_reports_bytes_per_sample(tmp_path, teacher_checkpoint):

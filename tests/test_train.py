@@ -87,6 +87,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_chec
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 31))  # the log holds each step once, recomputed steps replaced
 
+    from harness.pipeline import training_cost  # what the run's record stores: both attempts, summed
+
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "stop", "resume", "finish"]
+    cost = training_cost(run_dir)
+    first, second = events[1]["time"] - events[0]["time"], events[3]["time"] - events[2]["time"]
+    assert cost["train_seconds"] == pytest.approx(first + second) and min(first, second) > 0
+    assert cost["teacher_forward_samples"] == 30 * 64  # the live teacher embedded each step's batch once
+
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2], ids=["SIGINT", "SIGUSR1", "SIGUSR2"])
 def test_each_stop_signal_checkpoints_the_last_step_and_exits_like_the_signal(tmp_path, signum):
@@ -237,7 +246,8 @@ class PlainCosine(nn.Module):
 
     def __init__(self, student_dim, teacher_dim, scale=1.0):
         super().__init__()
-        self.project, self.scale = nn.Linear(student_dim, teacher_dim), scale
+        self.project = nn.Linear(student_dim, teacher_dim)
+        self.register_buffer("scale", torch.tensor(float(scale)))  # saved with the run: the option it was given
 
     def forward(self, batch):
         student = nn.functional.normalize(self.project(batch.student_image), dim=-1)
@@ -267,7 +277,9 @@ def test_a_plugin_of_any_module_that_meets_the_contract_is_listed_and_trains(tmp
     (run_dir,) = (p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(0 < r["plain_cosine"] <= 4 for r in records)
-    assert "methods.plain_cosine.project.weight" in final_state(run_dir)["methods"]
+    saved = final_state(run_dir)["methods"]
+    assert "methods.plain_cosine.project.weight" in saved
+    assert float(saved["methods.plain_cosine.scale"]) == 2.0  # the option reached the plugin
     metrics = json.loads((run_dir / "record.json").read_text())["metrics"]["digits"]
     assert "feature_cosine_image" in metrics  # evaluation found its projection P by the default convention
 
