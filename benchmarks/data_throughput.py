@@ -1,11 +1,15 @@
 """clipkd's data path against open_clip_train's own, side by side in one run, on real JPEG shards.
 
-    python benchmarks/data_throughput.py [--samples 20480] [--shards 16] [--batch 64] [--workers 2] [--skip-kd]
+    python benchmarks/data_throughput.py [--samples 20480] [--sizes 224,512] [--batch 64] [--workers 2] [--skip-kd]
 
-1. Loader: images/s of clipkd's webdataset loader against open_clip_train's ``get_wds_dataset`` (imported, not
-   rewritten), in 2 processes (gloo, world size 2), the same student transform (RandomResizedCrop(0.9-1.0),
-   bicubic, normalise), per-rank batch and loader workers; and the images each decoded per epoch ÷ the dataset's
-   size. Target: ratio ≥ 1.0; decoded ÷ dataset = 1.00.
+1. Loader, for JPEGs stored at each of ``--sizes`` px (224, and 512 as img2dataset shards commonly are): images/s
+   of clipkd's webdataset loader against open_clip_train's ``get_wds_dataset`` (imported, not rewritten), in 2
+   processes (gloo, world size 2), both cutting ``--crop-model``'s 224 px input (RandomResizedCrop(0.9-1.0),
+   bicubic; open_clip normalises in its workers, clipkd sends uint8 pixels and normalises where they are used),
+   the same per-rank batch and loader workers; the images each decoded per epoch ÷ the dataset's size, counted
+   where each tool decodes (clipkd: in its decode calls; open_clip: webdataset's image decoder); decodes/s per
+   worker process and how many such workers a GPU at the paper's step rate would need. Targets: ratio ≥ 2.0 on
+   the 512 px set (≥ 1.0 at 224 px); decoded ÷ dataset = 1.00.
 2. KD epoch: a whole epoch of live-teacher distillation (open_clip's DistillClipLoss in both: clipkd's
    ``open_clip_distill`` method, ``open_clip_train --distill``) with the same models, launched by torchrun with 2
    processes each; seconds per epoch from runs of 1 and 2 epochs (start-up cancels). Also clipkd's no-KD epoch and
@@ -14,9 +18,9 @@
 3. In memory: the demo student (clipkd-tiny on Fashion-MNIST, batch 128, as grids/demo.yaml) — milliseconds per
    batch in the loader and in the training step. Target: the loader's share of a step < 10 %.
 
-Shards: ``benchmarks/jpeg_shards.py`` (Fashion-MNIST upscaled to 224 px JPEG, digits where Fashion-MNIST is not
-installed), uneven on purpose. Models: ``benchmarks/model_configs/`` (64 px, a ViT-B/16 : ViT-T/16-shaped pair
-scaled for the CPU).
+Shards: ``benchmarks/jpeg_shards.py`` (Fashion-MNIST upscaled, digits where Fashion-MNIST is not installed), uneven
+on purpose. The KD epochs' models: ``benchmarks/model_configs/`` (64 px, a ViT-B/16 : ViT-T/16-shaped pair scaled
+for the CPU).
 """
 import argparse
 import json
@@ -79,7 +83,11 @@ def _clipkd_epoch(rank: int, port: int, args, pattern: str, index_root: str, out
     _join(rank, port)
     open_clip.add_model_config(HERE / "model_configs")
     spec = DataSpec(dataset="webdataset", path=pattern, num_samples=args.samples, workers=args.workers)
-    source = build_source(spec, STUDENT, open_clip.get_tokenizer(STUDENT), Augmentation("random", 0), Path(index_root))
+    from harness.models import model_name, register_model_configs
+
+    register_model_configs()
+    crop = model_name(args.crop_model)
+    source = build_source(spec, crop, open_clip.get_tokenizer(crop), Augmentation("random", 0), Path(index_root))
     data = build_train_data(spec, source, 2 * args.batch, seed=0, rank=rank, world_size=2)
     torch.distributed.barrier()
     started, images, decoded = time.perf_counter(), 0, 0
@@ -94,12 +102,16 @@ def _open_clip_epoch(rank: int, port: int, args, pattern: str, index_root: str, 
 
     _join(rank, port)
     open_clip.add_model_config(HERE / "model_configs")
-    _, preprocess_train, _ = open_clip.create_model_and_transforms(STUDENT)
+    from harness.models import model_name, register_model_configs
+
+    register_model_configs()
+    crop = model_name(args.crop_model)
+    _, preprocess_train, _ = open_clip.create_model_and_transforms(crop)
     options = SimpleNamespace(train_data=pattern, train_num_samples=args.samples, train_data_upsampling_factors=None,
                               dataset_resampled=False, batch_size=args.batch, workers=args.workers, world_size=2,
                               seed=0)
     decodes = counting_webdataset_decodes()
-    data = get_wds_dataset(options, preprocess_train, is_train=True, epoch=0, tokenizer=open_clip.get_tokenizer(STUDENT))
+    data = get_wds_dataset(options, preprocess_train, is_train=True, epoch=0, tokenizer=open_clip.get_tokenizer(crop))
     torch.distributed.barrier()
     started, images = time.perf_counter(), 0
     for image, _ in data.dataloader:
@@ -227,7 +239,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20_480)
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[224, 512],
+                        help="stored JPEG sizes the loaders are compared on")
+    parser.add_argument("--crop-model", default="ViT-T-16", help="the model whose input the loaders cut (224 px)")
+    parser.add_argument("--size", type=int, default=224, help="stored JPEG size of the KD epochs' shards")
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank, for both tools")
     parser.add_argument("--views", type=int, default=2, help="augmented views in the teacher-embedding cache")
@@ -240,22 +255,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        manifest = write_jpeg_shards(args.shards_dir or folder / "shards", args.samples, args.shards, args.size)
+        for size in args.sizes:
+            compare_loaders(args, size, folder)
+        manifest = write_jpeg_shards((args.shards_dir or folder / "shards") / str(args.size), args.samples, args.shards,
+                                     args.size)
         pattern = manifest["pattern"]
-        print(f"shards: {manifest['samples']:,} {manifest['source']} images as {manifest['size']} px JPEG in "
-              f"{manifest['shards']} shards of {min(manifest['counts'])}-{max(manifest['counts'])}; 2 processes "
-              f"(gloo), batch {args.batch} per rank, {args.workers} loader workers each, {os.cpu_count()} CPUs")
-        loaders = {"clipkd": [], "open_clip": []}
-        for _ in range(args.repeats):
-            for name, tool in (("clipkd", _clipkd_epoch), ("open_clip", _open_clip_epoch)):
-                loaders[name].append(loader_epoch(tool, args, pattern, folder))
-        rate = {name: statistics.median(r["images_per_s"] for r in runs) for name, runs in loaders.items()}
-        for name, runs in loaders.items():
-            print(f"loader {name:9s} {rate[name]:8.1f} images/s; decoded per epoch ÷ dataset "
-                  f"{runs[0]['decoded'] / args.samples:.2f} ({runs[0]['images']:,} images yielded)")
-        print(f"loader ratio clipkd/open_clip_train: {rate['clipkd'] / rate['open_clip']:.2f} (target >= 1.0)")
-        decoded = loaders["clipkd"][0]["decoded"] / args.samples
-        print(f"clipkd decoded per epoch ÷ dataset at world size 2: {decoded:.2f} (target 1.00)")
 
         if not args.skip_kd:
             teacher = folder / "teacher.pt"
@@ -285,6 +289,37 @@ def main() -> None:
     share = in_memory_share(args.share_steps, args.share_dataset)
     print(f"in memory (clipkd-tiny, {args.share_dataset}, batch 128): loader {share['load_ms']:.1f} ms, step "
           f"{share['step_ms']:.1f} ms per batch: loader share {100 * share['share']:.1f} % (target < 10 %)")
+
+
+# The paper's scale on one H200 (DESIGN.md §7): a cached ViT-T/16 step is ~17 GFLOPs per sample, the GPU ~790
+# TFLOP/s in bf16; at a 40 % share of that, a step consumes about 18,600 images/s.
+PAPER_STEP_IMAGES_PER_S = 0.4 * 790e12 / 17e9
+
+
+def compare_loaders(args, size: int, folder: Path) -> None:
+    """Both tools' loaders on JPEGs stored at ``size`` px, cut to ``--crop-model``'s input; the decodes each made,
+    and the decoded images per second of one worker process."""
+    manifest = write_jpeg_shards((args.shards_dir or folder / "shards") / str(size), args.samples, args.shards, size)
+    pattern = manifest["pattern"]
+    print(f"shards: {manifest['samples']:,} {manifest['source']} images as {size} px JPEG in {manifest['shards']} "
+          f"shards of {min(manifest['counts'])}-{max(manifest['counts'])}, cut to {args.crop_model}'s input; 2 "
+          f"processes (gloo), batch {args.batch} per rank, {args.workers} loader workers each, {os.cpu_count()} CPUs")
+    loaders = {"clipkd": [], "open_clip": []}
+    for _ in range(args.repeats):
+        for name, tool in (("clipkd", _clipkd_epoch), ("open_clip", _open_clip_epoch)):
+            loaders[name].append(loader_epoch(tool, args, pattern, folder))
+    rate = {name: statistics.median(r["images_per_s"] for r in runs) for name, runs in loaders.items()}
+    workers = 2 * max(1, args.workers)
+    for name, runs in loaders.items():
+        per_worker = runs[0]["decoded"] / (runs[0]["images"] / rate[name]) / workers
+        print(f"  {size} px loader {name:9s} {rate[name]:8.1f} images/s; decoded per epoch ÷ dataset "
+              f"{runs[0]['decoded'] / args.samples:.2f} ({runs[0]['images']:,} images yielded); {per_worker:.0f} "
+              f"decodes/s per worker process: a GPU at the paper's step rate (~{PAPER_STEP_IMAGES_PER_S:,.0f} "
+              f"images/s) needs {PAPER_STEP_IMAGES_PER_S / per_worker:.0f} such workers")
+    print(f"  {size} px loader ratio clipkd/open_clip_train: {rate['clipkd'] / rate['open_clip']:.2f} "
+          f"(target >= {2.0 if size > 224 else 1.0})")
+    decoded = loaders["clipkd"][0]["decoded"] / args.samples
+    print(f"  {size} px clipkd decoded per epoch ÷ dataset at world size 2: {decoded:.2f} (target 1.00)")
 
 
 def clipkd_kd_epoch_build_cache(args, pattern: str, folder: Path, teacher: Path) -> None:

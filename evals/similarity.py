@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from evals.datasets import EvalSet, retrieval_collate
 from evals.zeroshot import RetrievalEmbeddings, eval_loader
+from harness.distributed import gather_shares, my_share
 from harness.models import autocast
 
 
@@ -54,9 +55,13 @@ def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection:
     captions."""
     if eval_set.retrieval is None or student is None:
         return {}
-    loader = eval_loader(eval_set.retrieval, batch_size, device, workers, retrieval_collate)
+    pairs = eval_set.retrieval
+    share = my_share(len(pairs))  # under torchrun each rank embeds its share of the pairs
+    loader = eval_loader(Subset(pairs, share) if len(share) < len(pairs) else pairs, batch_size, device, workers,
+                         retrieval_collate)
     student_images, student_texts = student.images, student.first_texts
-    teacher_images, teacher_texts = embed_pairs(teacher.model, teacher.tokenizer, loader, device, precision)
+    teacher_images, teacher_texts = (gather_shares(part.to(device), len(pairs)).cpu()
+                                     for part in embed_pairs(teacher.model, teacher.tokenizer, loader, device, precision))
     metrics = {
         "feature_cka_image": linear_cka(student_images, teacher_images),
         "feature_cka_text": linear_cka(student_texts, teacher_texts),

@@ -23,7 +23,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, Subset
 
 from evals.datasets import EvalSet, retrieval_collate
-from harness.distributed import gather_shares, my_share
+from harness.distributed import gather_shares, gather_uneven, my_share
 
 RECALL_K = (1, 5, 10)
 
@@ -39,9 +39,13 @@ class Classifiers:
     built: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def get(self, model, tokenizer, classes, templates, device: torch.device) -> torch.Tensor:
+        """clip_benchmark's classifier (D × classes); under torchrun each rank embeds its share of the classes'
+        prompts and all gather the columns."""
         key = (tuple(classes), tuple(templates) if isinstance(templates, list) else repr(templates))
         if key not in self.built:
-            self.built[key] = zero_shot_classifier(model, tokenizer, classes, templates, device.type, amp=use_amp(device))
+            mine = [classes[i] for i in my_share(len(classes))]
+            columns = zero_shot_classifier(model, tokenizer, mine, templates, device.type, amp=use_amp(device))
+            self.built[key] = gather_shares(columns.T.contiguous(), len(classes)).T
         return self.built[key]
 
 
@@ -91,18 +95,23 @@ def classification_metrics(model, tokenizer, dataset, device: torch.device, batc
 @torch.no_grad()
 def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_size: int, workers: int = 0
                       ) -> BenchmarkResult:
-    loader = eval_loader(dataset, batch_size, device, workers, retrieval_collate)
-    images, texts = [], []
-    text_image, first_text = [], []  # each caption's image; each image's first caption
+    """clip_benchmark's recall@k; under torchrun each rank embeds its share of the images and their captions, and
+    all gather them (in the dataset's order, so the numbers are one process's)."""
+    share = my_share(len(dataset))
+    loader = eval_loader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size, device, workers,
+                         retrieval_collate)
+    images, texts, captions_per_image = [], [], []
     for batch_images, batch_captions in loader:
-        for captions in batch_captions:
-            first_text.append(len(text_image))
-            text_image.extend([len(first_text) - 1] * len(captions))
+        captions_per_image.extend(len(captions) for captions in batch_captions)
         with torch.autocast(device.type, enabled=use_amp(device)):
-            images.append(model.encode_image(batch_images.to(device)).float().cpu())
+            images.append(model.encode_image(batch_images.to(device)).float())
             tokens = tokenizer([caption for captions in batch_captions for caption in captions]).to(device)
-            texts.append(model.encode_text(tokens).float().cpu())
-    raw_images, raw_texts = torch.cat(images), torch.cat(texts)
+            texts.append(model.encode_text(tokens).float())
+    raw_images = gather_shares(torch.cat(images), len(dataset)).cpu()
+    raw_texts = gather_uneven(torch.cat(texts)).cpu()
+    counts = gather_shares(torch.tensor(captions_per_image, device=device), len(dataset)).cpu()
+    text_image = torch.repeat_interleave(torch.arange(len(counts)), counts).tolist()  # each caption's image
+    first_text = (torch.cumsum(counts, 0) - counts).tolist()  # each image's first caption
     scores = F.normalize(raw_texts, dim=-1) @ F.normalize(raw_images, dim=-1).T
     positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
     positive_pairs[torch.arange(len(scores)), text_image] = True
@@ -110,7 +119,7 @@ def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_siz
     for k in RECALL_K:  # recall@k as clip_benchmark computes it, batch by batch of the first embedding batch
         for name, (query_scores, positives) in ((f"image_retrieval_recall@{k}", (scores, positive_pairs)),
                                                 (f"text_retrieval_recall@{k}", (scores.T, positive_pairs.T))):
-            found = batchify(recall_at_k, query_scores, positives, len(images[0]), device.type, k=k) > 0
+            found = batchify(recall_at_k, query_scores, positives, batch_size, device.type, k=k) > 0
             metrics[name] = found.float().mean().item()
             hits[name] = found.numpy()
     return BenchmarkResult(metrics, hits, RetrievalEmbeddings(raw_images, raw_texts[first_text]))

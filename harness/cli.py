@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "method), shown apart on the leaderboard and in the ablation")
     evaluate.add_argument("--db", help=db_help)
     evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--workers", type=int, help="loader workers (default: this process's CPUs less one, at most 8)")
+    evaluate.add_argument("--workers", type=int, help="loader workers (default: this process's CPUs less one)")
     evaluate.set_defaults(func=_cmd_eval)
 
     for name, func, text in (("leaderboard", _cmd_leaderboard, "runs ranked, with the delta against the baseline"),

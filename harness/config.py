@@ -19,8 +19,10 @@ from harness.errors import ClipkdError
 
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
-# how often a run checkpoints or logs. The same cell on another partition or with other workers is the same run.
-NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every"}
+# how often a run checkpoints or logs, recomputing activations in backward (tested equal). The same cell on
+# another partition or with other workers is the same run.
+NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
+                       "train.grad_checkpointing"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -106,7 +108,8 @@ class DataSpec(Strict):
     subset: int | None = Field(None, gt=0, description="a data budget: train on the first N samples of a built-in "
                                "or CSV set (in its fixed order, the same for every seed)")
     workers: int | None = Field(None, ge=0, description="loader workers per process; default: the process's CPUs "
-                                "(SLURM's cpus_per_task) less one, at most 8; not part of the run id")
+                                "(SLURM's cpus_per_task, shared among a task's processes) less one; not part of the "
+                                "run id")
     augment: bool = Field(True, description="open_clip's random training crop; false: the evaluation view")
 
     @model_validator(mode="after")
@@ -146,7 +149,10 @@ class TrainSpec(Strict):
         "fp32", description="fp64 runs student, teacher and losses in float64: slow, for checking that two "
         "computations are the same math on any CPU")
     checkpoint_every: int = Field(1000, gt=0)
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0, description="steps between train_log records; the step's values are read from "
+                           "the device only then (on a GPU, say 50: no host sync in between)")
+    grad_checkpointing: bool = Field(False, description="recompute each tower's blocks in backward (open_clip's "
+                                     "set_grad_checkpointing): less memory, the same gradients; not part of the run id")
 
     @model_validator(mode="after")
     def _duration(self) -> TrainSpec:

@@ -1,10 +1,9 @@
-"""torch.distributed plumbing: the process group and device of a process, gathers, gradient averaging.
+"""torch.distributed plumbing: the process group and device of a process, gathers, sharded evaluation, a stop vote.
 
-Gradients are averaged by hand (one flat all-reduce after backward) rather than through DistributedDataParallel:
-a step runs the student several times (image, text, masked image) and the losses own parameters too, which
-DDP's one-forward-per-backward contract does not fit. Every rank computes the same global loss from gathered
+Gradients are averaged by DistributedDataParallel around the student and its losses as one module (train.py:
+``StepModule``), so their all-reduce overlaps backward. Every rank computes the same global loss from gathered
 embeddings; the autograd all-gather sums the ranks' identical output gradients, so each rank's gradient is
-world_size × its share and the average over ranks is exactly the single-process gradient.
+world_size × its share and DDP's average over ranks is exactly the single-process gradient.
 
 The group (``plan_process_group``): with CUDA it has two backends, ``cpu:gloo,cuda:nccl``. Embeddings, gradients
 and weights are CUDA tensors and go over NCCL; the control messages (a stop flag, object broadcasts, barriers)
@@ -110,29 +109,6 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-@torch.no_grad()
-def average_gradients(parameters) -> None:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-@torch.no_grad()
-def broadcast_parameters(module: torch.nn.Module) -> None:
-    """Start every rank from rank 0's weights, loss-side parameters included."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
-
-
 def my_share(count: int) -> range:
     """This rank's contiguous share of ``count`` items (sizes differ by one at most)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -155,13 +131,45 @@ def gather_shares(x: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on some rank (a stop signal must stop all ranks together)."""
+@torch.no_grad()
+def gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x``, whatever their number, in rank order, on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return x
+    sizes = [torch.empty(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(size) for size in sizes]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+class StopVote:
+    """Whether some rank wants to stop (a stop signal must stop all ranks at the same step), agreed without a wait:
+    each step starts an all-reduce of this rank's wish (a CPU tensor, over the group's gloo backend) and reads the
+    one started a step before, done by then. All ranks read the same votes in the same order, so they stop
+    together, one step after the signal."""
+
+    def __init__(self):
+        self._pending = None
+
+    def __call__(self, wish: bool) -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return wish
+        vote = torch.tensor([int(wish)])
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self._pending = self._pending, (work, vote)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1][0])
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 def from_main(value):

@@ -219,16 +219,17 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
         if env.is_main:
             publish({"id": config.run_id, "status": "failed", "error": f"training: {type(error).__name__}: {error}"})
         raise
-    if not env.is_main:
-        return "done"
     started, device = time.perf_counter(), env.device
-    try:
+    try:  # every rank embeds its share of each benchmark; rank 0 measures the cost and records
         trained = load_trained_run(run_dir, device)
         evaluation = evaluate(trained, config.benchmarks(), device)
         eval_seconds = time.perf_counter() - started
+        if not env.is_main:
+            return "done"
         inference = cost(trained, device)
     except Exception as error:  # recorded as failed, with no metric of this attempt written
-        publish({"id": config.run_id, "status": "failed", "error": f"evaluation: {type(error).__name__}: {error}"})
+        if env.is_main:
+            publish({"id": config.run_id, "status": "failed", "error": f"evaluation: {type(error).__name__}: {error}"})
         raise
     publish(
         {**base, "status": "done", "error": None, "finished_at": now(), **training_cost(run_dir),

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harness.config import RunConfig
 from harness.data import build_source, workers
+from harness.data.batch import Batch, crop_views, decodes_to_report
 from harness.data.shards import ShardSource
 from harness.data.views import Augmentation, ViewSpec
 from harness.distributed import DistEnv, from_main, init_distributed
@@ -63,7 +64,7 @@ from methods import normalize
 
 CACHE_DIR = ".teacher-embeddings"
 META = "meta.json"
-VIEWS_VERSION = 1  # the crop-box drawing of data/views.py: a change there must change every cache key
+VIEWS_VERSION = 2  # data/views.py's boxes and pixels (2: JPEGs decoded at draft scale): a change changes every key
 STORAGE = {"float32": np.float32, "float16": np.float16}
 
 
@@ -359,8 +360,8 @@ class _Marks:
 
 class _Work(IterableDataset):
     """The chunks a rank embeds, split again across its loader workers: (array prefix, rows, images per view
-    (K' × n × C × H × W), tokens, boxes per view). Loader workers decode and crop; the main process runs the
-    teacher."""
+    (K' × n × C × H × W), the pixels' normalisation or None, tokens, boxes per view, images decoded). Loader
+    workers decode each image once and cut its K views from it; the main process runs the teacher."""
 
     def __init__(self, source, chunks: list[tuple[str, np.ndarray, np.ndarray]], views: int):
         self.source, self.chunks, self.views = source, chunks, views
@@ -368,11 +369,19 @@ class _Work(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         first, stride = (worker.id, worker.num_workers) if worker else (0, 1)
+        stored = [None] if not self.views else list(range(self.views))
         for prefix, rows, ids in self.chunks[first::stride]:
-            rendered = [self.source.render(0, ids, None if not self.views else np.full(len(ids), v))
-                        for v in range(max(1, self.views))]
-            yield (prefix, rows, torch.stack([batch.images for batch in rendered]), rendered[0].texts,
-                   torch.stack([batch.boxes for batch in rendered]))
+            source = self.source
+            if hasattr(source, "decode"):  # files: decoded once, every view cut from the one image
+                images, captions = source.decode(ids)
+                cut = [crop_views(images, ids, None if v is None else np.full(len(ids), v), 0, source.spec,
+                                  source.augmentation) for v in stored]
+                pixels, tokens = (source.spec.mean, source.spec.std), source.tokenizer(captions)
+            else:  # in memory: nothing to decode
+                batches = [source.render(0, ids, None if v is None else np.full(len(ids), v)) for v in stored]
+                cut, pixels, tokens = [(b.images, b.boxes.numpy()) for b in batches], None, batches[0].texts
+            yield (prefix, rows, torch.stack([images for images, _ in cut]), pixels, tokens,
+                   torch.stack([torch.from_numpy(boxes) for _, boxes in cut]), decodes_to_report())
 
 
 def _chunks(source, share: tuple[int, int], batch: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -400,7 +409,7 @@ class _Builder:
 
     def __init__(self, config: RunConfig, device: torch.device):
         self.config, self.device, self.spec = config, device, CacheSpec.of(config)
-        self.teacher = create_teacher(config.teacher, device, parameter_dtype(config.train.precision))
+        self.teacher = create_teacher(config.teacher, device, config.train.precision)
         augmentation = Augmentation("replay", views=self.spec.views) if self.spec.views else Augmentation("none")
         self.source = build_source(config.data, config.student.model, student_tokenizer(config), augmentation,
                                    config.output_dir)
@@ -424,14 +433,14 @@ class _Builder:
             if folder.is_dir():
                 marks.set(f"failed-rank{env.rank}", f"{type(error).__name__}: {error}")
             raise
-        marks.set(f"embedded-{env.rank}", str(embedded))
+        marks.set(f"embedded-{env.rank}", json.dumps({"embedded": embedded, "decoded": self.decoded}))
         marks.wait([f"embedded-{rank}" for rank in range(env.world_size)])
         _meet(env)  # every rank has seen every mark: a moment's wait
         if env.is_main:
-            by_rank = [int(marks.read(f"embedded-{rank}")) for rank in range(env.world_size)]
+            ranks = [json.loads(marks.read(f"embedded-{rank}")) for rank in range(env.world_size)]
             marks.clear()
             (folder / OWNER).unlink()
-            self.write_meta(folder, by_rank)
+            self.write_meta(folder, ranks)
 
     def create_arrays(self, folder: Path) -> None:
         if self.sharded:
@@ -451,12 +460,15 @@ class _Builder:
         storage, model = STORAGE[self.spec.storage], self.teacher.model
         dtype = parameter_dtype(self.config.train.precision)
         arrays, owner = OpenArrays(folder, writable=True), folder / OWNER
+        self.decoded = 0
         with torch.no_grad():
-            for prefix, rows, images, tokens, boxes in loader:
+            for prefix, rows, images, pixels, tokens, boxes, decoded in loader:
                 os.utime(owner)  # the heartbeat that tells other builders this one is alive
+                self.decoded += int(decoded)
                 views, n = images.shape[:2]
+                images = Batch(images.flatten(0, 1), tokens, torch.as_tensor(rows), pixels=pixels).to(self.device, dtype)
                 with autocast(self.device, self.config.train.precision):
-                    image = normalize(model.encode_image(images.flatten(0, 1).to(self.device, dtype)))
+                    image = normalize(model.encode_image(images.images))
                     text = normalize(model.encode_text(tokens.to(self.device)))
                 # through float64, which holds a bf16, fp32 or fp64 value exactly: one rounding, to the storage dtype
                 arrays[f"{prefix}image"][rows] = image.view(views, n, -1).transpose(0, 1).double().cpu().numpy().astype(storage)
@@ -466,9 +478,11 @@ class _Builder:
         arrays.close()
         return sum(len(rows) for _, rows, _ in chunks)
 
-    def write_meta(self, folder: Path, embedded_by_rank: list[int]) -> None:
+    def write_meta(self, folder: Path, ranks: list[dict[str, int]]) -> None:
+        """``ranks``: each rank's samples embedded and images decoded (files: once each, whatever the views)."""
         meta = {"spec": asdict(self.spec), "samples": sum(n for _, n in self.prefixes),
-                "embedded_by_rank": embedded_by_rank,
+                "embedded_by_rank": [rank["embedded"] for rank in ranks],
+                "decoded_by_rank": [rank["decoded"] for rank in ranks],
                 "embed_dim": self.teacher.embed_dim, "logit_scale": float(self.teacher.model.logit_scale.exp()),
                 "embedding_dtype": str(output_dtype(self.config.train.precision)).removeprefix("torch."),
                 "teacher_model": type(self.teacher.model).__name__}

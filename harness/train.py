@@ -23,15 +23,7 @@ from harness import checkpoint, teacher_cache
 from harness.config import RunConfig
 from harness.data import Batch, build_source, build_train_data, workers
 from harness.data.views import Augmentation
-from harness.distributed import (
-    DistEnv,
-    any_rank,
-    average_gradients,
-    broadcast_parameters,
-    gather,
-    gather_with_grad,
-    init_distributed,
-)
+from harness.distributed import DistEnv, StopVote, gather, gather_with_grad, init_distributed
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, autocast, create_clip, create_teacher, parameter_dtype
@@ -96,9 +88,13 @@ class Objective(nn.Module):
         return terms["task"] + sum(self.weights[name] * terms[name] for name in self.methods)
 
 
-def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistEnv) -> torch.Tensor:
-    """Per-step patch-selection noise for the global batch; this rank's rows only."""
-    noise = torch.rand(global_batch, patches, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistEnv,
+               device: torch.device | None = None) -> torch.Tensor:
+    """Per-step patch-selection noise for the global batch, drawn on the run's device (no copy from the host);
+    this rank's rows only."""
+    device = device or torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    noise = torch.rand(global_batch, patches, generator=generator, device=device)
     block = global_batch // env.world_size
     return noise[env.rank * block : (env.rank + 1) * block]
 
@@ -122,10 +118,12 @@ class CachedTeacher:
 
     def __init__(self, rows: CachedRows):
         self.logit_scale, self.dtype = rows.logit_scale, rows.embedding_dtype
+        self._scale: torch.Tensor | None = None  # made once on the run's device: no copy from the host per step
 
     def __call__(self, batch: Batch):
-        return (batch.teacher_image.to(self.dtype), batch.teacher_text.to(self.dtype),
-                torch.tensor(self.logit_scale, device=batch.images.device, dtype=batch.images.dtype))
+        if self._scale is None:
+            self._scale = torch.tensor(self.logit_scale, device=batch.images.device, dtype=batch.images.dtype)
+        return batch.teacher_image.to(self.dtype), batch.teacher_text.to(self.dtype), self._scale
 
 
 def compute_losses(
@@ -152,6 +150,48 @@ def compute_losses(
         student_image, student_text, teacher_image, teacher_text, student_scale, teacher_scale, masked
     )
     return objective(distill_batch)
+
+
+class StepModule(nn.Module):
+    """The student and its losses as one module whose forward is a step's loss terms, every pass of the student
+    included (image, text, masked image): the one forward per backward DistributedDataParallel asks for, so its
+    all-reduce of the student's and the loss-side parameters' gradients overlaps backward (open_clip runs both
+    towers inside one DDP forward likewise)."""
+
+    def __init__(self, student: nn.Module, objective: Objective):
+        super().__init__()
+        self.student, self.objective = student, objective
+
+    def forward(self, batch: Batch, teacher, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return compute_losses(self.student, teacher, self.objective, batch, noise)
+
+
+class FiniteWatch:
+    """Watches the loss terms for a non-finite value on the device: a step adds a comparison, no transfer to the
+    host. ``check`` reads it (on log steps and before every checkpoint), so a run stops at the next log step
+    naming the first bad step and term, its last good checkpoint kept."""
+
+    def __init__(self, names: list[str], step: int, device: torch.device):
+        self.names = names
+        self.step = torch.full((), step, dtype=torch.long, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_values = torch.zeros(len(names), device=device)
+
+    def observe(self, values: torch.Tensor) -> None:
+        self.step.add_(1)
+        first = (self.bad_step == 0) & ~torch.isfinite(values).all()
+        self.bad_step = torch.where(first, self.step, self.bad_step)
+        self.bad_values = torch.where(first, values, self.bad_values)
+
+    def check(self, checkpoints: Path) -> None:
+        bad_step = int(self.bad_step)
+        if bad_step:
+            values = dict(zip(self.names, self.bad_values.tolist()))
+            # the term that went bad, before the total it made bad
+            name = next(n for n in [*self.names[1:], self.names[0]] if not math.isfinite(values[n]))
+            value = values[name]
+            raise NonFiniteLossError(f"step {bad_step}: loss term {name!r} is {value}; training stopped, the last "
+                                     f"good checkpoint is kept in {checkpoints}")
 
 
 class ProgressEvaluation:
@@ -233,12 +273,16 @@ class Trainer:
     def __post_init__(self):
         cfg = self.config
         torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":  # as open_clip_train at start-up: TF32 matmuls, cuDNN picks its kernels
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         self.dtype = parameter_dtype(cfg.train.precision)
         self.student: ClipBundle = create_clip(cfg.student.model, cfg.student.pretrained, self.device, self.dtype)
         self.teacher, teacher_dim = self._teacher()
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device, self.dtype)
-        broadcast_parameters(self.student.model)
-        broadcast_parameters(self.objective)
+        if cfg.train.grad_checkpointing:  # open_clip's: each tower's blocks recomputed in backward
+            self.student.model.set_grad_checkpointing(True)
+        self.step_module = self._distributed(StepModule(self.student.model, self.objective))
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
         optim = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -246,6 +290,7 @@ class Trainer:
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
+            **({"fused": True} if self.device.type == "cuda" else {}),  # one kernel for all parameters
         )
         augmentation = Augmentation.of(cfg.data.augment, cfg.seed, cfg.teacher.views if cfg.teacher else 0)
         self.source = source = build_source(cfg.data, cfg.student.model, self.student.tokenizer, augmentation,
@@ -261,6 +306,17 @@ class Trainer:
         use_cuda = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.train.precision == "fp16")
         self.step = 0
+        self.watch = FiniteWatch(self.term_names, self.step, self.device)
+
+    def _distributed(self, module: StepModule) -> nn.Module:
+        """Under torchrun, DistributedDataParallel (it starts every rank from rank 0's weights, loss-side
+        parameters included); alone, the module itself."""
+        if not self.env.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       static_graph=True, gradient_as_bucket_view=True)
 
     def _teacher(self) -> tuple[LiveTeacher | CachedTeacher | None, int | None]:
         teacher, self.cached_rows = self.config.teacher, None
@@ -269,7 +325,7 @@ class Trainer:
         if teacher.embeddings == "cached":
             self.cached_rows = CachedRows(teacher_cache.ensure(self.config, self.device, self.env))
             return CachedTeacher(self.cached_rows), self.cached_rows.embed_dim
-        bundle = create_teacher(teacher, self.device, self.dtype)
+        bundle = create_teacher(teacher, self.device, self.config.train.precision)
         return LiveTeacher(bundle.model), bundle.embed_dim
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -292,6 +348,8 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        """A checkpoint of the last step, never of weights a non-finite loss has touched."""
+        self.watch.check(self.run_dir / "checkpoints")
         if self.env.is_main:
             checkpoint.save_atomic(self.state(), self.run_dir / "checkpoints" / name)
 
@@ -303,30 +361,24 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
+        self.watch = FiniteWatch(self.term_names, self.step, self.device)
 
     # -- loop ------------------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimisation step on this rank's block ``batch`` (on the run's device and dtype)."""
+    def train_step(self, batch: Batch) -> tuple[float, torch.Tensor]:
+        """One optimisation step on this rank's block ``batch`` (on the run's device and dtype): its learning rate,
+        and its loss and terms stacked on the device. Nothing here waits for the device: the caller reads the
+        values on log steps (``term_names`` names them)."""
         cfg = self.config
         lr = self.schedule(self.step)
         noise = None
         if self.objective.image_mask_ratio is not None:
             rows, cols = patch_grid(self.student.model.visual, batch.images.shape[-1])
-            noise = mask_noise(cfg.train.batch_size, rows * cols, cfg.seed, self.step, self.env)
+            noise = mask_noise(cfg.train.batch_size, rows * cols, cfg.seed, self.step, self.env, self.device)
         with autocast(self.device, cfg.train.precision):
-            terms = compute_losses(self.student.model, self.teacher, self.objective, batch, noise)
+            terms = self.step_module(batch, self.teacher, noise)
             loss = self.objective.total(terms)
-        # one device-to-host transfer for every term, not one sync per term
-        values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"step {self.step + 1}: loss term {name!r} is {value}; training stopped, the last good "
-                    f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
-                )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        average_gradients(self.parameters)
+        self.scaler.scale(loss).backward()  # under DDP the gradients' all-reduce runs as backward goes
         if cfg.optim.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.parameters, cfg.optim.grad_clip_norm)
@@ -334,8 +386,15 @@ class Trainer:
         self.scaler.update()
         with torch.no_grad():
             self.student.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE_LOG)
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+        self.watch.observe(values)
         self.step += 1
-        return {"step": self.step, "lr": lr, "loss": float(loss.detach()), **values}
+        return lr, values
+
+    @property
+    def term_names(self) -> list[str]:
+        """The names of ``train_step``'s values, in order."""
+        return ["loss", "task", *self.objective.methods]
 
     def _open_log(self):
         if not self.env.is_main:
@@ -358,6 +417,7 @@ class Trainer:
         show_progress = self.env.is_main and sys.stderr.isatty()
         evaluate = self._progress()
         samples_per_step = cfg.train.batch_size
+        vote, logged = StopVote(), (self.step, time.perf_counter())
         with self._open_log() as log, _StopSignals() as signals, tqdm(
             total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
         ) as progress:
@@ -366,28 +426,36 @@ class Trainer:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, spe)
                 for batch in self.data.loader_for(epoch, start_batch):
-                    started = time.perf_counter()
-                    record = self.train_step(batch.to(self.device, self.dtype))
-                    if log is not None and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
-                        record["seconds"] = round(time.perf_counter() - started, 4)
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                    lr, values = self.train_step(batch.to(self.device, self.dtype))
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        self.watch.check(self.run_dir / "checkpoints")
+                        record = {"step": self.step, "lr": lr, **dict(zip(self.term_names, values.tolist()))}
+                        # the mean step over the interval since the last record, the loader's waits included
+                        record["seconds"] = round((time.perf_counter() - logged[1]) / (self.step - logged[0]), 4)
+                        logged = (self.step, time.perf_counter())
+                        if log is not None:
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
+                        progress.set_postfix(loss=f"{record['loss']:.4f}")
                     progress.update(1)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}")
                     if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
                         evaluate(self.step, self.step * samples_per_step)
                     if self.step % cfg.train.checkpoint_every == 0:
                         self.save(checkpoint.LATEST)
-                    if any_rank(signals.received is not None):
+                    if vote(signals.received is not None):
+                        vote.close()
                         stopped_by = signal.Signals(signals.received or signal.SIGTERM)
                         self.save(checkpoint.LATEST)
                         self.event("stop", signal=stopped_by.name)
                         raise TrainingInterrupted(self.step, stopped_by)
                     if self.step >= self.total_steps:
                         break
+        vote.close()
         self.save(checkpoint.LATEST)
         self.save(checkpoint.FINAL)
         self.event("finish")
+        if self.env.distributed:  # every rank evaluates from the final checkpoint rank 0 has just written
+            torch.distributed.barrier()
 
     def event(self, name: str, **fields: Any) -> None:
         """A line of the run's events log (rank 0): start, resume, stop, finish, with the step and the time."""

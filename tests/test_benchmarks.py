@@ -10,14 +10,15 @@ from conftest import ROOT
     ("train_step.py", ["--batch", "64", "--steps", "2", "--warmup", "1", "--threads", "1"], "cached/baseline"),
     ("train_step.py", ["--batch", "32", "--steps", "2", "--warmup", "1", "--threads", "1", "--data", "webdataset",
                        "--views", "2"], "cached/baseline"),
-    ("data_throughput.py", ["--samples", "512", "--shards", "8", "--size", "64", "--batch", "32", "--skip-kd",
+    ("data_throughput.py", ["--samples", "512", "--shards", "8", "--sizes", "96", "--size", "64", "--batch", "32", "--skip-kd",
                             "--repeats", "1", "--share-steps", "3", "--share-dataset", "digits"],
-     "decoded per epoch ÷ dataset at world size 2: 1.00"),
+     "clipkd decoded per epoch ÷ dataset at world size 2: 1.00"),
     ("store.py", ["--runs", "800", "--repeats", "1"], "leaderboard (imagenet1k, top1)"),
     ("gd_memory.py", ["--batch", "64", "--dim", "32"], "released code's B×D×B"),
     ("cache_size.py", ["--views", "2", "--batches", "1"], "GB float16"),
     ("eval.py", ["--dataset", "digits", "--repeats", "1"], "numbers identical"),
     ("gpu_check.py", [], "There is no CUDA here"),  # and every part ran: a crash exits 1
+    ("cache_build.py", ["--samples", "128", "--shards", "2", "--size", "512"], "1.00 per sample"),
 ])
 def test_benchmark_runs_and_prints_its_ratios(script, args, prints):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,

@@ -220,3 +220,19 @@ def test_mfd_keeps_the_asked_share_of_patches(mask_ratio, kept):
     patches = inputs[0].unflatten(2, (rows, -1)).unflatten(4, (cols, -1))  # (B, C, rows, h, cols, w)
     unzeroed = patches.abs().amax(dim=(1, 3, 5)) > 0
     assert unzeroed.sum(dim=(1, 2)).tolist() == [round(rows * cols * (1 - mask_ratio))] * 2
+
+
+@pytest.mark.parametrize("environment, expected", [
+    ({"SLURM_CPUS_PER_TASK": "12", "SLURM_NTASKS_PER_NODE": "8", "LOCAL_WORLD_SIZE": "8"}, 11),  # submitit: a task a GPU
+    ({"SLURM_CPUS_PER_TASK": "96", "SLURM_NTASKS_PER_NODE": "1", "LOCAL_WORLD_SIZE": "8"}, 11),  # srun torchrun
+    ({"SLURM_CPUS_PER_TASK": "96", "SLURM_NTASKS_PER_NODE": "1(x2)", "LOCAL_WORLD_SIZE": "8"}, 11),  # two nodes
+    ({"SLURM_CPUS_PER_TASK": "4"}, 3),
+])
+def test_loader_workers_share_a_tasks_cpus_among_its_processes(monkeypatch, environment, expected):
+    from harness.data import default_workers
+
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert default_workers() == expected

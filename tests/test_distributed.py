@@ -14,15 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import rendezvous
+from torch.nn.parallel import DistributedDataParallel
 
 from harness.data import Batch
 from harness.data.builtin import load_builtin
 from harness.data.memory import InMemorySource
 from harness.data.views import Augmentation, ViewSpec
-from harness.distributed import average_gradients, init_distributed
+from harness.distributed import init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip
-from harness.train import LiveTeacher, Objective, compute_losses, mask_noise
+from harness.train import LiveTeacher, Objective, StepModule, mask_noise
 
 TERMS = {name: (1.0, {}) for name in ["fd", "mfd", "gd", "icl", "afd", "crd", "open_clip_distill", "tinyclip"]}
 GLOBAL_BATCH, SEED, STEP = 8, 3, 5
@@ -44,14 +45,17 @@ def _setup():
 
 
 def _losses_and_grads(rank_env, images, texts):
+    """One step's terms and gradients through what the trainer runs: the student and its losses as one module,
+    under DistributedDataParallel when there are ranks (it averages the gradients as backward runs)."""
     student, teacher, objective, _, _ = _setup()
     rows, cols = patch_grid(student.model.visual, images.shape[-1])
     noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
     batch = Batch(images, texts, torch.arange(len(images)))
-    terms = compute_losses(student.model, LiveTeacher(teacher.model), objective, batch, masked_noise=noise)
+    step = StepModule(student.model, objective)
+    if rank_env.distributed:
+        step = DistributedDataParallel(step, static_graph=True, gradient_as_bucket_view=True)
+    terms = step(batch, LiveTeacher(teacher.model), noise)
     objective.total(terms).backward()
-    parameters = [p for m in (student.model, objective) for p in m.parameters()]
-    average_gradients(parameters)
     named = [*student.model.named_parameters(), *(("loss." + n, p) for n, p in objective.named_parameters())]
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
@@ -89,9 +93,10 @@ def test_two_process_gloo_equals_single_process(tmp_path):
 
 
 def test_torchrun_two_processes_train_like_one(tmp_path):
-    """The whole loop under torchrun (broadcast, sharded loading, rank-0 files) ends where one process ends: in
-    float64 (train.precision: fp64), so that it is the same math on any CPU, to a tolerance a missing average or a
-    wrong gather could not meet."""
+    """The whole run under torchrun (DDP, sharded loading, rank-0 files, evaluation sharded over the ranks) ends
+    where one process ends: in float64 (train.precision: fp64), so that it is the same math on any CPU, to a
+    tolerance a missing average or a wrong gather could not meet; the evaluation gives the same numbers and the
+    same per-item hits."""
     import subprocess
     import sys
 
@@ -107,15 +112,21 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
               eval={"every_steps": 3, "workers": 0})  # each rank embeds its share of the test images
     one = write_config(tmp_path, "one", output_dir=str(tmp_path / "one"), **kd)
     two = write_config(tmp_path, "two", output_dir=str(tmp_path / "two"), **kd)
-    run_clipkd("train", str(one), cwd=tmp_path)
+    run_clipkd("run", str(one), cwd=tmp_path)
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness.cli", "train",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness.cli", "run",
          str(two)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         check=True, capture_output=True, timeout=600,
     )
     (run_one,), (run_two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
     assert run_one.name == run_two.name  # output_dir and name do not change the run id
+    records = [json.loads((run / "record.json").read_text()) for run in (run_one, run_two)]
+    metrics = [record["metrics"]["digits"] for record in records]
+    assert metrics[0].keys() == metrics[1].keys() and {"acc1", "image_retrieval_recall@1", "feature_cka_image"} <= set(metrics[0])
+    for name, value in metrics[0].items():  # float32 embeddings of the same images, in batches of other shapes
+        assert metrics[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert records[0]["items"] == records[1]["items"]
     from harness.pipeline import training_cost
 
     cost = training_cost(run_two)  # two processes: twice the wall time in device-hours

@@ -257,3 +257,4 @@ def test_under_bf16_the_cache_holds_what_the_live_teacher_computes(tmp_path, tea
         assert ((live_value - cached_value).abs() <= BF16_ULP * live_value.abs()).all(), what
     for name, value in live_terms.items():
         assert abs(float(cached_terms[name]) - float(value)) <= BF16_ROUNDING * abs(float(value)), name
+

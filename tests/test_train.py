@@ -97,6 +97,67 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_chec
     assert cost["teacher_forward_samples"] == 30 * 64  # the live teacher embedded each step's batch once
 
 
+def test_the_loop_reads_no_tensor_value_between_log_steps(tmp_path, teacher_checkpoint, monkeypatch):
+    """On a GPU reading a tensor's value waits for the device to finish its queue. Every call that reads one
+    (item, tolist, float, int, bool) is recorded with the step: none inside a step, outside them only on log
+    steps (every 4th; checkpoints every 8th), where the losses are written and checked. KD with MFD (its mask
+    noise), a live teacher, the in-memory loader in this process. AdamW's step counters are not counted: off the
+    fused path they are CPU tensors in a GPU run too (no sync), and the fused AdamW a GPU run uses reads none."""
+    from harness.distributed import DistEnv
+    from harness.train import Trainer
+
+    path = write_config(tmp_path, "quiet", output_dir=str(tmp_path / "runs"),
+                        teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
+                        distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1}, data={"workers": 0},
+                        train={"batch_size": 64, "steps": 12, "checkpoint_every": 8, "log_every": 4})
+    config = parse_config(yaml.safe_load(path.read_text()))
+    trainer = Trainer(config, DistEnv(), torch.device("cpu"))
+    config.run_dir.mkdir(parents=True)
+    reads, inside = [], [False]
+    step = trainer.train_step
+
+    def watched(batch):
+        inside[0] = True
+        try:
+            return step(batch)
+        finally:
+            inside[0] = False
+
+    trainer.train_step = watched
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def read(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            if not any(self is state.get("step") for state in trainer.optimizer.state.values()):
+                reads.append((inside[0], trainer.step))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    trainer.fit()
+    monkeypatch.undo()
+    assert [s for within, s in reads if within] == []
+    assert {s for _, s in reads} == {4, 8, 12}
+    logged = [json.loads(line)["step"] for line in (config.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [4, 8, 12]
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, teacher_checkpoint):
+    """train.grad_checkpointing recomputes each tower's blocks in backward instead of keeping their activations:
+    the same gradients (float64, MFD's masked pass included), so the same run."""
+    kd = dict(teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
+              distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1}, data={"workers": 0},
+              train={"batch_size": 64, "steps": 4, "checkpoint_every": 4, "precision": "fp64"})
+    plain = parse_config(yaml.safe_load(write_config(tmp_path, "plain", output_dir=str(tmp_path / "a"), **kd).read_text()))
+    kd["train"] = {**kd["train"], "grad_checkpointing": True}
+    recomputed = parse_config(yaml.safe_load(write_config(tmp_path, "ckpt", output_dir=str(tmp_path / "b"), **kd).read_text()))
+    assert plain.run_id == recomputed.run_id
+    from harness.distributed import DistEnv
+    from harness.train import Trainer
+
+    towers = Trainer(recomputed, DistEnv(), torch.device("cpu")).student.model
+    assert towers.visual.transformer.grad_checkpointing and towers.transformer.grad_checkpointing
+    a, b = (final_state(train(config))["state_dict"] for config in (plain, recomputed))
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-12, atol=1e-14, msg=name)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2], ids=["SIGINT", "SIGUSR1", "SIGUSR2"])
 def test_each_stop_signal_checkpoints_the_last_step_and_exits_like_the_signal(tmp_path, signum):
     """Ctrl-C, SLURM's --signal=USR1@… and submitit's USR2 stop training at a step boundary with a checkpoint

@@ -29,18 +29,18 @@ from harness.data.views import Augmentation, ViewSpec
 
 __all__ = ["BUILTIN_DATASETS", "Batch", "TrainData", "build_source", "build_train_data", "default_workers"]
 
-MAX_WORKERS = 8
-
-
 def default_workers() -> int:
-    """Loader workers per training process: the CPUs it may use, one left to the training loop, at most 8. The
-    CPUs are SLURM's ``cpus_per_task`` inside a job, else the process's CPU affinity shared among the processes
-    torchrun started on its node."""
+    """Loader workers per training process: the CPUs it may use, one left to the training loop. Inside a SLURM
+    job those are the task's ``cpus_per_task`` shared among the processes the task runs (one under submitit's
+    task per GPU; all of a node's under ``srun torchrun --nproc_per_node 8``); elsewhere the process's CPU
+    affinity shared among the processes torchrun started on its node."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cpus = len(os.sched_getaffinity(0)) // max(1, local)
-    return max(0, min(MAX_WORKERS, int(cpus) - 1))
+        return max(0, len(os.sched_getaffinity(0)) // max(1, local) - 1)
+    tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # SLURM writes e.g. 8(x2)
+    per_task = max(1, local // int(tasks_per_node)) if tasks_per_node.isdigit() else 1
+    return max(0, int(cpus) // per_task - 1)
 
 
 def workers(configured: int | None) -> int:

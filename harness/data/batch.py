@@ -1,6 +1,7 @@
 """What a training loader yields: one rank's block of a global batch."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -22,6 +23,9 @@ class Batch:
     teacher_image: torch.Tensor | None = None
     teacher_text: torch.Tensor | None = None
     decoded: int = 0  # images its process decoded since that process made its previous block (count_decode)
+    # images as decoded pixels (uint8, a quarter of float32's bytes to move), normalised where they are used:
+    # the student's (mean, std); None when ``images`` are normalised already (the in-memory sets)
+    pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -31,15 +35,32 @@ class Batch:
         return replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Batch:
-        """On ``device``; images and teacher embeddings in the run's ``dtype``, ids and tokens as they are."""
+        """On ``device``; images normalised there (from uint8 pixels) and teacher embeddings in the run's
+        ``dtype``, ids and tokens as they are."""
         moved = {}
         for name, tensor in self._tensors().items():
             floating = name in ("images", "teacher_image", "teacher_text")
-            moved[name] = tensor.to(device, dtype if floating else None, non_blocking=True)
-        return replace(self, **moved)
+            moved[name] = tensor.to(device, None if self.pixels and name == "images" else dtype if floating else None,
+                                    non_blocking=True)
+        if self.pixels:
+            moved["images"] = normalize(moved["images"], *self.pixels).to(dtype)
+        return replace(self, **moved, pixels=None)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """torchvision's ``to_tensor`` then ``normalize`` of uint8 (…, C, H, W) pixels, the same float32 operations in
+    the same order (so the same bits on the CPU as the transform on decoded images)."""
+    mean, std = _channel_stats(pixels.device, tuple(mean), tuple(std))
+    return pixels.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _channel_stats(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a copy from the host on every batch would wait for the GPU each time."""
+    return (torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1))
 
 
 _decodes = 0  # images this process has turned from bytes into pixels
@@ -61,12 +82,20 @@ def decodes_to_report() -> int:
     return fresh
 
 
+def crop_views(images: list, ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
+               augmentation) -> tuple[torch.Tensor, np.ndarray]:
+    """Decoded images cut to their views' boxes (``views.ViewSpec.pil``) as uint8 pixels, and the boxes."""
+    boxes = augmentation.boxes(epoch, ids, views, [i.height for i in images], [i.width for i in images], spec)
+    return torch.stack([spec.pil(image, box) for image, box in zip(images, boxes)]), boxes
+
+
 def pil_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
               augmentation, tokenizer: Callable) -> Batch:
-    """Decoded images cropped to this epoch's views (``views.ViewSpec.pil``), their captions tokenised at once."""
-    boxes = augmentation.boxes(epoch, ids, views, [i.height for i in images], [i.width for i in images], spec)
-    return Batch(torch.stack([spec.pil(image, box) for image, box in zip(images, boxes)]), tokenizer(list(captions)),
-                 torch.from_numpy(ids), None if views is None else torch.from_numpy(views), torch.from_numpy(boxes))
+    """Decoded images cropped to this epoch's views, their captions tokenised at once."""
+    pixels, boxes = crop_views(images, ids, views, epoch, spec, augmentation)
+    return Batch(pixels, tokenizer(list(captions)), torch.from_numpy(ids),
+                 None if views is None else torch.from_numpy(views), torch.from_numpy(boxes),
+                 pixels=(spec.mean, spec.std))
 
 
 def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:

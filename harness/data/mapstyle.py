@@ -45,9 +45,9 @@ class CaptionTable:
         subset.images, subset.captions = self.images[:count], self.captions[:count]
         return subset
 
-    def image(self, index: int) -> Image.Image:
+    def image(self, index: int, spec: ViewSpec) -> Image.Image:
         count_decode()
-        return Image.open(self.images[index]).convert("RGB")
+        return spec.draft(Image.open(self.images[index])).convert("RGB")
 
 
 @dataclass
@@ -62,10 +62,13 @@ class CsvSource:
     def __len__(self) -> int:
         return len(self.table)
 
+    def decode(self, ids: np.ndarray) -> tuple[list[Image.Image], list[str]]:
+        """The samples' images, decoded, and captions."""
+        return [self.table.image(int(i), self.spec) for i in ids], [self.table.captions[i] for i in ids]
+
     def render(self, epoch: int, ids: np.ndarray, views: np.ndarray | None) -> Batch:
-        images = [self.table.image(int(i)) for i in ids]
-        return pil_batch(images, [self.table.captions[i] for i in ids], ids, views, epoch, self.spec,
-                         self.augmentation, self.tokenizer)
+        images, captions = self.decode(ids)
+        return pil_batch(images, captions, ids, views, epoch, self.spec, self.augmentation, self.tokenizer)
 
 
 @dataclass

@@ -216,10 +216,10 @@ class ShardReader:
         self._open.clear()
 
 
-def decode_sample(members: dict[str, bytes]) -> tuple[Image.Image, str]:
+def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[Image.Image, str]:
     image = next(members[e] for e in IMAGE_EXTENSIONS if e in members)
     count_decode()
-    return Image.open(io.BytesIO(image)).convert("RGB"), members["txt"].decode("utf-8")
+    return spec.draft(Image.open(io.BytesIO(image))).convert("RGB"), members["txt"].decode("utf-8")
 
 
 class ShardSource:
@@ -241,13 +241,18 @@ class ShardSource:
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
 
-    def render(self, epoch: int, ids: np.ndarray, views: np.ndarray | None) -> Batch:
+    def decode(self, ids: np.ndarray) -> tuple[list[Image.Image], list[str]]:
+        """The samples' images, decoded, and captions."""
         shards, positions = split_ids(ids)
         reader, decoded = self.reader(), {}
         for i in np.lexsort((positions, shards)):  # in file order: reads move forward through each shard
-            decoded[int(i)] = decode_sample(reader.read(int(shards[i]), int(positions[i]))[1])
+            decoded[int(i)] = decode_sample(reader.read(int(shards[i]), int(positions[i]))[1], self.spec)
         images, captions = zip(*(decoded[i] for i in range(len(ids))))
-        return pil_batch(list(images), list(captions), ids, views, epoch, self.spec, self.augmentation, self.tokenizer)
+        return list(images), list(captions)
+
+    def render(self, epoch: int, ids: np.ndarray, views: np.ndarray | None) -> Batch:
+        images, captions = self.decode(ids)
+        return pil_batch(images, captions, ids, views, epoch, self.spec, self.augmentation, self.tokenizer)
 
 
 class ShardEpoch(IterableDataset):

@@ -106,11 +106,24 @@ class ViewSpec:
         return asdict(self)
 
     def pil(self, image: Image.Image, box) -> torch.Tensor:
-        """open_clip's training transform with the given box: bicubic resized crop, RGB, tensor, normalise."""
+        """open_clip's training transform with the given box up to its pixels: bicubic resized crop, RGB, as uint8
+        (C, H, W); ``batch.normalize`` does open_clip's to_tensor and normalise where the batch is used."""
         top, left, h, w = (int(v) for v in box)
         crop = TF.resized_crop(image.convert("RGB"), top, left, h, w, [self.size, self.size],
                                interpolation=TF.InterpolationMode.BICUBIC)
-        return TF.normalize(TF.to_tensor(crop), self.mean, self.std)
+        return TF.pil_to_tensor(crop)
+
+    def draft(self, image: Image.Image) -> Image.Image:
+        """A JPEG decoded at 1/2, 1/4 or 1/8 of its size by the decoder itself (PIL's ``draft``, a DCT scaling)
+        where its shorter side keeps at least size / scale[0] pixels: a crop of the smallest area at a square
+        aspect then still has ``size`` pixels a side, and the narrowest crops (at the aspect limits) are widened
+        by at most 7 %. Other images as they are. An img2dataset 512 px JPEG for a 224 px student decodes at half
+        size: a quarter of the pixels to decode and to resample."""
+        shorter = min(image.height, image.width)
+        factor = self.size / self.scale[0] / shorter
+        if factor < 1:
+            image.draft("RGB", (math.ceil(image.width * factor), math.ceil(image.height * factor)))
+        return image
 
     def tensor(self, images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """The same for a batch of uint8 images (n, H, W) or (n, H, W, C) in one ``grid_sample``: bicubic (torch's
