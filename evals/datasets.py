@@ -5,6 +5,7 @@ An evaluation set bundles what clip_benchmark's metric functions need: a classif
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,31 @@ LOCAL_KINDS = ("imagefolder", "csv")
 
 class EvalDatasetError(ClipkdError, ValueError):
     pass
+
+
+def read_image(path) -> Image.Image:
+    """A benchmark's image; a bad one is one message naming the file. Evaluation does not skip: a benchmark that
+    silently lost an image would be another benchmark."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise EvalDatasetError(f"{path}: the image cannot be decoded ({type(error).__name__}: {error}); evaluation "
+                               "does not skip images (the benchmark would change): fix or remove the file") from None
+    if image.width == 0 or image.height == 0:
+        raise EvalDatasetError(f"{path}: the image has no pixels; evaluation does not skip images: fix or remove it")
+    return image
+
+
+@contextlib.contextmanager
+def named_bad_images():
+    """A bad image found in a loader worker, as its own message (torch wraps it with the worker's traceback)."""
+    try:
+        yield
+    except EvalDatasetError as error:
+        message = str(error)
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split("EvalDatasetError: ", 1)[-1]
+        raise EvalDatasetError(message) from None
 
 
 @dataclass
@@ -65,7 +91,7 @@ class _CaptionCsv(Dataset):
 
     def __getitem__(self, index: int):
         path, captions = self.items[index]
-        return self.transform(Image.open(path).convert("RGB")), captions
+        return self.transform(read_image(path)), captions
 
 
 def _imagenet_templates() -> list[str]:
@@ -115,7 +141,7 @@ def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
 
         if root is None or not Path(root).is_dir():
             raise EvalDatasetError(f"dataset 'imagefolder' needs --root, an existing folder of class folders (got {root!r})")
-        folder = ImageFolder(root, transform=transform)
+        folder = ImageFolder(root, transform=transform, loader=read_image)
         folder.templates = _imagenet_templates()
         return EvalSet(benchmark_name(name, root), classification=folder)
     if name == "csv":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from evals.datasets import EvalSet, retrieval_collate
+from evals.datasets import EvalSet, named_bad_images, retrieval_collate
 from evals.zeroshot import RetrievalEmbeddings, eval_loader
 from harness.distributed import gather_shares, my_share
 from harness.models import autocast
@@ -60,8 +60,9 @@ def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection:
     loader = eval_loader(Subset(pairs, share) if len(share) < len(pairs) else pairs, batch_size, device, workers,
                          retrieval_collate)
     student_images, student_texts = student.images, student.first_texts
-    teacher_images, teacher_texts = (gather_shares(part.to(device), len(pairs)).cpu()
-                                     for part in embed_pairs(teacher.model, teacher.tokenizer, loader, device, precision))
+    with named_bad_images():
+        embedded = embed_pairs(teacher.model, teacher.tokenizer, loader, device, precision)
+    teacher_images, teacher_texts = (gather_shares(part.to(device), len(pairs)).cpu() for part in embedded)
     metrics = {
         "feature_cka_image": linear_cka(student_images, teacher_images),
         "feature_cka_text": linear_cka(student_texts, teacher_texts),

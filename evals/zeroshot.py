@@ -22,7 +22,7 @@ from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, Subset
 
-from evals.datasets import EvalSet, retrieval_collate
+from evals.datasets import EvalSet, named_bad_images, retrieval_collate
 from harness.distributed import gather_shares, gather_uneven, my_share
 
 RECALL_K = (1, 5, 10)
@@ -129,6 +129,12 @@ def zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device,
                       classifiers: Classifiers | None = None, workers: int = 0) -> BenchmarkResult:
     """The set's metrics, their per-item hits, and its retrieval embeddings for the feature-similarity pass."""
     model.eval()
+    with named_bad_images():
+        return _zero_shot_metrics(model, tokenizer, eval_set, device, batch_size, classifiers, workers)
+
+
+def _zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int,
+                       classifiers: Classifiers | None, workers: int) -> BenchmarkResult:
     parts = []
     if eval_set.classification is not None:
         parts.append(classification_metrics(model, tokenizer, eval_set.classification, device, batch_size,

@@ -215,6 +215,22 @@ def _check_data(grid, args: argparse.Namespace) -> dict[str, list[str]] | None:
     return found
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from harness.config import ConfigError, load_config
+    from harness.data.check import check_configs
+    from harness.grid import RUN, load_grid
+
+    path = Path(args.config)
+    try:
+        is_grid = "axes" in (yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read it as a run config or a grid ({error})") from None
+    configs = [c.config for c in load_grid(path).cells if c.kind == RUN] if is_grid else [load_config(path)]
+    return 0 if check_configs(configs, args.workers, progress=sys.stderr.isatty()) else 2
+
+
 def _cmd_grid(args: argparse.Namespace) -> int:
     from harness import dispatch
     from harness.grid import load_grid
@@ -229,6 +245,12 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     store = Store(args.db)
     if args.grid_command == "plan":
         _print_cells(grid, dispatch.cell_states(grid, store), dispatch.in_flight(grid), data)
+        if args.check_images:  # every image of each distinct training set decoded, as the runs will
+            from harness.data.check import check_configs
+            from harness.grid import RUN
+
+            if not check_configs([c.config for c in grid.cells if c.kind == RUN], progress=sys.stderr.isatty()):
+                return 2
         caches = sum(c.kind == "teacher-cache" for c in grid.cells)
         print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first"
               + (f", {caches} teacher-embedding caches built next" if caches else "") + ")")
@@ -343,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--no-check-data", action="store_true",
                              help="do not check that each cell's data, benchmarks and teacher weights exist (for a "
                                   "head node that cannot see the compute nodes' filesystems)")
+        if name == "plan":
+            sub.add_argument("--check-images", action="store_true",
+                             help="also decode every training image of each distinct training set (clipkd data check)")
         if name == "submit":
             sub.add_argument("--executor", choices=["local", "slurm"], default="local")
             sub.add_argument("--wait", action="store_true", help="follow the SLURM jobs until every cell has ended")
@@ -358,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 serves every interface)")
     app.set_defaults(func=_cmd_app)
+
+    data = commands.add_parser("data", help="training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_check = data_commands.add_parser("check", help="decode every training sample and report the bad ones "
+                                          "(per shard and in all), for the runs' loaders to replace without decoding")
+    data_check.add_argument("config", help="a run config or a grid (YAML): each distinct training set once")
+    data_check.add_argument("--workers", type=int, help="decoding processes (default: this process's CPUs less one)")
+    data_check.set_defaults(func=_cmd_data_check)
 
     cache = commands.add_parser("cache", help="teacher-embedding caches")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)

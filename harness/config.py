@@ -19,10 +19,11 @@ from harness.errors import ClipkdError
 
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
-# how often a run checkpoints or logs, recomputing activations in backward (tested equal). The same cell on
-# another partition or with other workers is the same run.
+# how often a run checkpoints or logs, recomputing activations in backward (tested equal), what to do with bad
+# samples (a finished run trained on the same replacements either way). The same cell on another partition or
+# with other workers is the same run.
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
-                       "train.grad_checkpointing"}
+                       "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -111,6 +112,11 @@ class DataSpec(Strict):
                                 "(SLURM's cpus_per_task, shared among a task's processes) less one; not part of the "
                                 "run id")
     augment: bool = Field(True, description="open_clip's random training crop; false: the evaluation view")
+    bad_samples: Literal["skip", "error"] = Field(
+        "skip", description="a sample whose image cannot be decoded or whose caption is missing or empty: skip "
+        "replaces it by the next good sample and logs it; error stops the run (harness/data/bad.py)")
+    max_bad_fraction: float = Field(0.001, ge=0, le=1, description="with skip, the run stops past this fraction of "
+                                    "the training set's samples found bad")
 
     @model_validator(mode="after")
     def _source(self) -> DataSpec:

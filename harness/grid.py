@@ -159,7 +159,7 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
 
     from harness.models import is_config_file, known_model_names, names_a_file, resolve_teacher_run
 
-    if "run" in ref:
+    if ref.get("run") is not None:  # `run: null`, as a resolved config writes it, is no run
         try:
             resolve_teacher_run(ref["run"])
         except ClipkdError as error:

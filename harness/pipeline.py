@@ -20,6 +20,7 @@ from evals.zeroshot import Classifiers, zero_shot_metrics
 from harness import checkpoint
 from harness.config import RunConfig, parse_config
 from harness.data import workers
+from harness.data.bad import count_logged
 from harness.distributed import init_distributed
 from harness.models import (
     FINAL_CHECKPOINT,
@@ -233,7 +234,7 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
         raise
     publish(
         {**base, "status": "done", "error": None, "finished_at": now(), **training_cost(run_dir),
-         "eval_seconds": eval_seconds, "student_params": parameter_count(trained.student),
+         "eval_seconds": eval_seconds, "bad_samples": count_logged(run_dir), "student_params": parameter_count(trained.student),
          "teacher_params": parameter_count(trained.teacher), **inference},
         metrics=evaluation.metrics,
         curves=training_curves(run_dir),

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harness.config import RunConfig
 from harness.data import build_source, workers
+from harness.data.bad import decode_replacing
 from harness.data.batch import Batch, crop_views, decodes_to_report
 from harness.data.shards import ShardSource
 from harness.data.views import Augmentation, ViewSpec
@@ -98,11 +99,13 @@ def teacher_identity(config: RunConfig) -> dict[str, Any]:
 def data_identity(config: RunConfig) -> dict[str, Any]:
     """The samples: a built-in set by name, a CSV by path, shards by path, size and time (a rewritten shard is
     another dataset)."""
-    data = config.data.model_dump(exclude={"workers", "augment", "shuffle_window", "num_samples"})
+    data = config.data.model_dump(exclude={"workers", "augment", "shuffle_window", "num_samples", "bad_samples",
+                                           "max_bad_fraction"})
     if config.data.dataset == "webdataset":
-        from harness.data.shards import expand_shards
+        from harness.data.shards import INDEX_VERSION, expand_shards
 
         data["shards"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_shards(config.data.path)]
+        data["index_version"] = INDEX_VERSION  # which samples a shard holds
     return data
 
 
@@ -371,17 +374,18 @@ class _Work(IterableDataset):
         first, stride = (worker.id, worker.num_workers) if worker else (0, 1)
         stored = [None] if not self.views else list(range(self.views))
         for prefix, rows, ids in self.chunks[first::stride]:
-            source = self.source
-            if hasattr(source, "decode"):  # files: decoded once, every view cut from the one image
-                images, captions = source.decode(ids)
-                cut = [crop_views(images, ids, None if v is None else np.full(len(ids), v), 0, source.spec,
+            source, bad = self.source, []
+            if hasattr(source, "load"):  # files: decoded once, every view cut from the one image
+                decoded = decode_replacing(source, ids)  # a bad sample's row holds its replacement, as a run reads
+                ids, bad = decoded.ids, [asdict(entry) for entry in decoded.bad]
+                cut = [crop_views(decoded.images, ids, None if v is None else np.full(len(ids), v), 0, source.spec,
                                   source.augmentation) for v in stored]
-                pixels, tokens = (source.spec.mean, source.spec.std), source.tokenizer(captions)
+                pixels, tokens = (source.spec.mean, source.spec.std), source.tokenizer(decoded.captions)
             else:  # in memory: nothing to decode
                 batches = [source.render(0, ids, None if v is None else np.full(len(ids), v)) for v in stored]
                 cut, pixels, tokens = [(b.images, b.boxes.numpy()) for b in batches], None, batches[0].texts
             yield (prefix, rows, torch.stack([images for images, _ in cut]), pixels, tokens,
-                   torch.stack([torch.from_numpy(boxes) for _, boxes in cut]), decodes_to_report())
+                   torch.stack([torch.from_numpy(boxes) for _, boxes in cut]), decodes_to_report(), json.dumps(bad))
 
 
 def _chunks(source, share: tuple[int, int], batch: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -433,7 +437,8 @@ class _Builder:
             if folder.is_dir():
                 marks.set(f"failed-rank{env.rank}", f"{type(error).__name__}: {error}")
             raise
-        marks.set(f"embedded-{env.rank}", json.dumps({"embedded": embedded, "decoded": self.decoded}))
+        marks.set(f"embedded-{env.rank}", json.dumps({"embedded": embedded, "decoded": self.decoded,
+                                                      "bad": list(self.bad.values())}))
         marks.wait([f"embedded-{rank}" for rank in range(env.world_size)])
         _meet(env)  # every rank has seen every mark: a moment's wait
         if env.is_main:
@@ -460,11 +465,12 @@ class _Builder:
         storage, model = STORAGE[self.spec.storage], self.teacher.model
         dtype = parameter_dtype(self.config.train.precision)
         arrays, owner = OpenArrays(folder, writable=True), folder / OWNER
-        self.decoded = 0
+        self.decoded, self.bad = 0, {}
         with torch.no_grad():
-            for prefix, rows, images, pixels, tokens, boxes, decoded in loader:
+            for prefix, rows, images, pixels, tokens, boxes, decoded, bad in loader:
                 os.utime(owner)  # the heartbeat that tells other builders this one is alive
                 self.decoded += int(decoded)
+                self.bad |= {entry["sample"]: entry for entry in json.loads(bad)}
                 views, n = images.shape[:2]
                 images = Batch(images.flatten(0, 1), tokens, torch.as_tensor(rows), pixels=pixels).to(self.device, dtype)
                 with autocast(self.device, self.config.train.precision):
@@ -483,6 +489,8 @@ class _Builder:
         meta = {"spec": asdict(self.spec), "samples": sum(n for _, n in self.prefixes),
                 "embedded_by_rank": [rank["embedded"] for rank in ranks],
                 "decoded_by_rank": [rank["decoded"] for rank in ranks],
+                # the bad samples found (data/bad.py): their rows hold their replacements, which runs read instead
+                "bad_samples": sorted((entry for rank in ranks for entry in rank["bad"]), key=lambda e: e["sample"]),
                 "embed_dim": self.teacher.embed_dim, "logit_scale": float(self.teacher.model.logit_scale.exp()),
                 "embedding_dtype": str(output_dtype(self.config.train.precision)).removeprefix("torch."),
                 "teacher_model": type(self.teacher.model).__name__}

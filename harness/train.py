@@ -22,6 +22,7 @@ import methods
 from harness import checkpoint, teacher_cache
 from harness.config import RunConfig
 from harness.data import Batch, build_source, build_train_data, workers
+from harness.data.bad import BadSampleLog
 from harness.data.views import Augmentation
 from harness.distributed import DistEnv, StopVote, gather, gather_with_grad, init_distributed
 from harness.errors import ClipkdError
@@ -418,6 +419,7 @@ class Trainer:
         evaluate = self._progress()
         samples_per_step = cfg.train.batch_size
         vote, logged = StopVote(), (self.step, time.perf_counter())
+        bad = BadSampleLog(self.run_dir, cfg.data.bad_samples, cfg.data.max_bad_fraction, len(self.source))
         with self._open_log() as log, _StopSignals() as signals, tqdm(
             total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
         ) as progress:
@@ -426,6 +428,7 @@ class Trainer:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, spe)
                 for batch in self.data.loader_for(epoch, start_batch):
+                    bad.add(batch.bad)  # raises under data.bad_samples: error, or past data.max_bad_fraction
                     lr, values = self.train_step(batch.to(self.device, self.dtype))
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         self.watch.check(self.run_dir / "checkpoints")

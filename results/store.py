@@ -42,7 +42,7 @@ from sqlalchemy.pool import QueuePool
 from harness.errors import ClipkdError
 from results.stats import pack, unpack
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
 
@@ -89,6 +89,7 @@ class Run(Base):
     gflops_image: Mapped[float | None] = mapped_column(Float)  # the student's, per image (torch flop counter)
     gflops_text: Mapped[float | None] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float)  # the student's image tower, evaluation device
+    bad_samples: Mapped[int | None] = mapped_column(Integer)  # training samples found bad and replaced
     started_at: Mapped[str | None] = mapped_column(String(40))
     finished_at: Mapped[str | None] = mapped_column(String(40))
     updated_at: Mapped[str] = mapped_column(String(40))

@@ -13,6 +13,8 @@ an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,9 +71,18 @@ def build_source(spec, student_model: str, tokenizer: Callable, augmentation: Au
                            tokenizer)
     if spec.dataset == "csv":
         table = CaptionTable(spec.path, spec.image_key, spec.caption_key, spec.separator)
-        return CsvSource(table.first(spec.subset) if spec.subset else table, view, augmentation, tokenizer)
+        checked = csv_checked_file(Path(index_root) / INDEX_DIR, spec.path)
+        known_bad = {int(row): reason for row, reason in json.loads(checked.read_text()).items()} if checked.is_file() else {}
+        return CsvSource(table.first(spec.subset) if spec.subset else table, view, augmentation, tokenizer, known_bad)
     split = load_builtin(spec.dataset, "train")
     return InMemorySource.of(split.first(spec.subset) if spec.subset else split, tokenizer, view, augmentation)
+
+
+def csv_checked_file(folder: Path, csv: str) -> Path:
+    """Where ``clipkd data check`` leaves a CSV's bad rows (row index -> reason), keyed by its path, size and time."""
+    stat = Path(csv).stat()
+    identity = f"{Path(csv).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return folder / f"csv-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.bad.json"
 
 
 def build_train_data(spec, source, batch_size: int, seed: int, rank: int, world_size: int, teacher_rows=None,

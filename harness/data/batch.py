@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ class Batch:
     # images as decoded pixels (uint8, a quarter of float32's bytes to move), normalised where they are used:
     # the student's (mean, std); None when ``images`` are normalised already (the in-memory sets)
     pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    bad: list[dict] = field(default_factory=list)  # the bad samples this block replaced (data/bad.py), as dicts
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -100,10 +101,21 @@ def pil_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndar
 
 def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
     """The batch of samples ``ids`` in ``epoch``: each sample's view of the epoch, and the cached teacher's rows of
-    those views when the run reads a teacher-embedding cache (read here, in the loader, not in the trainer)."""
-    views = source.augmentation.choose(epoch, ids)
-    batch = source.render(epoch, ids, views)
+    those views when the run reads a teacher-embedding cache (read here, in the loader, not in the trainer). From
+    files, a bad sample is replaced first (data/bad.py): the views and rows are the replacement's."""
+    from harness.data.bad import decode_replacing
+
+    bad = []
+    if hasattr(source, "load"):  # files: decoded here
+        decoded = decode_replacing(source, ids)
+        ids, bad = decoded.ids, decoded.bad
+        views = source.augmentation.choose(epoch, ids)
+        batch = pil_batch(decoded.images, decoded.captions, ids, views, epoch, source.spec, source.augmentation,
+                          source.tokenizer)
+    else:  # in memory: no file to decode
+        views = source.augmentation.choose(epoch, ids)
+        batch = source.render(epoch, ids, views)
     if teacher_rows is not None:
         batch.teacher_image, batch.teacher_text = teacher_rows.lookup(ids, views)
-    batch.decoded = decodes_to_report()
+    batch.decoded, batch.bad = decodes_to_report(), [asdict(entry) for entry in bad]
     return batch

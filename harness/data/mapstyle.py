@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,8 @@ import pandas as pd
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from harness.data.batch import Batch, count_decode, make_block, pil_batch
+from harness.data.bad import open_image, usable_caption
+from harness.data.batch import Batch, count_decode, make_block
 from harness.data.memory import epoch_order
 from harness.data.views import Augmentation, ViewSpec
 
@@ -29,12 +30,14 @@ class CaptionTable:
         if not Path(path).is_file():
             raise ValueError(f"data.path: {path!r} does not exist")
         frame = pd.read_csv(path, sep=separator)
-        for field, key in (("image_key", image_key), ("caption_key", caption_key)):
+        for setting, key in (("image_key", image_key), ("caption_key", caption_key)):
             if key not in frame.columns:
-                raise ValueError(f"data.{field}: {path} has no column {key!r} (separator {separator!r}); "
+                raise ValueError(f"data.{setting}: {path} has no column {key!r} (separator {separator!r}); "
                                  f"columns: {list(frame.columns)}")
+        self.path = str(path)
         self.images = frame[image_key].astype(str).tolist()
-        self.captions = frame[caption_key].astype(str).tolist()
+        captions = frame[caption_key]  # a missing caption stays None (a bad sample), not the text "nan"
+        self.captions = [None if missing else str(text) for text, missing in zip(captions, captions.isna())]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,30 +48,32 @@ class CaptionTable:
         subset.images, subset.captions = self.images[:count], self.captions[:count]
         return subset
 
-    def image(self, index: int, spec: ViewSpec) -> Image.Image:
-        count_decode()
-        return spec.draft(Image.open(self.images[index])).convert("RGB")
-
-
 @dataclass
 class CsvSource:
-    """A CSV set; ``render`` reads, crops and tokenises the given samples (in a loader worker)."""
+    """A CSV set; loader workers read, crop and tokenise its samples (``data.batch``)."""
 
     table: CaptionTable
     spec: ViewSpec
     augmentation: Augmentation
     tokenizer: Callable
+    known_bad: dict[int, str] = field(default_factory=dict)  # found by a data check
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def decode(self, ids: np.ndarray) -> tuple[list[Image.Image], list[str]]:
-        """The samples' images, decoded, and captions."""
-        return [self.table.image(int(i), self.spec) for i in ids], [self.table.captions[i] for i in ids]
+    def read_order(self, ids: np.ndarray) -> range:
+        return range(len(ids))
 
-    def render(self, epoch: int, ids: np.ndarray, views: np.ndarray | None) -> Batch:
-        images, captions = self.decode(ids)
-        return pil_batch(images, captions, ids, views, epoch, self.spec, self.augmentation, self.tokenizer)
+    def load(self, sample: int) -> tuple[Image.Image, str]:
+        caption = usable_caption(self.table.captions[sample])
+        count_decode()
+        return open_image(self.table.images[sample], self.spec), caption
+
+    def after(self, sample: int) -> int:
+        return (sample + 1) % len(self.table)
+
+    def where(self, sample: int) -> str:
+        return f"{self.table.path} row {sample + 2} ({self.table.images[sample]})"  # the header is row 1
 
 
 @dataclass

@@ -14,7 +14,8 @@ of W builds steps start+j, start+j+W, …, seeking straight to each of its sampl
   holds.
 - The index (per shard: each usable sample's key and the byte range of its members) is read from the tar headers
   once, without decoding, and kept in ``<output_dir>/.shard-index/``, keyed by the shard's path, size and time.
-  Samples need an image (jpg, jpeg, png, webp) and a caption (txt), as open_clip's pipeline filters them.
+  A sample is a key with an image (jpg, jpeg, png, webp) or a caption (txt); one that lacks either, or whose
+  image does not decode, is a bad sample, replaced as the loader meets it (data/bad.py).
 
 Shards must be files (a mounted filesystem): the loader seeks in them, which a ``pipe:`` or ``http://`` stream
 cannot do.
@@ -25,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -38,7 +40,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from harness.data.batch import Batch, count_decode, make_block, pil_batch
+from harness.data.bad import Unusable, open_image, usable_caption
+from harness.data.batch import Batch, count_decode, make_block
 from harness.data.views import Augmentation, ViewSpec, mix
 
 INDEX_DIR = ".shard-index"
@@ -60,12 +63,13 @@ def expand_shards(pattern: str) -> list[Path]:
 
 
 def scan_shard(path: Path) -> dict[str, np.ndarray]:
-    """Every usable sample of a tar: its key and the byte range [start, end) of its members, from headers only."""
+    """Every sample of a tar with an image or a caption: its key and the byte range [start, end) of its members,
+    from headers only. One with only one of the two is bad, found as the loader reads it (data/bad.py)."""
     keys, starts, ends = [], [], []
     current, extensions, first, last = None, set(), 0, 0
 
     def close() -> None:
-        if current is not None and "txt" in extensions and extensions & set(IMAGE_EXTENSIONS):
+        if current is not None and extensions & {"txt", *IMAGE_EXTENSIONS}:
             keys.append(current)
             starts.append(first)
             ends.append(last)
@@ -88,10 +92,18 @@ def scan_shard(path: Path) -> dict[str, np.ndarray]:
             "ends": np.asarray(ends, dtype=np.int64)}
 
 
+INDEX_VERSION = 2  # 2: samples with an image or a caption (1: both), so that a half sample is found and logged
+
+
 def _index_file(folder: Path, shard: Path) -> Path:
     stat = shard.stat()
-    identity = f"{shard.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    identity = f"{shard.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{INDEX_VERSION}"
     return folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.npz"
+
+
+def checked_file(index_file: Path) -> Path:
+    """Where ``clipkd data check`` leaves a shard's bad samples (position -> reason), beside its index."""
+    return index_file.with_suffix(".bad.json")
 
 
 @contextlib.contextmanager
@@ -138,6 +150,15 @@ class ShardIndex:
     @property
     def total(self) -> int:
         return int(self.counts.sum())
+
+    def known_bad(self) -> dict[int, str]:
+        """The bad samples a data check found (sample id -> reason), for the shards it checked."""
+        found = {}
+        for shard, file in enumerate(self.files):
+            if checked_file(file).is_file():
+                for position, reason in json.loads(checked_file(file).read_text()).items():
+                    found[(shard << SHARD_BITS) | int(position)] = reason
+        return found
 
 
 @dataclass(frozen=True)
@@ -217,16 +238,25 @@ class ShardReader:
 
 
 def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[Image.Image, str]:
-    image = next(members[e] for e in IMAGE_EXTENSIONS if e in members)
+    """A sample's image and caption; Unusable (data/bad.py) for a bad one."""
+    caption = members.get("txt")
+    try:
+        caption = usable_caption(None if caption is None else caption.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Unusable("the caption is not UTF-8 text") from None
+    image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    if image is None:
+        raise Unusable("no image")
     count_decode()
-    return spec.draft(Image.open(io.BytesIO(image))).convert("RGB"), members["txt"].decode("utf-8")
+    return open_image(io.BytesIO(image), spec), caption
 
 
 class ShardSource:
-    """A shard set; ``render`` reads (by seeking), decodes, crops and tokenises the given samples."""
+    """A shard set; loader workers read samples by seeking, decode, crop and tokenise them (``data.batch``)."""
 
     def __init__(self, index: ShardIndex, spec: ViewSpec, augmentation: Augmentation, tokenizer: Callable):
         self.index, self.spec, self.augmentation, self.tokenizer = index, spec, augmentation, tokenizer
+        self.known_bad = index.known_bad()
         self._reader, self._reader_pid = None, None
 
     def __len__(self) -> int:
@@ -241,18 +271,26 @@ class ShardSource:
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
 
-    def decode(self, ids: np.ndarray) -> tuple[list[Image.Image], list[str]]:
-        """The samples' images, decoded, and captions."""
+    def read_order(self, ids: np.ndarray) -> np.ndarray:
+        """File order: reads move forward through each shard."""
         shards, positions = split_ids(ids)
-        reader, decoded = self.reader(), {}
-        for i in np.lexsort((positions, shards)):  # in file order: reads move forward through each shard
-            decoded[int(i)] = decode_sample(reader.read(int(shards[i]), int(positions[i]))[1], self.spec)
-        images, captions = zip(*(decoded[i] for i in range(len(ids))))
-        return list(images), list(captions)
+        return np.lexsort((positions, shards))
 
-    def render(self, epoch: int, ids: np.ndarray, views: np.ndarray | None) -> Batch:
-        images, captions = self.decode(ids)
-        return pil_batch(images, captions, ids, views, epoch, self.spec, self.augmentation, self.tokenizer)
+    def load(self, sample: int) -> tuple[Image.Image, str]:
+        shard, position = split_ids(np.int64(sample))
+        return decode_sample(self.reader().read(int(shard), int(position))[1], self.spec)
+
+    def after(self, sample: int) -> int:
+        """The next sample in the shards' own order (the next shard's first after a shard's last; then the first)."""
+        shard, position = (int(v) for v in split_ids(np.int64(sample)))
+        if position + 1 < self.index.counts[shard]:
+            return (shard << SHARD_BITS) | (position + 1)
+        following = next(s for s in [*range(shard + 1, len(self.index.counts)), *range(shard + 1)] if self.index.counts[s])
+        return following << SHARD_BITS
+
+    def where(self, sample: int) -> str:
+        shard, position = (int(v) for v in split_ids(np.int64(sample)))
+        return f"{self.index.shards[shard]} key {self.index.entries(shard)['keys'][position]}"
 
 
 class ShardEpoch(IterableDataset):
