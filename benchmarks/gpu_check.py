@@ -68,8 +68,8 @@ def gpu_scale() -> Scale:
 
 
 def cpu_scale() -> Scale:
-    return Scale(torch.device("cpu"), "bench-teacher", "bench-student", 32, "fp32", steps=3, warmup=2, sync_steps=6,
-                 log_every=3, shard_samples=192, shard_size=96)
+    return Scale(torch.device("cpu"), "bench-teacher", "bench-student", 32, "fp32", steps=2, warmup=1, sync_steps=6,
+                 log_every=3, shard_samples=128, shard_size=96)
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     grid = {
         "name": "interrupt", "output_dir": "runs",
         "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 5},
-                 "train": {"batch_size": 64, "steps": 200, "checkpoint_every": 25}},
+                 "train": {"batch_size": 64, "steps": 120, "checkpoint_every": 25}},
         "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0, 1]},
         "slurm": {"cpus_per_task": 1, "timeout_min": 20},
     }
@@ -63,7 +63,7 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     jobs = json.loads((workdir / "runs" / ".grids" / "interrupt" / "jobs.json").read_text())
     (timed_out, timed_out_job), (cancelled, cancelled_job) = sorted(
         ((workdir / "runs" / run_id, job["job_id"]) for run_id, job in jobs.items()), key=lambda item: item[1])
-    # signalled as soon as both have trained 10 of their 200 steps (watched every 20 ms): however fast the node,
+    # signalled as soon as both have trained 10 of their 120 steps (watched every 20 ms): however fast the node,
     # neither can finish before its signal
     _wait_until(lambda: len(_steps(timed_out)) >= 10 and len(_steps(cancelled)) >= 10, 240, "both cells to train",
                 poll=0.02)
@@ -88,7 +88,7 @@ def test_cells_killed_mid_training_resume_from_their_checkpoints(slurm, workdir)
     assert events[1]["signal"] == "SIGTERM" and events[2]["step"] == events[1]["step"] >= 10
     assert events[0]["slurm_job"] != events[2]["slurm_job"]  # a new job resumed the run
     for run_dir in (timed_out, cancelled):
-        assert _steps(run_dir) == list(range(1, 201))  # every step exactly once across the interruption
+        assert _steps(run_dir) == list(range(1, 121))  # every step exactly once across the interruption
 
 
 def test_a_grid_runs_as_one_job_array_per_stage_and_resubmitting_it_is_a_no_op(slurm, workdir):

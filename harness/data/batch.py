@@ -41,6 +41,8 @@ class Batch:
         moved = {}
         for name, tensor in self._tensors().items():
             floating = name in ("images", "teacher_image", "teacher_text")
+            if device.type == "cuda" and not tensor.is_pinned():  # from pageable memory a copy waits for the GPU
+                tensor = tensor.pin_memory()
             moved[name] = tensor.to(device, None if self.pixels and name == "images" else dtype if floating else None,
                                     non_blocking=True)
         if self.pixels:
