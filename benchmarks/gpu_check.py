@@ -3,8 +3,9 @@
     PYTHONPATH=build/gpu-site:. python3 benchmarks/gpu_check.py      # benchmarks/README.md: the install there
 
 Prints a table and exits 1 when a check fails. Without CUDA it says so, runs the same parts at a CPU scale (the
-benchmarks' small models) to show that they run, and exits 0 unless one of them crashes. On an H200 it takes
-about 3 minutes, so that it can run twice in a 15-minute slot with the machine's start.
+benchmarks' small models) to show that they run, and exits 0 unless one of them crashes. On an H200 it should
+take about 3 minutes (estimated from its parts' sizes; it has not run on one yet), so that it can run twice in a
+15-minute slot with the machine's start.
 
 1. step: ViT-B-16 teacher -> ViT-T-16 student, batch 256, bf16, on the un-augmented digits upscaled to 224 px:
    clipkd's no-KD, live-teacher and cached-teacher steps (CLIP-KD: task + FD + ICL + CRD) beside
