@@ -188,14 +188,47 @@ def _slurm_spec(grid, args: argparse.Namespace):
         raise GridError(f"bad SLURM option: {problems}") from None
 
 
-def _print_cells(grid, states, live=(), data=None) -> None:
-    """The cells, their run ids and states, what they wait for and (when checked) whether their data is there."""
+def _print_cells(grid, states, live=(), data=None, progress=None) -> None:
+    """The cells, their run ids and states, what they wait for and (when checked) whether their data is there;
+    with ``progress`` (grid status) a running cell's step, samples/s and ETA, a failed one's error."""
     width = max(len(c.name) for c in grid.cells)
-    print(f"{'cell':<{width}}  {'run id':<12}  {'state':<8}  {'data':<7}  waits for")
+    header = f"{'cell':<{width}}  {'run id':<12}  {'state':<8}  "
+    print(header + ("progress" if progress is not None else f"{'data':<7}  waits for"))
     for cell in grid.cells:
         state = states[cell.name] + ("*" if cell.run_id in live else "")
+        row = f"{cell.name:<{width}}  {cell.run_id:<12}  {state:<8}  "
+        if progress is not None:
+            waits = f"waits for {', '.join(cell.needs)}" if cell.needs and states[cell.name] in ("new", "queued") else "-"
+            print(row + (progress.get(cell.name) or waits))
+            continue
         checked = "-" if data is None else "MISSING" if data[cell.name] else "ok"
-        print(f"{cell.name:<{width}}  {cell.run_id:<12}  {state:<8}  {checked:<7}  {', '.join(cell.needs) or '-'}")
+        print(row + f"{checked:<7}  {', '.join(cell.needs) or '-'}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, hours = round(seconds / 60), seconds / 3600
+    return f"{hours:.1f} h" if hours >= 2 else f"{minutes} min" if minutes >= 1 else f"{round(seconds)} s"
+
+
+def _cell_progress(grid, states, store) -> dict[str, str]:
+    """A running cell's step of total, samples/s and time left (as its job last published them, and how long
+    ago); a failed cell's error, its first line."""
+    from datetime import UTC, datetime
+
+    shown = {}
+    for cell in grid.cells:
+        run = store.get_run(cell.run_id) if states[cell.name] in ("running", "failed") else None
+        if run is None:
+            continue
+        if run["status"] == "failed":
+            shown[cell.name] = (run["error"] or "failed").splitlines()[0]
+        elif run["step"] is not None:
+            age = (datetime.now(UTC) - datetime.fromisoformat(run["updated_at"])).total_seconds()
+            speed = f", {run['samples_per_second']:.1f} samples/s" if run["samples_per_second"] else ""
+            eta = f", ETA {_duration(run['eta_seconds'])}" if run["eta_seconds"] is not None else ""
+            shown[cell.name] = (f"step {run['step']}/{run['total_steps']}{speed}{eta} "
+                                f"(reported {_duration(max(age, 0))} ago)")
+    return shown
 
 
 def _check_data(grid, args: argparse.Namespace) -> dict[str, list[str]] | None:
@@ -257,7 +290,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     elif args.grid_command == "status":
         dispatch.reconcile(grid, store)
         states = dispatch.cell_states(grid, store)
-        _print_cells(grid, states, dispatch.in_flight(grid))
+        _print_cells(grid, states, dispatch.in_flight(grid), progress=_cell_progress(grid, states, store))
         print(dispatch.summarize(states))
     elif args.grid_command == "cancel":
         cancelled = dispatch.cancel(grid, store)

@@ -20,10 +20,12 @@ from harness.errors import ClipkdError
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
 # how often a run checkpoints or logs, recomputing activations in backward (tested equal), what to do with bad
-# samples (a finished run trained on the same replacements either way). The same cell on another partition or
+# samples (a finished run trained on the same replacements either way), where its numbers are reported while it
+# trains. The same cell on another partition or
 # with other workers is the same run.
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
-                       "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction"}
+                       "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction", "train.report_to",
+                       "train.live_every_s"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -157,8 +159,27 @@ class TrainSpec(Strict):
     checkpoint_every: int = Field(1000, gt=0)
     log_every: int = Field(1, gt=0, description="steps between train_log records; the step's values are read from "
                            "the device only then (on a GPU, say 50: no host sync in between)")
+    accum_freq: int = Field(1, ge=1, description="split each process's samples of a step into N micro-batches, "
+                            "every loss still on the whole batch (harness/accumulation.py): the memory of a batch N "
+                            "times smaller; part of the run id only for a student with BatchNorm or dropout")
     grad_checkpointing: bool = Field(False, description="recompute each tower's blocks in backward (open_clip's "
                                      "set_grad_checkpointing): less memory, the same gradients; not part of the run id")
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="trackers that also get the run's curves and metrics (harness/reporting.py); "
+        "each needs its extra installed; not part of the run id")
+    live_every_s: float = Field(30.0, ge=0, description="a running run publishes its progress and curves to its "
+                                "record (and a server store) at most this often; not part of the run id")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str]) -> list[str]:
+        from harness.reporting import missing_tracker
+
+        problems = [problem for name in names if (problem := missing_tracker(name))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return names
 
     @model_validator(mode="after")
     def _duration(self) -> TrainSpec:
@@ -241,11 +262,20 @@ class RunConfig(Strict):
         config file by its content, not its path."""
         from harness.models import model_identity
 
-        fields = _without(self.resolved(), NON_TRAINING_FIELDS)
+        fields = _without(self.resolved(), NON_TRAINING_FIELDS | self._exact_accumulation())
         for role in ("student", "teacher"):
             if (fields.get(role) or {}).get("model"):
                 fields[role] = {**fields[role], "model": model_identity(fields[role]["model"])}
         return fields
+
+    def _exact_accumulation(self) -> set[str]:
+        """``train.accum_freq`` when it cannot change the weights beyond float rounding (and always at 1, so run ids
+        from before it existed stand): then the same cell at another accumulation is the same run."""
+        from harness.accumulation import accumulation_changes_weights
+
+        if self.train.accum_freq == 1 or accumulation_changes_weights(self.student.model) is None:
+            return {"train.accum_freq"}
+        return set()
 
     @property
     def run_id(self) -> str:

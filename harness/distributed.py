@@ -146,6 +146,31 @@ def gather_uneven(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+@torch.no_grad()
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """DistributedDataParallel's average of the ranks' gradients, for a step whose backward passes ran outside it
+    (train.accum_freq): one all-reduce per dtype of every gradient flattened, after the step's last backward."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
+
+
+@torch.no_grad()
+def broadcast_from_main(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, as DistributedDataParallel starts."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor, src=0)
+
+
 class StopVote:
     """Whether some rank wants to stop (a stop signal must stop all ranks at the same step), agreed without a wait:
     each step starts an all-reduce of this rank's wish (a CPU tensor, over the group's gloo backend) and reads the

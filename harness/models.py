@@ -159,23 +159,30 @@ class _NoRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def no_random_init_notice():
+    notice = _NoRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> ClipBundle:
     name = model_name(model)
     if pretrained is not None and names_a_file(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model!r} does not exist")
-    notice = _NoRandomInitNotice()
-    logging.getLogger().addFilter(notice)
     try:
-        clip, _, preprocess_eval = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=False
-        )
+        with no_random_init_notice():
+            clip, _, preprocess_eval = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, weights_only=False
+            )
     except Exception as error:
         if pretrained is None:
             raise
         raise ModelLoadError(_describe_load_failure(model, pretrained, error)) from None
-    finally:
-        logging.getLogger().removeFilter(notice)
     clip.to(dtype)
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     return ClipBundle(clip, preprocess_eval, open_clip.get_tokenizer(name), embed_dim)

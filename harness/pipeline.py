@@ -5,6 +5,7 @@ import hashlib
 import json
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,9 @@ from harness.models import (
     model_name,
     teacher_run_dir,
 )
-from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, train
-from results.queries import PROGRESS_TERM, REFERENCE
+from harness.reporting import LiveProgress, Reporters
+from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, progress_term, train
+from results.queries import REFERENCE
 from results.records import ingest, read_record, write_record
 from results.store import Store, now, terms_json
 
@@ -151,16 +153,22 @@ def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
 def training_curves(run_dir: Path) -> list[tuple[str, int, float]]:
     """Every loss term against step, thinned to at most MAX_CURVE_POINTS steps (the last one always kept), and the
     zero-shot accuracy measured during training (eval.every_steps) as ``zero-shot acc1 (BENCHMARK)``."""
-    records = [json.loads(line) for line in (run_dir / TRAIN_LOG).read_text().splitlines() if line]
+    records = [json.loads(line) for line in _complete_lines(run_dir / TRAIN_LOG)]
     stride = max(1, -(-len(records) // MAX_CURVE_POINTS))
     kept = records[::stride] + ([records[-1]] if records and (len(records) - 1) % stride else [])
     curves = [(term, r["step"], r[term]) for r in kept for term in r if term not in ("step", "seconds")]
-    evaluations = run_dir / EVAL_LOG
-    if evaluations.is_file():
-        for line in filter(None, evaluations.read_text().splitlines()):
-            point = json.loads(line)
-            curves.append((f"{PROGRESS_TERM} ({point['benchmark']})", point["step"], point["acc1"]))
+    for line in _complete_lines(run_dir / EVAL_LOG):
+        point = json.loads(line)
+        curves.append((progress_term(point["benchmark"]), point["step"], point["acc1"]))
     return curves
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """A JSON-lines log's complete lines: a run still training may be writing its last one."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    return [line for line in text[: text.rfind("\n") + 1].splitlines() if line]
 
 
 def parameter_count(bundle: ClipBundle | None) -> int | None:
@@ -195,6 +203,41 @@ class _Publisher:
             self.store.put_run(record["run"], metrics=metrics, curves=curves, items=items)
 
 
+def run_notes(config: RunConfig) -> str | None:
+    """What a reader of a run's numbers should know that its config does not say outright."""
+    from harness.accumulation import accumulation_changes_weights
+
+    if config.train.accum_freq > 1 and (why := accumulation_changes_weights(config.student.model)):
+        return f"train.accum_freq {config.train.accum_freq}: {why}; not the whole batch's (README, accumulation)"
+    return None
+
+
+class _Watch:
+    """While a run trains (rank 0): its progress and curves to its record and store, its numbers to its trackers."""
+
+    def __init__(self, config: RunConfig, publish: _Publisher, grid: str | None):
+        self.config = config
+        self.live = LiveProgress(lambda progress: publish(progress, curves=training_curves(config.run_dir)),
+                                 config.train.live_every_s)
+        self.reporters = Reporters.open(config.train.report_to, config.run_dir, config.resolved(), config.run_id,
+                                        config.name, grid)
+
+    def __call__(self, kind: str, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in record.items() if k not in ("step", "seconds", "total_steps")}
+        if kind == "train":
+            step, total, seconds = record["step"], record["total_steps"], record["seconds"]
+            values["samples_per_second"] = self.config.train.batch_size / seconds if seconds else None
+            self.live({"id": self.config.run_id, "status": "running", "step": step, "total_steps": total,
+                       "samples_per_second": values["samples_per_second"], "eta_seconds": (total - step) * seconds})
+        self.reporters.log(record["step"], {k: v for k, v in values.items() if v is not None})
+
+    def training_ended(self) -> None:
+        self.live.close()
+        if self.live.error is not None:
+            print(f"clipkd: {self.config.name}: live progress could not be published ({self.live.error}); the run's "
+                  "record and store get its final numbers as usual", file=sys.stderr)
+
+
 def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
     """Train, evaluate and record one run; returns its final status. Finished work is never redone."""
     wanted = {benchmark_name(spec.dataset, spec.root) for spec in config.benchmarks()}
@@ -206,11 +249,25 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
     env = init_distributed()
     publish = _Publisher(config.run_dir, store if env.is_main else None)
     base = run_record(config, grid=grid)
+    watch = None
     if env.is_main:
         publish({**base, "status": "running", "error": None, "started_at": now(), "host": socket.gethostname(),
-                 "code_version": code_version()})
+                 "code_version": code_version(), "notes": run_notes(config)})
+        watch = _Watch(config, publish, grid)
     try:
-        run_dir = train(config, resume=True)
+        return _train_and_evaluate(config, env, publish, base, watch)
+    finally:
+        if watch is not None:
+            watch.reporters.close()
+
+
+def _train_and_evaluate(config: RunConfig, env, publish: _Publisher, base: dict[str, Any], watch: _Watch | None) -> str:
+    try:
+        try:
+            run_dir = train(config, resume=True, observe=watch)
+        finally:
+            if watch is not None:
+                watch.training_ended()
     except TrainingInterrupted as stop:
         if env.is_main:
             publish({"id": config.run_id, "status": "queued",
@@ -240,4 +297,5 @@ def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
         curves=training_curves(run_dir),
         items=evaluation.items,
     )
+    watch.reporters.final(evaluation.metrics)
     return "done"

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,26 @@ from tqdm import tqdm
 
 import methods
 from harness import checkpoint, teacher_cache
+from harness.accumulation import accumulated_step
 from harness.config import RunConfig
 from harness.data import Batch, build_source, build_train_data, workers
 from harness.data.bad import BadSampleLog
 from harness.data.views import Augmentation
-from harness.distributed import DistEnv, StopVote, gather, gather_with_grad, init_distributed
+from harness.distributed import (
+    DistEnv,
+    StopVote,
+    average_gradients,
+    broadcast_from_main,
+    gather,
+    gather_with_grad,
+    init_distributed,
+)
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, autocast, create_clip, create_teacher, parameter_dtype
 from harness.processes import started_at
 from harness.teacher_cache import CachedRows
+from results.queries import PROGRESS_TERM
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
@@ -100,6 +111,14 @@ def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistE
     return noise[env.rank * block : (env.rank + 1) * block]
 
 
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+def progress_term(benchmark: str) -> str:
+    """The curve of zero-shot accuracy during training on ``benchmark``."""
+    return f"{PROGRESS_TERM} ({benchmark})"
+
+
 class LiveTeacher:
     """The frozen teacher run on every batch: its normalised embeddings and its temperature."""
 
@@ -127,6 +146,30 @@ class CachedTeacher:
         return batch.teacher_image.to(self.dtype), batch.teacher_text.to(self.dtype), self._scale
 
 
+def student_embeddings(student: nn.Module, batch: Batch, masked_noise: torch.Tensor | None,
+                       mask_ratio: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's raw student embeddings of ``batch``: image, text, and the masked image when a method asks."""
+    image, text = student.encode_image(batch.images), student.encode_text(batch.texts)
+    masked = None if mask_ratio is None else masked_image_features(student, batch.images, masked_noise, mask_ratio)
+    return image, text, masked
+
+
+def losses_from_embeddings(student: nn.Module, teacher: LiveTeacher | CachedTeacher | None, objective: Objective,
+                           batch: Batch, embeddings) -> dict[str, torch.Tensor]:
+    """Every loss term on the global batch from this rank's student ``embeddings`` of ``batch``, gathered with all
+    others' (and the teacher's of the same samples)."""
+    image, text, masked = (gather_with_grad(e) if e is not None else None for e in embeddings)
+    student_scale = student.logit_scale.exp()
+    if teacher is None:  # the no-KD baseline: the task loss alone
+        zero = torch.zeros(0, device=batch.images.device)
+        return objective(methods.DistillBatch(image, text, zero, zero, student_scale, student_scale))
+    with torch.no_grad():
+        teacher_image, teacher_text, teacher_scale = teacher(batch)
+        teacher_image, teacher_text = gather(teacher_image), gather(teacher_text)
+    return objective(methods.DistillBatch(image, text, teacher_image, teacher_text, student_scale, teacher_scale,
+                                          masked))
+
+
 def compute_losses(
     student: nn.Module,
     teacher: LiveTeacher | CachedTeacher | None,
@@ -135,22 +178,8 @@ def compute_losses(
     masked_noise: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one step on the global batch: this rank's embeddings gathered with all others'."""
-    student_image = gather_with_grad(student.encode_image(batch.images))
-    student_text = gather_with_grad(student.encode_text(batch.texts))
-    student_scale = student.logit_scale.exp()
-    if teacher is None:  # the no-KD baseline: the task loss alone
-        zero = torch.zeros(0, device=batch.images.device)
-        return objective(methods.DistillBatch(student_image, student_text, zero, zero, student_scale, student_scale))
-    with torch.no_grad():
-        teacher_image, teacher_text, teacher_scale = teacher(batch)
-        teacher_image, teacher_text = gather(teacher_image), gather(teacher_text)
-    masked = None
-    if objective.image_mask_ratio is not None:
-        masked = gather_with_grad(masked_image_features(student, batch.images, masked_noise, objective.image_mask_ratio))
-    distill_batch = methods.DistillBatch(
-        student_image, student_text, teacher_image, teacher_text, student_scale, teacher_scale, masked
-    )
-    return objective(distill_batch)
+    embeddings = student_embeddings(student, batch, masked_noise, objective.image_mask_ratio)
+    return losses_from_embeddings(student, teacher, objective, batch, embeddings)
 
 
 class StepModule(nn.Module):
@@ -210,12 +239,13 @@ class ProgressEvaluation:
             raise TrainingError("eval.every_steps evaluates zero-shot classification on the first of eval.benchmarks; "
                                 "give a benchmark with classes (a built-in set, imagefolder or a clip_benchmark one)")
         self.benchmark = eval_set.benchmark
+        self.term = progress_term(self.benchmark)
         self.dataset = DuringTraining(eval_set.classification, config.eval.during_items,
                                       parameter_dtype(config.train.precision))
         self.student, self.device, self.log = student, device, log
         self.batch_size, self.workers = config.eval.batch_size, workers(config.eval.workers)
 
-    def __call__(self, step: int, samples_seen: int) -> None:
+    def __call__(self, step: int, samples_seen: int) -> float:
         from evals.zeroshot import Classifiers, classification_metrics
 
         model = self.student.model
@@ -227,6 +257,7 @@ class ProgressEvaluation:
             with self.log.open("a") as log:
                 log.write(json.dumps({"step": step, "samples_seen": samples_seen, "benchmark": self.benchmark,
                                       "acc1": metrics["acc1"]}) + "\n")
+        return metrics["acc1"]
 
 
 def parameter_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -311,8 +342,12 @@ class Trainer:
 
     def _distributed(self, module: StepModule) -> nn.Module:
         """Under torchrun, DistributedDataParallel (it starts every rank from rank 0's weights, loss-side
-        parameters included); alone, the module itself."""
+        parameters included); alone, the module itself. Accumulating steps take more backward passes than DDP's
+        one per forward: they start from rank 0's weights likewise and average the gradients once per step."""
         if not self.env.distributed:
+            return module
+        if self.config.train.accum_freq > 1:
+            broadcast_from_main(module)
             return module
         from torch.nn.parallel import DistributedDataParallel
 
@@ -375,11 +410,16 @@ class Trainer:
         if self.objective.image_mask_ratio is not None:
             rows, cols = patch_grid(self.student.model.visual, batch.images.shape[-1])
             noise = mask_noise(cfg.train.batch_size, rows * cols, cfg.seed, self.step, self.env, self.device)
-        with autocast(self.device, cfg.train.precision):
-            terms = self.step_module(batch, self.teacher, noise)
-            loss = self.objective.total(terms)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # under DDP the gradients' all-reduce runs as backward goes
+        if cfg.train.accum_freq == 1:
+            with autocast(self.device, cfg.train.precision):
+                terms = self.step_module(batch, self.teacher, noise)
+                loss = self.objective.total(terms)
+            self.scaler.scale(loss).backward()  # under DDP the gradients' all-reduce runs as backward goes
+        else:
+            terms = self._accumulated(batch, noise)
+            loss = self.objective.total(terms)
+            average_gradients(self.parameters)
         if cfg.optim.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.parameters, cfg.optim.grad_clip_norm)
@@ -391,6 +431,25 @@ class Trainer:
         self.watch.observe(values)
         self.step += 1
         return lr, values
+
+    def _accumulated(self, batch: Batch, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """This step's gradients in ``train.accum_freq`` micro-batches, every loss on the whole batch
+        (harness/accumulation.py). The teacher embeds the whole block at once: without gradients it holds one
+        layer's activations at a time."""
+        precision, student = self.config.train.precision, self.student.model
+
+        def embed(part: Batch, part_noise: torch.Tensor | None):
+            with autocast(self.device, precision):
+                return student_embeddings(student, part, part_noise, self.objective.image_mask_ratio)
+
+        def losses(block: Batch, embeddings) -> dict[str, torch.Tensor]:
+            with autocast(self.device, precision):
+                return losses_from_embeddings(student, self.teacher, self.objective, block, embeddings)
+
+        def backward(terms: dict[str, torch.Tensor]) -> None:
+            self.scaler.scale(self.objective.total(terms)).backward()
+
+        return accumulated_step(student, embed, batch, noise, self.config.train.accum_freq, losses, backward)
 
     @property
     def term_names(self) -> list[str]:
@@ -412,8 +471,11 @@ class Trainer:
         return ProgressEvaluation(self.config, self.student, self.device,
                                   self.run_dir / EVAL_LOG if self.env.is_main else None)
 
-    def fit(self) -> None:
+    def fit(self, observe: Observer | None = None) -> None:
+        """Train to ``total_steps``; ``observe(kind, record)`` sees each train_log record ("train", on rank 0) and
+        each accuracy during training ("eval", as ``zero-shot acc1 (BENCHMARK)``)."""
         cfg = self.config
+        observe = observe if self.env.is_main and observe is not None else (lambda kind, record: None)
         spe = self.data.steps_per_epoch
         show_progress = self.env.is_main and sys.stderr.isatty()
         evaluate = self._progress()
@@ -424,7 +486,7 @@ class Trainer:
             total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
         ) as progress:
             if evaluate is not None and self.step == 0:
-                evaluate(0, 0)
+                observe("eval", {"step": 0, evaluate.term: evaluate(0, 0)})
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, spe)
                 for batch in self.data.loader_for(epoch, start_batch):
@@ -432,7 +494,8 @@ class Trainer:
                     lr, values = self.train_step(batch.to(self.device, self.dtype))
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         self.watch.check(self.run_dir / "checkpoints")
-                        record = {"step": self.step, "lr": lr, **dict(zip(self.term_names, values.tolist()))}
+                        record = {"step": self.step, "lr": lr, **dict(zip(self.term_names, values.tolist())),
+                                  "logit_scale": float(self.student.model.logit_scale.detach().exp())}
                         # the mean step over the interval since the last record, the loader's waits included
                         record["seconds"] = round((time.perf_counter() - logged[1]) / (self.step - logged[0]), 4)
                         logged = (self.step, time.perf_counter())
@@ -440,9 +503,10 @@ class Trainer:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
                         progress.set_postfix(loss=f"{record['loss']:.4f}")
+                        observe("train", {**record, "total_steps": self.total_steps})
                     progress.update(1)
                     if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
-                        evaluate(self.step, self.step * samples_per_step)
+                        observe("eval", {"step": self.step, evaluate.term: evaluate(self.step, self.step * samples_per_step)})
                     if self.step % cfg.train.checkpoint_every == 0:
                         self.save(checkpoint.LATEST)
                     if vote(signals.received is not None):
@@ -470,8 +534,9 @@ class Trainer:
                                      "teacher_forward_samples": embedded, **fields}) + "\n")
 
 
-def train(config: RunConfig, resume: bool = False) -> Path:
-    """Train one run to completion in ``config.run_dir``; with ``resume`` continue from its latest checkpoint."""
+def train(config: RunConfig, resume: bool = False, observe: Observer | None = None) -> Path:
+    """Train one run to completion in ``config.run_dir``; with ``resume`` continue from its latest checkpoint;
+    ``observe`` as for ``Trainer.fit``."""
     env = init_distributed()
     run_dir = config.run_dir
     latest = run_dir / "checkpoints" / checkpoint.LATEST
@@ -491,5 +556,5 @@ def train(config: RunConfig, resume: bool = False) -> Path:
               "(student.pretrained is not set)", file=sys.stderr)
     trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
                   slurm_job=os.environ.get("SLURM_JOB_ID"), process_started=started_at())
-    trainer.fit()
+    trainer.fit(observe)
     return run_dir

@@ -269,6 +269,24 @@ def training_curves(store: Store, run_ids: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "name", "term", "step", "value"])
 
 
+RUNNING_COLUMNS = ["id", "name", "grid", "step", "total_steps", "samples seen", "samples/s", "ETA (min)", "reported at"]
+
+
+def running_runs(store: Store) -> pd.DataFrame:
+    """The runs training now, with their progress as their jobs last published it (harness/reporting.py)."""
+    query = (select(Run.id, Run.name, Run.grid, Run.step, Run.total_steps, Run.samples_per_second, Run.eta_seconds,
+                    Run.updated_at, Run.config).where(Run.status == "running").order_by(Run.grid, Run.name))
+    with store.engine.connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    return pd.DataFrame([{
+        "id": r["id"], "name": r["name"], "grid": r["grid"], "step": r["step"], "total_steps": r["total_steps"],
+        "samples seen": (r["step"] * json.loads(r["config"]).get("train", {}).get("batch_size", 1)
+                         if r["step"] is not None else None),
+        "samples/s": r["samples_per_second"],
+        "ETA (min)": r["eta_seconds"] / 60 if r["eta_seconds"] is not None else None,
+        "reported at": r["updated_at"]} for r in rows], columns=RUNNING_COLUMNS)
+
+
 def grid_progress(store: Store) -> pd.DataFrame:
     """Per grid, its cells counted by state; a registered cell with no run yet is "new"."""
     cells = union(select(GridCell.grid, GridCell.run_id),

@@ -42,7 +42,7 @@ from sqlalchemy.pool import QueuePool
 from harness.errors import ClipkdError
 from results.stats import pack, unpack
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
 
@@ -90,6 +90,11 @@ class Run(Base):
     gflops_text: Mapped[float | None] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float)  # the student's image tower, evaluation device
     bad_samples: Mapped[int | None] = mapped_column(Integer)  # training samples found bad and replaced
+    step: Mapped[int | None] = mapped_column(Integer)  # training progress, published while the run trains
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    samples_per_second: Mapped[float | None] = mapped_column(Float)  # over the last published interval
+    eta_seconds: Mapped[float | None] = mapped_column(Float)  # training time left at that rate
+    notes: Mapped[str | None] = mapped_column(Text)  # what a reader of its numbers should know
     started_at: Mapped[str | None] = mapped_column(String(40))
     finished_at: Mapped[str | None] = mapped_column(String(40))
     updated_at: Mapped[str] = mapped_column(String(40))

@@ -17,7 +17,8 @@ from conftest import ROOT
     ("gd_memory.py", ["--batch", "64", "--dim", "32"], "released code's B×D×B"),
     ("cache_size.py", ["--views", "2", "--batches", "1"], "GB float16"),
     ("eval.py", ["--dataset", "digits", "--repeats", "1"], "numbers identical"),
-    ("gpu_check.py", [], "There is no CUDA here"),  # and every part ran: a crash exits 1
+    ("gpu_check.py", [], "There is no CUDA here"),
+    ("accumulation.py", ["--batch", "16", "--steps", "1"], "peak memory of the step"),  # and every part ran: a crash exits 1
     ("cache_build.py", ["--samples", "128", "--shards", "2", "--size", "512"], "1.00 per sample"),
 ])
 def test_benchmark_runs_and_prints_its_ratios(script, args, prints):

@@ -97,9 +97,51 @@ def start_app(workdir: Path) -> tuple[subprocess.Popen, int]:
     pytest.fail(f"clipkd app did not start:\n{output}")
 
 
+LIVE_RUN = "still-training"
+
+
+@pytest.fixture(scope="module")
+def live_workdir(smoke_grid, tmp_path_factory):
+    """The smoke grid's store (a copy) and runs, and beside them a run still training: ``clipkd run`` writes its
+    progress and curves to the store as it trains, and is frozen (SIGSTOP) once they are there, so the pages show
+    a run in the middle of its training for as long as the test looks."""
+    import signal
+
+    from results.queries import running_runs, training_curves
+    from results.store import Store
+
+    workdir = tmp_path_factory.mktemp("live_store")
+    shutil.copytree(smoke_grid[0] / "results", workdir / "results")
+    (workdir / "runs").symlink_to(smoke_grid[0] / "runs")
+    config = workdir / "live.yaml"
+    config.write_text(json.dumps({
+        "name": LIVE_RUN, "output_dir": "live-runs", "student": {"model": "clipkd-tiny"},
+        "data": {"dataset": "digits", "workers": 0}, "optim": {"warmup_steps": 5},
+        "train": {"batch_size": 16, "steps": 100_000, "log_every": 5, "live_every_s": 0.5}}))
+    training = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(config)], cwd=workdir,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        store, deadline = Store(f"sqlite:///{workdir / 'results' / 'clipkd.db'}", readonly=True), time.monotonic() + 240
+        while time.monotonic() < deadline and training.poll() is None:
+            running = running_runs(store)
+            running = running[(running["name"] == LIVE_RUN) & (running["step"].fillna(0) >= 20)]
+            if len(running) and len(training_curves(store, list(running["id"]))):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the run {LIVE_RUN!r} never published its progress (exit code {training.poll()})")
+        store.engine.dispose()
+        training.send_signal(signal.SIGSTOP)
+        yield workdir
+    finally:
+        os.killpg(training.pid, signal.SIGKILL)
+        training.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def served_app(request):
-    workdir = ROOT if STORE else request.getfixturevalue("smoke_grid")[0]
+    workdir = ROOT if STORE else request.getfixturevalue("live_workdir")
     server, port = start_app(workdir)
     yield f"http://127.0.0.1:{port}", port, workdir
     server.terminate()
@@ -125,6 +167,17 @@ def assert_progress_curves_are_the_runs(page, workdir: Path) -> None:
         assert trace["x"] == [p["step"] * batch for p in points] == [p["samples_seen"] for p in points]
         assert trace["y"] == pytest.approx([p["acc1"] for p in points], abs=1e-12)
         assert len(points) >= 3
+
+
+def assert_a_running_run_has_curves(page) -> None:
+    """The run still training is among the chosen runs, said to be training, with its loss curve drawn."""
+    assert page.get_by_text(f"still training: {LIVE_RUN}").count() == 1
+    names = page.evaluate("""() => {
+        const plot = [...document.querySelectorAll('.js-plotly-plot')].find(
+            p => (p.layout.title.text || '').replace(/<[^>]*>/g, '') === 'task');
+        return plot && plot._fullData.map(t => [t.name, t.x.length]);
+    }""")
+    assert names and any(name == LIVE_RUN and points >= 4 for name, points in names), names
 
 
 def test_app_listens_on_localhost_only(served_app):
@@ -170,6 +223,12 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
                 assert page.locator("h3:has-text('Reference models')").count() == 1
             if title == "Training curves" and not STORE:
                 assert_progress_curves_are_the_runs(page, workdir)
+                assert_a_running_run_has_curves(page)
+            if title == "Grid progress" and not STORE:
+                table = page.locator("[data-testid=stDataFrame]").nth(1)  # below "Training now", after the grids'
+                table.locator("[role=row]").nth(1).wait_for(state="attached", timeout=60_000)
+                running = table.locator("[role=row]").all_text_contents()
+                assert len(running) == 2 and LIVE_RUN in running[1] and "100000" in running[1]
             if title == "Feature similarity vs accuracy" and not STORE:
                 assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
                 assert "fit (r = " in page.locator(".js-plotly-plot").inner_text()

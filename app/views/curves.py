@@ -3,7 +3,7 @@ import plotly.express as px
 import streamlit as st
 
 from app.data import filter_boxes, open_reader
-from results.queries import PROGRESS_TERM, batch_sizes, filter_options, list_runs, training_curves
+from results.queries import PROGRESS_TERM, batch_sizes, filter_options, list_runs, running_runs, training_curves
 
 CHOICES = 500  # runs offered at once: narrow with the filters or the search box beyond that
 
@@ -22,8 +22,13 @@ if read is not None:
         chosen = st.multiselect("runs", list(labels), default=list(labels)[:3], format_func=labels.get,
                                 key="curves_runs")
         curves = read(training_curves, chosen) if chosen else None
+        running = read(running_runs)
+        for _, run in running[running["id"].isin(chosen)].iterrows():
+            st.caption(f"still training: {run['name']} · step {run['step']} of {run['total_steps']} "
+                       f"(curves as of {run['reported at'][:19]} UTC; the page shows newer points on reload)")
         if curves is None or curves.empty:
-            st.info("The chosen runs have no training curve yet: a run stores its curves when it finishes.")
+            st.info("The chosen runs have no training curve yet: a run publishes its curves as it trains "
+                    "(every train.live_every_s seconds) and when it finishes.")
         else:
             scale_column, axis_column = st.columns(2)
             log_scale = scale_column.toggle("log scale", key="curves_log")

@@ -3,7 +3,7 @@ import plotly.express as px
 import streamlit as st
 
 from app.data import open_reader, paginate
-from results.queries import grid_progress
+from results.queries import grid_progress, running_runs
 from results.store import STATUSES
 
 STATES = ("new", *STATUSES)
@@ -24,4 +24,10 @@ if read is not None:
         figure.update_layout(height=120 + 40 * len(shown))
         st.plotly_chart(figure, key="grids_chart")
         st.dataframe(shown, hide_index=True, key="grids_table")
+    running = read(running_runs)
+    if not running.empty:  # as each job last published it, every train.live_every_s (30 s by default)
+        st.subheader("Training now")
+        st.dataframe(running.drop(columns="id"), hide_index=True, key="grids_running",
+                     column_config={"samples/s": st.column_config.NumberColumn(format="%.1f"),
+                                    "ETA (min)": st.column_config.NumberColumn(format="%.1f")})
         st.caption("`clipkd grid status GRID` lists each cell; `clipkd grid submit GRID` resumes the unfinished ones.")

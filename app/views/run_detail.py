@@ -22,6 +22,10 @@ def show_run(run: dict, metrics: dict) -> None:
     if run["error"]:
         st.markdown("**error**")
         st.code(run["error"], language=None, wrap_lines=True)
+    if run["notes"]:  # what its numbers do not say, e.g. micro-batch BatchNorm statistics under train.accum_freq
+        st.warning(run["notes"])
+    if run["status"] == "running" and run["step"] is not None:
+        st.caption(f"training: step {run['step']} of {run['total_steps']}, as of {run['updated_at'][:19]} UTC")
     facts = {"run id": run["id"], "setting id": run["setting_id"], "teacher": run["teacher"] or "none (no KD)",
              "student": run["student"], "dataset": run["dataset"], "loss weights": run["terms"], "grid": run["grid"],
              "training time": formats.duration(run["train_seconds"]),

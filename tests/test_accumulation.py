@@ -1,0 +1,115 @@
+"""Exact gradient accumulation (train.accum_freq, harness/accumulation.py): a step in micro-batches is the step.
+
+In float64 (train.precision: fp64) so that it is the same math on any CPU: splitting the block reorders sums by
+about n·2⁻⁵³ of their magnitudes, far below the tolerance, while averaging micro-batch gradients (a batch-wide loss
+on each micro-batch alone) moves the weights by ~1e-3 after one step.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import rendezvous
+
+from harness.accumulation import accumulation_changes_weights, changes_weights
+from harness.config import parse_config
+from harness.train import train
+
+VARIANTS = {
+    "task": {},
+    "clip-kd": {"fd": 2000, "icl": 1, "crd": 1},
+    "gd+mfd+afd": {"gd": 1000, "mfd": 2000, "afd": 1},  # learned loss-side parameters, the masked pass
+}
+STEPS = 3
+
+
+def _config(tmp, variant: str, accum: int, teacher: str, tag: str):
+    distill = VARIANTS[variant]
+    return parse_config({
+        "name": f"{variant}-{tag}", "seed": 1, "output_dir": str(tmp / tag / variant),
+        "student": {"model": "clipkd-tiny"},
+        "teacher": {"model": "clipkd-tiny-teacher", "pretrained": teacher} if distill else None,
+        "distill": distill, "data": {"dataset": "digits", "workers": 0}, "optim": {"warmup_steps": 1},
+        "train": {"batch_size": 64, "steps": STEPS, "precision": "fp64", "accum_freq": accum},
+    })
+
+
+def _weights(run_dir):
+    state = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    return {**state["state_dict"], **{f"loss.{k}": v for k, v in state["methods"].items()}}
+
+
+def _assert_same_weights(a, b, what):
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert tensor.dtype in (torch.float64, torch.long), name
+        torch.testing.assert_close(b[name], tensor, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what} {name}: {m}")
+
+
+def _two_process_worker(rank, meeting, tmp, teacher):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), **meeting)
+    torch.set_num_threads(1)
+    for variant in VARIANTS:
+        train(_config(tmp, variant, 4, teacher, "two-accum4"))
+    dist.destroy_process_group()
+
+
+def test_accumulated_steps_equal_whole_batch_steps_on_one_and_two_processes(tmp_path, teacher_checkpoint):
+    torch.set_num_threads(1)
+    teacher = str(teacher_checkpoint)
+    whole = {v: train(_config(tmp_path, v, 1, teacher, "accum1")) for v in VARIANTS}
+    accumulated = {v: train(_config(tmp_path, v, 4, teacher, "accum4")) for v in VARIANTS}
+    with rendezvous() as meeting:
+        mp.spawn(_two_process_worker, args=(meeting, tmp_path, teacher), nprocs=2, join=True)
+    for variant in VARIANTS:
+        assert accumulated[variant].name == whole[variant].name  # the same run: accum_freq is not in its id
+        reference = _weights(whole[variant])
+        _assert_same_weights(reference, _weights(accumulated[variant]), f"{variant}, 1 process:")
+        _assert_same_weights(reference, _weights(tmp_path / "two-accum4" / variant / whole[variant].name),
+                             f"{variant}, 2 processes:")
+
+
+def test_micro_batch_average_is_not_the_objective(tmp_path, teacher_checkpoint, monkeypatch):
+    """What the equality above rules out: averaging micro-batch gradients of InfoNCE ends elsewhere."""
+    from harness import train as train_module
+
+    def naive(self, batch, noise):  # each micro-batch's own loss, averaged: what plain accumulation would do
+        from harness.accumulation import micro_batches
+
+        count, terms = self.config.train.accum_freq, None
+        for part, part_noise in micro_batches(batch, noise, count):
+            part_terms = train_module.compute_losses(self.student.model, self.teacher, self.objective, part, part_noise)
+            (self.objective.total(part_terms) / count).backward()
+            terms = part_terms
+        return terms
+
+    torch.set_num_threads(1)
+    teacher = str(teacher_checkpoint)
+    whole = _weights(train(_config(tmp_path, "task", 1, teacher, "accum1")))
+    monkeypatch.setattr(train_module.Trainer, "_accumulated", naive)
+    averaged = _weights(train(_config(tmp_path, "task", 4, teacher, "naive")))
+    assert max(float((whole[n] - averaged[n]).abs().max()) for n in whole) > 1e-4
+
+
+def test_accumulation_in_the_run_id_only_where_it_changes_the_weights(tmp_path):
+    base = {"student": {"model": "clipkd-tiny"}, "data": {"dataset": "digits"},
+            "train": {"batch_size": 64, "steps": 1}}
+
+    def run_id(model, accum):
+        return parse_config({**base, "student": {"model": model},
+                             "train": {**base["train"], "accum_freq": accum}}).run_id
+
+    from harness.pipeline import run_notes
+
+    assert run_id("clipkd-tiny", 4) == run_id("clipkd-tiny", 1)  # a ViT without dropout: the same weights
+    assert run_id("timm-resnet18", 4) != run_id("timm-resnet18", 1)  # BatchNorm: micro-batch statistics
+    assert "BatchNorm" in accumulation_changes_weights("timm-resnet18")
+    assert accumulation_changes_weights("clipkd-tiny") is None
+    bn_run = parse_config({**base, "student": {"model": "timm-resnet18"}, "train": {**base["train"], "accum_freq": 4}})
+    assert run_notes(bn_run).startswith("train.accum_freq 4: BatchNorm (")  # said in the run's record
+    assert run_notes(parse_config({**base, "train": {**base["train"], "accum_freq": 4}})) is None
+    assert "Dropout" in changes_weights(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    assert changes_weights(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))) is None
+    with pytest.raises(Exception, match="accum_freq"):
+        parse_config({**base, "train": {**base["train"], "accum_freq": 0}})
