@@ -147,18 +147,24 @@ def _cmd_cache_info(args: argparse.Namespace) -> int:
     from harness.config import load_config
 
     path = Path(args.cache)
-    folder = teacher_cache.cache_dir(load_config(path)) if path.suffix in (".yaml", ".yml") else path
-    if not (folder / teacher_cache.META).is_file():
-        raise ValueError(f"{folder} is not a finished teacher-embedding cache (no {teacher_cache.META}); give a cache "
-                         "folder (<output_dir>/.teacher-embeddings/<key>) or the YAML config of a run that reads one")
-    facts = teacher_cache.info(folder)
-    if args.json:
-        print(json.dumps(facts, indent=2))
-        return 0
-    print(f"cache      {facts['folder']}\nteacher    {facts['teacher']}\ndataset    {facts['dataset']}\n"
-          f"samples    {facts['samples']:,}\nviews      {facts['views']} (0: the un-augmented view)\n"
-          f"embedding  {facts['embed_dim']} dims, {facts['storage']}\n"
-          f"size       {facts['bytes_per_sample']:,.0f} bytes per sample, {facts['bytes'] / 2**20:,.1f} MiB in all")
+    if path.suffix in (".yaml", ".yml"):  # an ensemble's run reads one cache per cached teacher
+        config = load_config(path)
+        folders = [teacher_cache.cache_dir(config.with_teacher(t)) for t in config.teachers if t.embeddings == "cached"]
+    else:
+        folders = [path]
+    for folder in folders or [path]:
+        if not (folder / teacher_cache.META).is_file():
+            raise ValueError(f"{folder} is not a finished teacher-embedding cache (no {teacher_cache.META}); give a "
+                             "cache folder (<output_dir>/.teacher-embeddings/<key>) or the YAML config of a run that "
+                             "reads one")
+        facts = teacher_cache.info(folder)
+        if args.json:
+            print(json.dumps(facts, indent=2))
+            continue
+        print(f"cache      {facts['folder']}\nteacher    {facts['teacher']}\ndataset    {facts['dataset']}\n"
+              f"samples    {facts['samples']:,}\nviews      {facts['views']} (0: the un-augmented view)\n"
+              f"embedding  {facts['embed_dim']} dims, {facts['storage']}\n"
+              f"size       {facts['bytes_per_sample']:,.0f} bytes per sample, {facts['bytes'] / 2**20:,.1f} MiB in all")
     return 0
 
 

@@ -209,7 +209,9 @@ class RunConfig(Strict):
     output_dir: str = "runs"
     seed: int = 0
     student: ModelSpec
-    teacher: TeacherSpec | None = None
+    teacher: TeacherSpec | list[TeacherSpec] | None = Field(
+        None, description="a frozen teacher, or a list of them (an ensemble): every method sees the first, "
+        "an ensemble method (mobileclip_dr) all of them")
     distill: dict[str, DistillTerm] = Field(default_factory=dict, description="method name -> weight (or options)")
     data: DataSpec
     optim: OptimSpec = OptimSpec()
@@ -235,13 +237,44 @@ class RunConfig(Strict):
                     )
         return terms
 
+    @field_validator("teacher", mode="after")
+    @classmethod
+    def _one_teacher_is_not_a_list(cls, teacher):
+        """A list of one teacher is that teacher (the same run id); an empty list is no ensemble."""
+        if isinstance(teacher, list):
+            if not teacher:
+                raise ValueError("an ensemble of teachers needs at least one; leave `teacher` out for no teacher")
+            if len(teacher) == 1:
+                return teacher[0]
+            views = {t.views for t in teacher}
+            if len(views) > 1:
+                raise ValueError(f"the teachers of an ensemble see the same views of each sample; they ask for "
+                                 f"views {sorted(views)}: give them one `views`")
+        return teacher
+
     @model_validator(mode="after")
     def _teacher_when_distilling(self) -> RunConfig:
         if self.distill and self.teacher is None:
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
-        if self.teacher and self.teacher.views and not self.data.augment:
-            raise ValueError(f"teacher.views: {self.teacher.views} replays augmented views, but data.augment is false")
+        if self.views and not self.data.augment:
+            raise ValueError(f"teacher.views: {self.views} replays augmented views, but data.augment is false")
         return self
+
+    @property
+    def teachers(self) -> list[TeacherSpec]:
+        """The run's teachers in order: none, one, or an ensemble."""
+        if self.teacher is None:
+            return []
+        return list(self.teacher) if isinstance(self.teacher, list) else [self.teacher]
+
+    @property
+    def views(self) -> int:
+        """The K stored augmented views a run replays (its teachers' ``views``, one for all; 0: live views)."""
+        return self.teachers[0].views if self.teachers else 0
+
+    def with_teacher(self, teacher: TeacherSpec) -> RunConfig:
+        """This run as if ``teacher`` were its only one: what one member of an ensemble's cache is built for."""
+        return self.model_copy(update={"teacher": teacher})
 
     def method_terms(self) -> dict[str, tuple[float, dict[str, Any]]]:
         """Each distillation term as (weight, constructor options)."""
@@ -263,10 +296,15 @@ class RunConfig(Strict):
         from harness.models import model_identity
 
         fields = _without(self.resolved(), NON_TRAINING_FIELDS | self._exact_accumulation())
-        for role in ("student", "teacher"):
-            if (fields.get(role) or {}).get("model"):
-                fields[role] = {**fields[role], "model": model_identity(fields[role]["model"])}
-        return fields
+
+        def identified(model_spec):
+            if isinstance(model_spec, list):  # an ensemble of teachers
+                return [identified(member) for member in model_spec]
+            if (model_spec or {}).get("model"):
+                return {**model_spec, "model": model_identity(model_spec["model"])}
+            return model_spec
+
+        return {**fields, "student": identified(fields["student"]), "teacher": identified(fields.get("teacher"))}
 
     def _exact_accumulation(self) -> set[str]:
         """``train.accum_freq`` when it cannot change the weights beyond float rounding (and always at 1, so run ids

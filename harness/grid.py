@@ -63,7 +63,8 @@ class SlurmSpec(_Strict):
 
 
 class Axes(_Strict):
-    teachers: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
+    # a teacher, or a list of teachers: an ensemble (each member merged with the base's teacher fields)
+    teachers: list[dict[str, Any] | list[dict[str, Any]]] = Field(default_factory=lambda: [{}])
     students: list[dict[str, Any]]
     methods: dict[str, dict[str, DistillTerm]]
     datasets: list[str | dict[str, Any]] = Field(default_factory=lambda: [{}])
@@ -145,7 +146,9 @@ def deep_merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _teacher_label(ref: dict[str, Any]) -> str:
+def _teacher_label(ref: dict[str, Any] | list[dict[str, Any]]) -> str:
+    if isinstance(ref, list):  # an ensemble
+        return "+".join(_teacher_label(member) for member in ref)
     if not ref:
         return "-"
     if "cell" in ref:
@@ -220,17 +223,23 @@ def expand(spec: GridFile, source: str) -> list[Cell]:
         needs = []
         teacher_spec = None
         if terms:
-            if "cell" in teacher:
-                if teacher["cell"] not in teacher_dirs:
-                    raise GridError(f"{source}: cell {name}: teacher cell {teacher['cell']!r} is not among the grid's "
-                                    f"teachers ({', '.join(teacher_dirs) or 'none'})")
-                teacher_spec, needs = {"run": teacher_dirs[teacher["cell"]]}, [f"teacher/{teacher['cell']}"]
-            else:
-                key = repr(sorted(teacher.items()))
-                if key not in checked:
-                    _check_teacher_reachable(teacher, f"{source}: cell {name}")
-                    checked.add(key)
-                teacher_spec = teacher
+            resolved = []
+            for member in teacher if isinstance(teacher, list) else [teacher]:
+                if "cell" in member:
+                    if member["cell"] not in teacher_dirs:
+                        raise GridError(f"{source}: cell {name}: teacher cell {member['cell']!r} is not among the "
+                                        f"grid's teachers ({', '.join(teacher_dirs) or 'none'})")
+                    resolved.append({**{k: v for k, v in member.items() if k != "cell"},
+                                     "run": teacher_dirs[member["cell"]]})
+                    needs.append(f"teacher/{member['cell']}")
+                else:
+                    key = repr(sorted(member.items()))
+                    if key not in checked:
+                        _check_teacher_reachable(member, f"{source}: cell {name}")
+                        checked.add(key)
+                    resolved.append(member)
+            teacher_spec = (resolved[0] if not isinstance(teacher, list)
+                            else [deep_merge(base.get("teacher") or {}, member) for member in resolved])
         data = deep_merge(base, {"name": f"{spec.name}/{name}", "student": student, "teacher": teacher_spec,
                                  "distill": terms, "data": dataset, "seed": seed})
         for override in spec.overrides:
@@ -243,9 +252,9 @@ def expand(spec: GridFile, source: str) -> list[Cell]:
             raise GridError(f"{source}: duplicate cell: {name} and {seen[config.run_id]} resolve to the same run "
                             f"{config.run_id}")
         seen[config.run_id] = name
-        if config.teacher and config.teacher.embeddings == "cached":
-            needs = needs + [_cache_cell(config, needs, caches, cells)]
-        cells.append(Cell(name, 2, config, needs))
+        builds = [_cache_cell(config.with_teacher(member), needs, caches, cells)
+                  for member in config.teachers if member.embeddings == "cached"]
+        cells.append(Cell(name, 2, config, needs + builds))
     return cells
 
 

@@ -46,7 +46,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class TrainedRun:
     config: RunConfig
     student: ClipBundle
-    teacher: ClipBundle | None
+    teachers: list[ClipBundle]
     objective: Objective
 
 
@@ -55,10 +55,10 @@ def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
     state = checkpoint.load(run_dir / FINAL_CHECKPOINT)  # read once: student weights and loss-side modules
     student = create_clip(config.student.model, device=device)
     student.model.load_state_dict(state["state_dict"])
-    teacher = create_teacher(config.teacher, device) if config.teacher else None
-    objective = Objective(config.method_terms(), student.embed_dim, teacher.embed_dim if teacher else None)
+    teachers = [create_teacher(spec, device) for spec in config.teachers]
+    objective = Objective(config.method_terms(), student.embed_dim, teachers[0].embed_dim if teachers else None)
     objective.load_state_dict(state["methods"])
-    return TrainedRun(config, student, teacher, objective.to(device))
+    return TrainedRun(config, student, teachers, objective.to(device))
 
 
 @dataclass
@@ -68,17 +68,20 @@ class Evaluation:
 
 
 def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluation:
-    """Zero-shot metrics with their per-item hits, and feature similarity when there is a teacher."""
+    """Zero-shot metrics with their per-item hits, and feature similarity against each teacher: the first's under
+    the metric's name, the k-th's as ``NAME@teacherK`` (compared without the projection P, which maps into the
+    first teacher's space)."""
     evaluation, classifiers = Evaluation({}, {}), Classifiers()  # benchmarks sharing classes and prompts share one
     batch_size, loader_workers = trained.config.eval.batch_size, workers(trained.config.eval.workers)
     for spec in benchmarks:
         eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval)
         result = zero_shot_metrics(trained.student.model, trained.student.tokenizer, eval_set, device, batch_size,
                                    classifiers, loader_workers)
-        if trained.teacher is not None:
-            result.metrics.update(feature_similarity(result.embedded, trained.teacher,
-                                                     trained.objective.student_projection(), eval_set, device,
-                                                     batch_size, loader_workers, trained.config.train.precision))
+        for k, teacher in enumerate(trained.teachers, start=1):
+            projection = trained.objective.student_projection() if k == 1 else None
+            similarity = feature_similarity(result.embedded, teacher, projection, eval_set, device, batch_size,
+                                            loader_workers, trained.config.train.precision)
+            result.metrics.update(similarity if k == 1 else {f"{name}@teacher{k}": v for name, v in similarity.items()})
         evaluation.metrics[eval_set.benchmark], evaluation.items[eval_set.benchmark] = result.metrics, result.items
     return evaluation
 
@@ -105,13 +108,16 @@ def code_version() -> str:
 
 
 def teacher_label(config: RunConfig) -> str | None:
-    if config.teacher is None:
-        return None
-    if config.teacher.run:  # named by the teacher run's model once it has started (a grid submits it untrained)
-        config_file = teacher_run_dir(config.teacher.run) / "config.json"
+    """How the leaderboard names a run's teacher: ``MODEL@WEIGHTS``; an ensemble's members joined by `` + ``."""
+    return " + ".join(_one_teacher_label(spec) for spec in config.teachers) or None
+
+
+def _one_teacher_label(spec) -> str:
+    if spec.run:  # named by the teacher run's model once it has started (a grid submits it untrained)
+        config_file = teacher_run_dir(spec.run) / "config.json"
         model = json.loads(config_file.read_text())["student"]["model"] if config_file.is_file() else "run"
-        return f"{model}@run:{Path(config.teacher.run).stem}"
-    return f"{model_name(config.teacher.model)}@{Path(config.teacher.pretrained).name}"
+        return f"{model}@run:{Path(spec.run).stem}"
+    return f"{model_name(spec.model)}@{Path(spec.pretrained).name}"
 
 
 def reference_record(model: str, pretrained: str) -> dict[str, Any]:
@@ -171,8 +177,9 @@ def _complete_lines(path: Path) -> list[str]:
     return [line for line in text[: text.rfind("\n") + 1].splitlines() if line]
 
 
-def parameter_count(bundle: ClipBundle | None) -> int | None:
-    return sum(p.numel() for p in bundle.model.parameters()) if bundle else None
+def parameter_count(*bundles: ClipBundle) -> int | None:
+    """Parameters of the models given (an ensemble's teachers summed); None for none."""
+    return sum(p.numel() for bundle in bundles for p in bundle.model.parameters()) if bundles else None
 
 
 def training_cost(run_dir: Path) -> dict[str, Any]:
@@ -292,7 +299,7 @@ def _train_and_evaluate(config: RunConfig, env, publish: _Publisher, base: dict[
     publish(
         {**base, "status": "done", "error": None, "finished_at": now(), **training_cost(run_dir),
          "eval_seconds": eval_seconds, "bad_samples": count_logged(run_dir), "student_params": parameter_count(trained.student),
-         "teacher_params": parameter_count(trained.teacher), **inference},
+         "teacher_params": parameter_count(*trained.teachers), **inference},
         metrics=evaluation.metrics,
         curves=training_curves(run_dir),
         items=evaluation.items,

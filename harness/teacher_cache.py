@@ -121,6 +121,9 @@ class CacheSpec:
     def of(cls, config: RunConfig) -> CacheSpec:
         if config.teacher is None:
             raise TeacherCacheError(f"{config.name}: a teacher-embedding cache needs a teacher")
+        if isinstance(config.teacher, list):  # callers ask per member: config.with_teacher(member)
+            raise TeacherCacheError(f"{config.name}: an ensemble of {len(config.teacher)} teachers has a cache per "
+                                    "cached teacher, not one")
         return cls(teacher_identity(config), data_identity(config), preprocessing(config), config.teacher.views,
                    config.teacher.cache_dtype)
 
@@ -293,6 +296,20 @@ def _remove_abandoned(folder: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if _abandoned(partial):
                 shutil.rmtree(partial, ignore_errors=True)
+
+
+class EnsembleRows:
+    """The rows of an ensemble's caches side by side: one (image, text) pair of tensors whose columns are each
+    cache's in turn, so a batch carries several teachers' embeddings as it carries one's (``CachedTeacher`` reads
+    its columns back)."""
+
+    def __init__(self, members: list[CachedRows]):
+        self.members = members
+        self.samples = members[0].samples
+
+    def lookup(self, samples: np.ndarray, views: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [member.lookup(samples, views) for member in self.members]
+        return torch.cat([image for image, _ in rows], dim=1), torch.cat([text for _, text in rows], dim=1)
 
 
 def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) -> Path:

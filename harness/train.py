@@ -134,16 +134,29 @@ class LiveTeacher:
 
 class CachedTeacher:
     """The teacher's embeddings of the batch's samples and views, read from its cache by the loader: it never runs.
-    They reach the losses in the dtype the live teacher's would have (bf16 under bf16 autocast)."""
+    They reach the losses in the dtype the live teacher's would have (bf16 under bf16 autocast). In an ensemble
+    its rows are the batch's ``columns`` of the caches' side-by-side rows (teacher_cache.EnsembleRows)."""
 
-    def __init__(self, rows: CachedRows):
-        self.logit_scale, self.dtype = rows.logit_scale, rows.embedding_dtype
+    def __init__(self, rows: CachedRows, columns: slice = slice(None)):
+        self.logit_scale, self.dtype, self.columns = rows.logit_scale, rows.embedding_dtype, columns
         self._scale: torch.Tensor | None = None  # made once on the run's device: no copy from the host per step
 
     def __call__(self, batch: Batch):
         if self._scale is None:
             self._scale = torch.tensor(self.logit_scale, device=batch.images.device, dtype=batch.images.dtype)
-        return batch.teacher_image.to(self.dtype), batch.teacher_text.to(self.dtype), self._scale
+        image, text = batch.teacher_image[:, self.columns], batch.teacher_text[:, self.columns]
+        return image.to(self.dtype), text.to(self.dtype), self._scale
+
+
+class Teachers:
+    """A run's teachers in config order, live or cached each: one, or an ensemble."""
+
+    def __init__(self, members: list[LiveTeacher | CachedTeacher]):
+        self.members = members
+
+    @property
+    def samples_embedded(self) -> int:
+        return sum(getattr(member, "samples_embedded", 0) for member in self.members)
 
 
 def student_embeddings(student: nn.Module, batch: Batch, masked_noise: torch.Tensor | None,
@@ -154,7 +167,8 @@ def student_embeddings(student: nn.Module, batch: Batch, masked_noise: torch.Ten
     return image, text, masked
 
 
-def losses_from_embeddings(student: nn.Module, teacher: LiveTeacher | CachedTeacher | None, objective: Objective,
+def losses_from_embeddings(student: nn.Module, teacher: Teachers | LiveTeacher | CachedTeacher | None,
+                           objective: Objective,
                            batch: Batch, embeddings) -> dict[str, torch.Tensor]:
     """Every loss term on the global batch from this rank's student ``embeddings`` of ``batch``, gathered with all
     others' (and the teacher's of the same samples)."""
@@ -164,15 +178,18 @@ def losses_from_embeddings(student: nn.Module, teacher: LiveTeacher | CachedTeac
         zero = torch.zeros(0, device=batch.images.device)
         return objective(methods.DistillBatch(image, text, zero, zero, student_scale, student_scale))
     with torch.no_grad():
-        teacher_image, teacher_text, teacher_scale = teacher(batch)
-        teacher_image, teacher_text = gather(teacher_image), gather(teacher_text)
-    return objective(methods.DistillBatch(image, text, teacher_image, teacher_text, student_scale, teacher_scale,
-                                          masked))
+        ensemble = []
+        for member in teacher.members if isinstance(teacher, Teachers) else [teacher]:
+            teacher_image, teacher_text, teacher_scale = member(batch)
+            ensemble.append(methods.TeacherEmbeddings(gather(teacher_image), gather(teacher_text), teacher_scale))
+    first = ensemble[0]  # what a method written for one teacher sees
+    return objective(methods.DistillBatch(image, text, first.image, first.text, student_scale, first.logit_scale,
+                                          masked, tuple(ensemble)))
 
 
 def compute_losses(
     student: nn.Module,
-    teacher: LiveTeacher | CachedTeacher | None,
+    teacher: Teachers | LiveTeacher | CachedTeacher | None,
     objective: Objective,
     batch: Batch,
     masked_noise: torch.Tensor | None = None,
@@ -324,12 +341,13 @@ class Trainer:
             eps=optim.eps,
             **({"fused": True} if self.device.type == "cuda" else {}),  # one kernel for all parameters
         )
-        augmentation = Augmentation.of(cfg.data.augment, cfg.seed, cfg.teacher.views if cfg.teacher else 0)
+        augmentation = Augmentation.of(cfg.data.augment, cfg.seed, cfg.views)
         self.source = source = build_source(cfg.data, cfg.student.model, self.student.tokenizer, augmentation,
                                             cfg.output_dir)
-        if self.cached_rows is not None and self.cached_rows.samples != len(source):
-            raise TrainingError(f"the teacher-embedding cache {self.cached_rows.folder} has {self.cached_rows.samples} "
-                                f"samples, the training set {len(source)}: delete the cache folder to rebuild it")
+        for rows in self.caches:
+            if rows.samples != len(source):
+                raise TrainingError(f"the teacher-embedding cache {rows.folder} has {rows.samples} samples, the "
+                                    f"training set {len(source)}: delete the cache folder to rebuild it")
         self.data = build_train_data(cfg.data, source, cfg.train.batch_size, cfg.seed, self.env.rank,
                                      self.env.world_size, self.cached_rows, pin_memory=self.device.type == "cuda")
         epochs = cfg.train.epochs
@@ -354,15 +372,24 @@ class Trainer:
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                        static_graph=True, gradient_as_bucket_view=True)
 
-    def _teacher(self) -> tuple[LiveTeacher | CachedTeacher | None, int | None]:
-        teacher, self.cached_rows = self.config.teacher, None
-        if teacher is None:
-            return None, None
-        if teacher.embeddings == "cached":
-            self.cached_rows = CachedRows(teacher_cache.ensure(self.config, self.device, self.env))
-            return CachedTeacher(self.cached_rows), self.cached_rows.embed_dim
-        bundle = create_teacher(teacher, self.device, self.config.train.precision)
-        return LiveTeacher(bundle.model), bundle.embed_dim
+    def _teacher(self) -> tuple[Teachers | None, int | None]:
+        """The run's teachers, and the first one's embedding dim (the one methods distil into). Each cached teacher
+        reads its own cache; the loader reads them all side by side."""
+        self.caches, self.cached_rows = [], None
+        members, dims, columns = [], [], 0
+        for spec in self.config.teachers:
+            if spec.embeddings == "cached":
+                rows = CachedRows(teacher_cache.ensure(self.config.with_teacher(spec), self.device, self.env))
+                members.append(CachedTeacher(rows, slice(columns, columns + rows.embed_dim)))
+                columns, dims = columns + rows.embed_dim, dims + [rows.embed_dim]
+                self.caches.append(rows)
+            else:
+                bundle = create_teacher(spec, self.device, self.config.train.precision)
+                members.append(LiveTeacher(bundle.model))
+                dims.append(bundle.embed_dim)
+        if self.caches:
+            self.cached_rows = self.caches[0] if len(self.caches) == 1 else teacher_cache.EnsembleRows(self.caches)
+        return (Teachers(members), dims[0]) if members else (None, None)
 
     # -- state -----------------------------------------------------------------------------------------------
     @property

@@ -13,12 +13,23 @@ from torch import nn
 MAX_LOGIT_SCALE = 100.0
 
 
+@dataclass(frozen=True)
+class TeacherEmbeddings:
+    """One teacher's L2-normalised embeddings of the global batch and its exponentiated logit scale."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    logit_scale: torch.Tensor
+
+
 @dataclass
 class DistillBatch:
     """Embeddings of one global batch (gathered across ranks), as a method sees them.
 
     Student embeddings are raw (not normalised) and carry grad; teacher embeddings are L2-normalised and
-    carry none. Logit scales are exponentiated, as open_clip returns them.
+    carry none. Logit scales are exponentiated, as open_clip returns them. A run with several teachers gives them
+    all in ``teachers``, in config order, the first also as ``teacher_image``/``teacher_text``: a method written
+    for one teacher sees the first.
     """
 
     student_image: torch.Tensor
@@ -28,6 +39,12 @@ class DistillBatch:
     student_logit_scale: torch.Tensor
     teacher_logit_scale: torch.Tensor
     student_image_masked: torch.Tensor | None = None
+    teachers: tuple[TeacherEmbeddings, ...] = ()
+
+    @property
+    def ensemble(self) -> tuple[TeacherEmbeddings, ...]:
+        """Every teacher of the run; the one teacher when the batch was made without ``teachers``."""
+        return self.teachers or (TeacherEmbeddings(self.teacher_image, self.teacher_text, self.teacher_logit_scale),)
 
 
 class DistillMethod(nn.Module):

@@ -23,9 +23,10 @@ from harness.data.views import Augmentation, ViewSpec
 from harness.distributed import init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip
-from harness.train import LiveTeacher, Objective, StepModule, mask_noise
+from harness.train import LiveTeacher, Objective, StepModule, Teachers, mask_noise
 
-TERMS = {name: (1.0, {}) for name in ["fd", "mfd", "gd", "icl", "afd", "crd", "open_clip_distill", "tinyclip"]}
+TERMS = {name: (1.0, {}) for name in ["fd", "mfd", "gd", "icl", "afd", "crd", "open_clip_distill", "tinyclip", "hrd",
+                                      "vrd", "xrd", "clip_rd", "mobileclip_dr"]}
 GLOBAL_BATCH, SEED, STEP = 8, 3, 5
 
 
@@ -33,28 +34,31 @@ RTOL, ATOL = 1e-9, 1e-12
 
 
 def _setup():
+    """A student and an ensemble of two teachers (every method sees the first, mobileclip_dr both)."""
     torch.manual_seed(0)
     student = create_clip("clipkd-tiny", dtype=torch.float64)
     teacher = create_clip("clipkd-tiny-teacher", dtype=torch.float64)
     teacher.model.eval().requires_grad_(False)
+    second = create_clip("clipkd-tiny", dtype=torch.float64)  # another width: 2 teachers need not share a dim
+    second.model.eval().requires_grad_(False)
     objective = Objective(TERMS, student.embed_dim, teacher.embed_dim).double()
     source = InMemorySource.of(load_builtin("digits", "train"), student.tokenizer, ViewSpec.of("clipkd-tiny"),
                                Augmentation("none"))
     batch = source.render(0, np.arange(GLOBAL_BATCH), None)
-    return student, teacher, objective, batch.images.double(), batch.texts
+    return student, (teacher, second), objective, batch.images.double(), batch.texts
 
 
 def _losses_and_grads(rank_env, images, texts):
     """One step's terms and gradients through what the trainer runs: the student and its losses as one module,
     under DistributedDataParallel when there are ranks (it averages the gradients as backward runs)."""
-    student, teacher, objective, _, _ = _setup()
+    student, (teacher, second), objective, _, _ = _setup()
     rows, cols = patch_grid(student.model.visual, images.shape[-1])
     noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
     batch = Batch(images, texts, torch.arange(len(images)))
     step = StepModule(student.model, objective)
     if rank_env.distributed:
         step = DistributedDataParallel(step, static_graph=True, gradient_as_bucket_view=True)
-    terms = step(batch, LiveTeacher(teacher.model), noise)
+    terms = step(batch, Teachers([LiveTeacher(teacher.model), LiveTeacher(second.model)]), noise)
     objective.total(terms).backward()
     named = [*student.model.named_parameters(), *(("loss." + n, p) for n, p in objective.named_parameters())]
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}

@@ -248,8 +248,8 @@ def test_under_bf16_the_cache_holds_what_the_live_teacher_computes(tmp_path, tea
     live_terms, _, live = first_step(config("live"))
     cached_terms, _, cached = first_step(config("cached"), like=live)
     with torch.no_grad(), autocast(CPU, "bf16"):
-        computed = live.teacher(live.first_batch)[:2]
-    stored = cached.teacher(cached.first_batch)[:2]
+        computed = live.teacher.members[0](live.first_batch)[:2]
+    stored = cached.teacher.members[0](cached.first_batch)[:2]
     for what, live_value, cached_value in zip(("image", "text"), computed, stored):
         assert cached_value.dtype == live_value.dtype == torch.bfloat16, what
         live_value, cached_value = live_value.double(), cached_value.double()

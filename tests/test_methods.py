@@ -108,10 +108,30 @@ def expected(name, method, batch):
     if name == "tinyclip":
         zs, zt = method.scale * _unit(vs) @ _unit(us).T, method.scale * vt @ ut.T
         return (_soft_ce_rows(zt, zs) + _soft_ce_rows(zt.T, zs.T)) / 2
+    if name == "hrd":
+        zs, zt = ss * _unit(vs) @ _unit(us).T, st * vt @ ut.T
+        return (_kl_rows(zt, zs) + _kl_rows(zt.T, zs.T)) / 2
+    if name == "vrd":
+        pv, pu = _unit(_linear(method.project, vs)), _unit(_linear(method.project, us))
+        zv, zu = _scale(method.image_scale) * vt @ pv.T, _scale(method.text_scale) * ut @ pu.T
+        consistency = (_kl_rows(zu, zv) + _kl_rows(zu.T, zv.T)) / 2
+        return consistency + sum((_ce_diag(z) + _ce_diag(z.T)) / 2 for z in (zv, zu))
+    if name == "xrd":
+        pv, pu = _unit(_linear(method.project, vs)), _unit(_linear(method.project, us))
+        s = _scale(method.logit_scale)
+        a, c = s * vt @ pu.T, s * ut @ pv.T  # teacher image -> student text, teacher text -> student image
+        return (_kl_rows(c, a) + _kl_rows(a, c) + _kl_rows(a.T, c.T) + _kl_rows(c.T, a.T)) / 4
+    if name == "clip_rd":  # every term by its own hand computation, one shared projection
+        assert all(term.project is method.project for term in method.terms.values() if hasattr(term, "project"))
+        return sum(weight * expected(term, method.terms[term], batch) for term, weight in method.weights.items())
     raise AssertionError(f"no hand computation for {name}")
 
 
-BUILTIN = ["crd", "fd", "mfd", "gd", "icl", "afd", "open_clip_distill", "tinyclip"]
+def _scale(logit_scale):
+    return min(np.exp(logit_scale.log_scale.item()), 100.0)
+
+
+BUILTIN = ["crd", "fd", "mfd", "gd", "icl", "afd", "open_clip_distill", "tinyclip", "hrd", "vrd", "xrd", "clip_rd"]
 
 
 @pytest.mark.parametrize("ds,dt", DIMS)
@@ -125,9 +145,15 @@ def test_loss_equals_hand_computation(name, ds, dt):
     np.testing.assert_allclose(float(value.detach()), expected(name, method, batch), rtol=1e-10, atol=1e-12)
 
 
+STOPPED_TARGETS = {"vrd", "xrd", "clip_rd"}  # KL terms whose target distribution is the student's, gradient stopped
+
+
 @pytest.mark.parametrize("ds,dt", DIMS)
 @pytest.mark.parametrize("name", BUILTIN)
-def test_gradcheck(name, ds, dt):
+def test_gradcheck(name, ds, dt, monkeypatch):
+    """Autograd against finite differences. A loss with stopped-gradient targets (CLIP-RD's VRD and XRD hold one
+    student distribution to another, detached) has as its gradient that of the loss with the targets frozen at their
+    values: finite differences check the frozen loss, and the method's gradient is checked equal to its gradient."""
     torch.manual_seed(2)
     method = methods.get(name)(ds, dt).double()
     batch = make_batch(ds, dt, seed=3)
@@ -140,6 +166,27 @@ def test_gradcheck(name, ds, dt):
         return method(b)
 
     inputs = (batch.student_image, batch.student_text, batch.student_image_masked)
+    if name in STOPPED_TARGETS:
+        from methods import relational
+
+        method_grads = torch.autograd.grad(loss(*inputs), inputs, allow_unused=True)
+        targets, calls, kl_to = [], [0], relational.kl_to
+        monkeypatch.setattr(relational, "kl_to", lambda t, z: targets.append(t.detach().clone()) or kl_to(t, z))
+        for module in ("vrd", "xrd", "hrd"):
+            monkeypatch.setattr(f"methods.{module}.kl_to", relational.kl_to)
+        loss(*inputs)  # records the targets at the point checked
+
+        def frozen(t, z):  # the i-th KL of a call, its target the recorded constant
+            calls[0] += 1
+            return kl_to(targets[(calls[0] - 1) % len(targets)], z)
+
+        for module in ("vrd", "xrd", "hrd"):
+            monkeypatch.setattr(f"methods.{module}.kl_to", frozen)
+        frozen_grads = torch.autograd.grad(loss(*inputs), inputs, allow_unused=True)
+        for got, want in zip(method_grads, frozen_grads):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5)
 
 
@@ -181,7 +228,7 @@ def test_mfd_requires_the_masked_embedding_and_declares_it():
 
 
 def test_registry_errors_name_the_choices():
-    with pytest.raises(methods.UnknownMethodError, match="registered methods: afd, crd"):
+    with pytest.raises(methods.UnknownMethodError, match="registered methods: afd, clip_rd, crd"):
         methods.get("kd-that-does-not-exist")
     with pytest.raises(ValueError, match="already registered"):
         @methods.register("fd")

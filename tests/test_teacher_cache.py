@@ -72,7 +72,7 @@ def first_step(config, like: Trainer | None = None, epoch: int = 0) -> tuple[dic
 def assert_cached_equals_live(live_config, cached_config, epoch: int = 0) -> tuple[Trainer, Trainer]:
     live_terms, live_grads, live = first_step(live_config, epoch=epoch)
     cached_terms, cached_grads, cached = first_step(cached_config, like=live, epoch=epoch)
-    assert isinstance(live.teacher, LiveTeacher) and isinstance(cached.teacher, CachedTeacher)
+    assert isinstance(live.teacher.members[0], LiveTeacher) and isinstance(cached.teacher.members[0], CachedTeacher)
     assert torch.equal(live.first_batch.samples, cached.first_batch.samples)
     assert torch.equal(live.first_batch.images, cached.first_batch.images)  # the same views
     assert live_terms.keys() == cached_terms.keys() == {"task", "fd", "icl", "crd", "gd", "afd"}
@@ -118,7 +118,7 @@ def test_cache_holds_the_live_teachers_embeddings_of_the_unaugmented_view(tmp_pa
     samples = np.array([0, 5, len(source) - 1])
     batch = source.render(0, samples, None).to(CPU, torch.float64)
     with torch.no_grad():
-        image, text, scale = LiveTeacher(trainer.teacher.model)(batch)
+        image, text, scale = LiveTeacher(trainer.teacher.members[0].model)(batch)
     cached_image, cached_text = rows.lookup(samples, None)
     # the float64 embeddings rounded once to float32 (1e-15: other batches, other sums)
     np.testing.assert_allclose(cached_image.numpy(), image.numpy(), rtol=FLOAT32_ROUNDING + 1e-12, atol=0)

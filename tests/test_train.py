@@ -418,7 +418,7 @@ def test_cli_methods_lists_every_builtin_with_a_description(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"distill": {"fdd": 1}}, "distill: unknown method 'fdd'; registered: afd, crd"),
+        ({"distill": {"fdd": 1}}, "distill: unknown method 'fdd'; registered: afd, clip_rd, crd"),
         ({"distill": {"fd": 1}}, "need a `teacher`"),
         ({"student": {"model": "ViT-T-17"}}, "student.model: unknown model 'ViT-T-17'; did you mean ViT-T-16"),
         ({"data": {"dataset": "imagenet"}}, "unknown dataset 'imagenet'; accepted: digits, fashion-mnist, csv, webdataset"),
