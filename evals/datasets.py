@@ -99,12 +99,12 @@ def _imagenet_templates() -> list[str]:
     return json.loads(text)["imagenet1k"]
 
 
-def _clip_benchmark_set(name: str, root: str | None, transform: Callable) -> EvalSet:
+def _clip_benchmark_set(name: str, root: str | None, transform: Callable, task: str | None = None) -> EvalSet:
     if root is None:
         raise EvalDatasetError(f"dataset {name!r} is a clip_benchmark dataset and needs --root (where it is staged)")
     if "://" not in root and not Path(root).exists():
         raise EvalDatasetError(f"dataset root {root!r} for {name!r} does not exist")
-    task = get_dataset_default_task(name)
+    task = task or get_dataset_default_task(name)
     try:
         dataset = build_dataset(name, root=root, transform=transform, split="test", download=False, task=task)
     except ValueError as error:
@@ -131,7 +131,7 @@ def benchmark_name(name: str, root: str | None) -> str:
     return name
 
 
-def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
+def load_eval_set(name: str, root: str | None, transform: Callable, task: str | None = None) -> EvalSet:
     if name in BUILTIN_DATASETS:
         split = load_builtin(name, "test")
         return EvalSet(name, _BuiltinSplit(split, transform, False),
@@ -148,7 +148,7 @@ def load_eval_set(name: str, root: str | None, transform: Callable) -> EvalSet:
         if root is None or not Path(root).is_file():
             raise EvalDatasetError(f"dataset 'csv' needs --root, an existing filepath,caption CSV (got {root!r})")
         return EvalSet(benchmark_name(name, root), retrieval=_CaptionCsv(Path(root), transform))
-    return _clip_benchmark_set(name, root, transform)
+    return _clip_benchmark_set(name, root, transform, task)
 
 
 class DuringTraining(Dataset):

@@ -191,6 +191,50 @@ class TrainSpec(Strict):
 class BenchmarkSpec(Strict):
     dataset: str = Field(description="a built-in dataset, imagefolder, csv, or a clip_benchmark dataset name")
     root: str | None = Field(None, description="where a clip_benchmark dataset is staged, or the folder / CSV")
+    task: Literal["zeroshot_classification", "zeroshot_retrieval"] | None = Field(
+        None, description="clip_benchmark's task for the dataset; by default the one clip_benchmark gives its name")
+
+
+class SuiteTaskSpec(Strict):
+    dataset: str
+    root: str | None = None
+    metric: str = Field("acc1", description="the metric the suite averages: acc1, mean_per_class_recall, "
+                        "mean_recall@1 (of image and text retrieval), or any metric the evaluation stores")
+    groups: list[str] = Field(default_factory=list, description="groups with an average of their own")
+
+
+class SuiteSpec(Strict):
+    """A suite of benchmarks evaluated together, with its average (evals/suites.py): a named one (imagenet-shifts,
+    datacomp) staged under ``root``, or one of your own (``tasks``)."""
+
+    name: str
+    root: str | None = Field(None, description="where a named suite's tasks are staged")
+    tasks: list[SuiteTaskSpec] | None = Field(None, description="a suite of your own: its tasks")
+
+    @model_validator(mode="after")
+    def _known(self) -> SuiteSpec:
+        from evals.suites import SUITES
+
+        if self.tasks is None and self.name not in SUITES:
+            raise ValueError(f"unknown suite {self.name!r}; named suites: {', '.join(SUITES)}, or give `tasks`")
+        if self.tasks is not None and self.name in SUITES:
+            raise ValueError(f"suite {self.name!r} is a named suite: leave out `tasks`, or name yours otherwise")
+        return self
+
+    def expand(self):
+        """The suite and a benchmark per evaluated task (dict task -> BenchmarkSpec, in order)."""
+        from pathlib import PurePosixPath
+
+        from evals.suites import SUITES, Suite, SuiteTask
+
+        if self.tasks is None:
+            suite = SUITES[self.name]
+            root = PurePosixPath(self.root or ".")
+            return suite, {task: BenchmarkSpec(dataset=task.dataset, root=str(root / task.folder), task=task.task)
+                           for task in suite.tasks}
+        tasks = [SuiteTask(t.dataset, t.root or "", t.metric, tuple(t.groups)) for t in self.tasks]
+        suite = Suite(self.name, tuple(tasks), len(tasks))
+        return suite, {task: BenchmarkSpec(dataset=t.dataset, root=t.root) for task, t in zip(tasks, self.tasks)}
 
 
 class EvalSpec(Strict):
@@ -202,6 +246,8 @@ class EvalSpec(Strict):
     every_steps: int | None = Field(None, gt=0, description="also evaluate zero-shot top-1 during training, every N "
                                     "steps, on the first benchmark: accuracy against samples seen")
     during_items: int | None = Field(None, gt=0, description="during training, a fixed subset: the first N items")
+    suites: list[SuiteSpec] = Field(default_factory=list, description="suites of benchmarks evaluated with their "
+                                    "averages (evals/suites.py), besides the benchmarks")
 
 
 class RunConfig(Strict):
@@ -332,8 +378,12 @@ class RunConfig(Strict):
         from harness.data.builtin import BUILTIN_DATASETS
 
         if self.eval.benchmarks is not None:
-            return self.eval.benchmarks
-        return [BenchmarkSpec(dataset=self.data.dataset)] if self.data.dataset in BUILTIN_DATASETS else []
+            listed = list(self.eval.benchmarks)
+        else:
+            listed = [BenchmarkSpec(dataset=self.data.dataset)] if self.data.dataset in BUILTIN_DATASETS else []
+        for suite in self.eval.suites:  # each task once, however many suites and lists name it
+            listed += [spec for spec in suite.expand()[1].values() if spec not in listed]
+        return listed
 
     @property
     def run_dir(self) -> Path:

@@ -17,6 +17,7 @@ import torch
 from evals.cost import gflops_per_sample, images_per_second
 from evals.datasets import benchmark_name, load_eval_set
 from evals.similarity import feature_similarity
+from evals.suites import averages, suite_benchmark
 from evals.zeroshot import Classifiers, zero_shot_metrics
 from harness import checkpoint
 from harness.config import RunConfig, parse_config
@@ -74,7 +75,7 @@ def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluatio
     evaluation, classifiers = Evaluation({}, {}), Classifiers()  # benchmarks sharing classes and prompts share one
     batch_size, loader_workers = trained.config.eval.batch_size, workers(trained.config.eval.workers)
     for spec in benchmarks:
-        eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval)
+        eval_set = load_eval_set(spec.dataset, spec.root, trained.student.preprocess_eval, spec.task)
         result = zero_shot_metrics(trained.student.model, trained.student.tokenizer, eval_set, device, batch_size,
                                    classifiers, loader_workers)
         for k, teacher in enumerate(trained.teachers, start=1):
@@ -83,6 +84,10 @@ def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluatio
                                             loader_workers, trained.config.train.precision)
             result.metrics.update(similarity if k == 1 else {f"{name}@teacher{k}": v for name, v in similarity.items()})
         evaluation.metrics[eval_set.benchmark], evaluation.items[eval_set.benchmark] = result.metrics, result.items
+    for suite_spec in trained.config.eval.suites:  # the suite's averages, metrics of their own benchmark
+        suite, specs = suite_spec.expand()
+        benchmark_of = {task: benchmark_name(spec.dataset, spec.root) for task, spec in specs.items()}
+        evaluation.metrics[suite_benchmark(suite.name)] = averages(suite, benchmark_of, evaluation.metrics)
     return evaluation
 
 

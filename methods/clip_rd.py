@@ -11,9 +11,9 @@ from methods.xrd import CrossRelationalDistillation
 
 @register("clip_rd")
 class ClipRD(DistillMethod):
-    """CLIP-RD's recipe: L = w_FD L_FD + w_ICL L_ICL + w_HRD L_HRD + w_VRD L_VRD + w_XRD L_XRD (the task loss added
-    by the trainer).
+    """CLIP-RD's recipe: FD + ICL + HRD + VRD + XRD, weighted as in its released script, one projection shared.
 
+    L = w_FD L_FD + w_ICL L_ICL + w_HRD L_HRD + w_VRD L_VRD + w_XRD L_XRD, the task loss added by the trainer.
     The weights default to the released script's (``script/ViT_B_16_Laion400M/ViT_T_16_RD.sh``: FD 2000, the others
     1); one projection P is shared by every term, as the released code shares its projections. Each term has its
     own scales; ``distill: {fd: 2000, icl: 1, hrd: 1, vrd: 1, xrd: 1}`` trains the same sum with a projection per

@@ -131,15 +131,24 @@ INTERVAL_COLUMNS = ["low", "high", "delta", "delta_low", "delta_high", "p", "sig
 RANK_ONLY_COLUMNS = ["test", "delta_items_low", "delta_items_high", "p_items"]
 
 
+def suite_metrics(store: Store) -> list[str]:
+    """The averages stored for suites (evals/suites.py: ``average``, ``average:GROUP``…), as leaderboard columns."""
+    with store.engine.connect() as connection:
+        # a range on the indexed benchmark column (a LIKE would read every value)
+        rows = connection.execute(select(Metric.metric).where(Metric.benchmark >= "suite:", Metric.benchmark < "suite;")
+                                  .distinct()).all()
+    return sorted(metric for (metric,) in rows)
+
+
 def leaderboard(store: Store, rank_by: str = "top1", benchmark=None, teacher=None, student=None, dataset=None,
                 method=None) -> pd.DataFrame:
     """One row per (setting, teacher, method, benchmark), ranked by ``rank_by``: per metric its mean over seeds with
     a 95 % interval, and the Δ against the same setting's no-KD baseline with its paired interval and p-value."""
-    wanted = [metric_name(m) for m in LEADERBOARD_METRICS]
+    wanted = [metric_name(m) for m in LEADERBOARD_METRICS] + suite_metrics(store)
     rank_metric = metric_name(rank_by)
     if rank_metric not in wanted:
         wanted.append(rank_metric)
-    short = {metric_name(a): a for a in LEADERBOARD_METRICS} | {rank_metric: rank_by}
+    short = {m: m for m in wanted} | {metric_name(a): a for a in LEADERBOARD_METRICS} | {rank_metric: rank_by}
     summary = summarize(per_seed(store, wanted, benchmark, teacher, student, dataset, method), store,
                         item_deltas={rank_metric})
     keys = ["setting_id", "teacher", "student", "dataset", "method", "benchmark"]
