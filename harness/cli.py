@@ -75,8 +75,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give a run directory or checkpoint file, or --model NAME with --pretrained TAG|FILE "
                          "(an open_clip tag or a weights file)")
+    if (args.suite is None) == (args.dataset is None):
+        raise ValueError("give --dataset (one benchmark) or --suite (a named suite of them)")
+    staged = _staged_suite(args) if args.suite is not None else None  # before the model: a missing task is seconds
     bundle = create_clip(model, pretrained)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if staged is not None:
+        return _eval_suite(args, *staged, bundle, device)
     eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
     result = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
                                workers=workers(args.workers))
@@ -94,6 +99,44 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                                                                           args.batch_size)},
                       metrics={eval_set.benchmark: result.metrics}, items={eval_set.benchmark: result.items})
         print(f"recorded reference model {row['name']} ({row['id']}) in {store.url}")
+    return 0
+
+
+def _staged_suite(args: argparse.Namespace):
+    """A named suite and its tasks' benchmarks, every task's data checked (all missing ones named at once)."""
+    from pydantic import ValidationError
+
+    from harness import checks
+    from harness.config import SuiteSpec
+
+    if args.record:
+        raise ValueError("--record stores one benchmark's numbers; give --dataset, or leave --record out")
+    try:
+        suite, specs = SuiteSpec(name=args.suite, root=args.root).expand()
+    except ValidationError as error:
+        raise ValueError(f"--suite: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    missing = [problem for spec in specs.values() if (problem := checks.benchmark(spec))]
+    if missing:
+        raise ValueError(f"suite {suite.name!r}: {len(missing)} of {len(specs)} tasks are not staged under "
+                         f"{args.root!r}:\n  " + "\n  ".join(missing))
+    return suite, specs
+
+
+def _eval_suite(args: argparse.Namespace, suite, specs, bundle, device) -> int:
+    """Every task of a named suite, then its averages, printed as JSON ({benchmark: metrics})."""
+    from evals.datasets import benchmark_name, load_eval_set
+    from evals.suites import averages, suite_benchmark
+    from evals.zeroshot import zero_shot_metrics
+    from harness.data import workers
+
+    metrics = {}
+    for spec in specs.values():
+        eval_set = load_eval_set(spec.dataset, spec.root, bundle.preprocess_eval, spec.task)
+        metrics[eval_set.benchmark] = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device,
+                                                        args.batch_size, workers=workers(args.workers)).metrics
+    benchmark_of = {task: benchmark_name(spec.dataset, spec.root) for task, spec in specs.items()}
+    metrics[suite_benchmark(suite.name)] = averages(suite, benchmark_of, metrics)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -361,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint or any open_clip "
                                                 "model; --record stores it as a reference model")
     evaluate.add_argument("checkpoint", nargs="?", help="a run directory or a checkpoint file")
-    evaluate.add_argument("--dataset", required=True,
+    evaluate.add_argument("--suite", help="a named suite (imagenet-shifts, datacomp) staged under --root: every task "
+                          "and the suite's averages (evals/suites.py)")
+    evaluate.add_argument("--dataset",
                           help="digits, fashion-mnist, imagefolder, csv, or a clip_benchmark dataset name")
     evaluate.add_argument("--root", help="where a clip_benchmark dataset is staged; the folder or CSV for local sets")
     evaluate.add_argument("--model", help="the open_clip model (name or config file), for a checkpoint that does not "

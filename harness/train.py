@@ -251,7 +251,8 @@ class ProgressEvaluation:
         from evals.datasets import DuringTraining, load_eval_set
 
         benchmarks = config.benchmarks()
-        eval_set = load_eval_set(benchmarks[0].dataset, benchmarks[0].root, student.preprocess_eval) if benchmarks else None
+        first = benchmarks[0] if benchmarks else None
+        eval_set = load_eval_set(first.dataset, first.root, student.preprocess_eval, first.task) if first else None
         if eval_set is None or eval_set.classification is None:
             raise TrainingError("eval.every_steps evaluates zero-shot classification on the first of eval.benchmarks; "
                                 "give a benchmark with classes (a built-in set, imagefolder or a clip_benchmark one)")

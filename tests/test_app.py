@@ -16,6 +16,8 @@ from streamlit.testing.v1 import AppTest
 from results import queries, synthetic
 from results.store import Store
 
+pytestmark = pytest.mark.xdist_group("smoke_grid")  # pyproject.toml: one worker runs the group
+
 MAIN = ROOT / "app" / "main.py"
 PAGES = {"leaderboard": "Leaderboard", "ablation": "Ablation", "similarity": "Feature similarity vs accuracy",
          "cost": "Accuracy vs cost", "curves": "Training curves", "run_detail": "Run detail", "grids": "Grid progress"}

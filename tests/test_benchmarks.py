@@ -5,6 +5,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.xdist_group("benchmark_scripts")  # pyproject.toml: one worker runs the group
+
 
 @pytest.mark.parametrize("script, args, prints", [
     ("train_step.py", ["--batch", "64", "--steps", "2", "--warmup", "1", "--threads", "1"], "cached/baseline"),

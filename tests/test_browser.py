@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, require
 
+pytestmark = pytest.mark.xdist_group("smoke_grid")  # pyproject.toml: one worker runs the group
+
 CHROMIUM = "/usr/bin/chromium"
 # page title in the sidebar -> what shows the page has its data
 PAGES = {

@@ -117,12 +117,13 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     one = write_config(tmp_path, "one", output_dir=str(tmp_path / "one"), **kd)
     two = write_config(tmp_path, "two", output_dir=str(tmp_path / "two"), **kd)
     run_clipkd("run", str(one), cwd=tmp_path)
-    subprocess.run(
+    launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness.cli", "run",
          str(two)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        check=True, capture_output=True, timeout=600,
+        capture_output=True, text=True, timeout=600,
     )
+    assert launched.returncode == 0, f"torchrun exited {launched.returncode}:\n{launched.stderr[-6000:]}"
     (run_one,), (run_two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
     assert run_one.name == run_two.name  # output_dir and name do not change the run id
     records = [json.loads((run / "record.json").read_text()) for run in (run_one, run_two)]

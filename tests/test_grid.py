@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import ROOT, require, run_clipkd
 
+pytestmark = pytest.mark.xdist_group("smoke_grid")  # pyproject.toml: one worker runs the group
+
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1"}  # planning must never download
 
 

@@ -152,3 +152,21 @@ def test_a_running_cell_shows_its_progress_and_curves(tmp_path):
         run_clipkd("grid", "cancel", str(grid), cwd=tmp_path, check=False)
         submitted.terminate()
         submitted.wait(timeout=60)
+
+
+def test_grid_status_shows_a_failed_cells_error_first_line(tmp_path):
+    grid = tmp_path / "failing.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "failing", "output_dir": "runs",
+        "base": {"data": {"dataset": "digits"}, "train": {"batch_size": 16, "steps": 1}},
+        "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}},
+    }))
+    (cell,) = load_grid(grid).cells
+    store = Store(f"sqlite:///{tmp_path / 'results' / 'clipkd.db'}")
+    store.put_run({"id": cell.run_id, "setting_id": "s", "name": cell.config.name, "teacher": None,
+                   "student": "clipkd-tiny", "method": "baseline", "terms": "{}", "dataset": "digits", "seed": 0,
+                   "status": "failed", "config": "{}", "updated_at": "2026-12-01T00:00:00+00:00",
+                   "error": "training: NonFiniteLossError: step 3: loss term 'task' is nan\nTraceback (most recent…"})
+    out = run_clipkd("grid", "status", str(grid), cwd=tmp_path).stdout
+    row = next(line for line in out.splitlines() if cell.run_id in line)
+    assert row.split()[2] == "failed" and row.endswith("training: NonFiniteLossError: step 3: loss term 'task' is nan")

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT, require, run_clipkd
 
+pytestmark = pytest.mark.xdist_group("slurm_cluster")  # pyproject.toml: one worker runs the group
+
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 
 

@@ -13,6 +13,8 @@ import torch
 import yaml
 from conftest import ROOT, free_port, require, run_clipkd
 
+pytestmark = pytest.mark.xdist_group("slurm_cluster")  # pyproject.toml: one worker runs the group
+
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 
 

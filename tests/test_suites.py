@@ -93,3 +93,11 @@ def test_grid_plan_names_a_suites_missing_data(tmp_path):
     assert "1 of 1 cells would not find their data" in result.stderr
     assert f"benchmark 'wds/vtab/caltech101': root '{tmp_path / 'datacomp' / 'wds_vtab-caltech101_test'}' does not exist" \
         in result.stderr
+
+
+def test_clipkd_eval_of_a_suite_names_every_task_not_staged_before_it_loads_a_model(tmp_path):
+    result = run_clipkd("eval", "--model", "clipkd-tiny", "--pretrained", str(tmp_path / "not-yet.pt"), "--suite",
+                        "imagenet-shifts", "--root", str(tmp_path / "in"), cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "suite 'imagenet-shifts': 5 of 5 tasks are not staged" in result.stderr
+    assert f"benchmark 'imagenet_sketch': root '{tmp_path / 'in' / 'imagenet_sketch'}' does not exist" in result.stderr
