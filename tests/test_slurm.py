@@ -129,7 +129,8 @@ def _file_state(path: Path) -> tuple[bytes, int]:
 
 
 def _squeue(job_ids) -> list[str]:
-    result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    """The listed jobs still queued or running, one line per array task (-r: a pending array is not one line)."""
+    result = subprocess.run(["squeue", "-r", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
     return result.stdout.split()
 
 
