@@ -134,6 +134,15 @@ def _squeue(job_ids) -> list[str]:
     return result.stdout.split()
 
 
+def _node_cpus() -> int:
+    """The node's CPU count as slurmctld reports it; asked again while a busy controller times the query out."""
+    deadline = time.monotonic() + 60
+    while not (result := subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True)).stdout.split():
+        assert time.monotonic() < deadline, f"sinfo answered nothing for a minute: {result.stderr}"
+        time.sleep(1)
+    return int(result.stdout.split()[0])
+
+
 def _small_grid(workdir: Path, name: str, steps: int, cpus: int = 1) -> str:
     grid = {"name": name, "output_dir": "runs",
             "base": {"data": {"dataset": "digits"}, "optim": {"warmup_steps": 2},
@@ -162,7 +171,7 @@ def test_jobs_never_write_the_head_nodes_store_file(slurm, workdir):
 
 
 def test_queued_cells_are_not_submitted_twice_and_cancel_cancels_them(slurm, workdir):
-    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    cpus = _node_cpus()
     grid = _small_grid(workdir, "queued", steps=5000, cpus=cpus)  # each job takes the whole node: one waits
     first = run_clipkd("grid", "submit", grid, "--executor", "slurm", cwd=workdir).stdout
     assert "2 cells to submit" in first
