@@ -322,6 +322,11 @@ class Trainer:
 
     def __post_init__(self):
         cfg = self.config
+        share = cfg.train.batch_size // self.env.world_size
+        if cfg.train.accum_freq > share:  # found before the models load, not at the first step
+            raise TrainingError(f"train.accum_freq {cfg.train.accum_freq} is more micro-batches than this process's "
+                                f"{share} samples per step (train.batch_size {cfg.train.batch_size} over "
+                                f"{self.env.world_size} processes): use at most {share}")
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":  # as open_clip_train at start-up: TF32 matmuls, cuDNN picks its kernels
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

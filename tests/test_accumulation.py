@@ -113,3 +113,15 @@ def test_accumulation_in_the_run_id_only_where_it_changes_the_weights(tmp_path):
     assert changes_weights(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))) is None
     with pytest.raises(Exception, match="accum_freq"):
         parse_config({**base, "train": {**base["train"], "accum_freq": 0}})
+
+
+def test_more_micro_batches_than_samples_is_refused_before_training(tmp_path):
+    from harness.train import TrainingError
+
+    config = parse_config({"name": "too-many", "output_dir": str(tmp_path), "student": {"model": "clipkd-tiny"},
+                           "data": {"dataset": "digits", "workers": 0},
+                           "train": {"batch_size": 8, "steps": 1, "accum_freq": 16}})
+    with pytest.raises(TrainingError, match=r"train.accum_freq 16 is more micro-batches than this process's 8 "
+                                            r"samples per step \(train.batch_size 8 over 1 processes\): use at most 8"):
+        train(config)
+    assert not list(tmp_path.rglob("train_log.jsonl"))
