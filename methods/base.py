@@ -92,6 +92,16 @@ class LogitScale(nn.Module):
         return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
+class ProjectedContrastive(DistillMethod):
+    """A method whose logits compare student embeddings, mapped by P into the teacher's space, with the teacher's,
+    at one learnable scale 1/τ initialised at ``init_temperature`` (ICL, XRD)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, init_temperature: float = 0.07):
+        super().__init__(student_dim, teacher_dim)
+        self.project = projection(student_dim, teacher_dim)
+        self.logit_scale = LogitScale(init_temperature)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 

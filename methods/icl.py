@@ -1,20 +1,15 @@
-from methods.base import DistillBatch, DistillMethod, LogitScale, diagonal_cross_entropy, normalize, projection
+from methods.base import DistillBatch, ProjectedContrastive, diagonal_cross_entropy, normalize
 from methods.registry import register
 
 
 @register("icl")
-class InteractiveContrastiveLearning(DistillMethod):
+class InteractiveContrastiveLearning(ProjectedContrastive):
     """ICL: InfoNCE with the student's embedding as anchor against the teacher's embeddings of the other modality.
 
     Paper §3.2 "Interactive Contrastive Learning":
         L_ICL = CE(P v_S · u_Tᵀ / τ_ICL, I) + CE(P u_S · v_Tᵀ / τ_ICL, I),
     τ_ICL learnable, initialised at ``init_temperature``, exponentiated and clamped like CLIP's.
     """
-
-    def __init__(self, student_dim: int, teacher_dim: int, init_temperature: float = 0.07):
-        super().__init__(student_dim, teacher_dim)
-        self.project = projection(student_dim, teacher_dim)
-        self.logit_scale = LogitScale(init_temperature)
 
     def forward(self, batch: DistillBatch):
         scale = self.logit_scale()

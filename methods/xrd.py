@@ -1,10 +1,10 @@
-from methods.base import DistillBatch, DistillMethod, LogitScale, normalize, projection
+from methods.base import DistillBatch, ProjectedContrastive, normalize
 from methods.registry import register
 from methods.relational import kl_to
 
 
 @register("xrd")
-class CrossRelationalDistillation(DistillMethod):
+class CrossRelationalDistillation(ProjectedContrastive):
     """XRD (CLIP-RD): the two cross-modal teacher→student relations made symmetric.
 
     With v̂ = norm(P v_S), û = norm(P u_S) and a learnable scale s:
@@ -14,11 +14,6 @@ class CrossRelationalDistillation(DistillMethod):
     student-anchored logits are the transposes Aᵀ, Cᵀ). The released code shares s with ICL; here XRD has its own.
     methods/relational.py says what is followed.
     """
-
-    def __init__(self, student_dim: int, teacher_dim: int, init_temperature: float = 0.07):
-        super().__init__(student_dim, teacher_dim)
-        self.project = projection(student_dim, teacher_dim)
-        self.logit_scale = LogitScale(init_temperature)
 
     def forward(self, batch: DistillBatch):
         scale = self.logit_scale()
