@@ -91,7 +91,8 @@ def _delta_by_seed(table: pd.DataFrame, frame: pd.DataFrame, row: np.ndarray, va
     table["delta_low"] = np.where(paired, mean - half, np.nan)
     table["delta_high"] = np.where(paired, mean + half, np.nan)
     table["p"] = np.where(paired, p, np.nan)
-    table["test"] = np.where(paired, pd.Series(shared).map("paired t over {} seeds".format), "")
+    labels = np.array([f"paired t over {n} seeds" for n in range(shared.max(initial=0) + 1)], dtype=object)
+    table["test"] = np.where(paired, labels[shared], "")
 
 
 def _item_intervals(table: pd.DataFrame, frame: pd.DataFrame, store: Store, confidence: float,

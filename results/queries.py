@@ -6,18 +6,17 @@ differ only in teacher, loss terms and seed (same student, data, optimisation an
 """
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import and_, case, func, literal, literal_column, select, union
+from sqlalchemy import and_, case, func, literal, select, union
 from sqlalchemy.orm import aliased
 
 from harness.errors import ClipkdError
 from results import FORMATS
 from results.compare import summarize
-from results.store import STATUSES, CurvePoint, GridCell, Metric, Run, Store
+from results.store import STATUSES, VALUE_RECORD, CurvePoint, GridCell, Metric, Run, RunValues, Store, value_key
 
 # Short names for the columns researchers read; the store keeps clip_benchmark's own metric names.
 METRIC_ALIASES = {
@@ -63,40 +62,27 @@ def per_seed(store: Store, metrics: list[str], benchmark=None, teacher=None, stu
              method=None) -> pd.DataFrame:
     """Every finished run's value of each metric: one row per (run, benchmark, metric), with its group's keys."""
     runs = [Run.status == "done", *run_filters(teacher, student, dataset, method)]
-    values = [Metric.metric.in_(metrics), *([Metric.benchmark == benchmark] if benchmark is not None else [])]
     run_columns = ["run_id", "setting_id", "teacher", "student", "dataset", "method", "seed"]
-    rowid = literal_column("runs.rowid") if store.engine.dialect.name == "sqlite" else None
     with store.engine.connect() as connection:
-        if rowid is None:  # a server database: the run's id itself, in one read
-            keys = _frame(raw_rows(connection, select(Run.id, *_run_keys()).where(*runs)), run_columns)
-            numbers = _frame(raw_rows(connection, select(Metric.run_id, Metric.benchmark, Metric.metric, Metric.value)
-                                      .join(Run, Run.id == Metric.run_id).where(*runs, *values)),
-                             ["run_id", "benchmark", "metric", "value"])
-            return numbers.merge(keys, on="run_id")
-        # SQLite: each value comes as two numbers — one code for its run's integer row id and the indexes of its
-        # benchmark and metric, and the value — and only the runs' keys as text; the values' group keys are codes
-        # into the runs' (a row's Python objects are most of the read: four columns took 1.5 times as long)
-        keys = _frame(raw_rows(connection, select(rowid, Run.id, *_run_keys()).where(*runs)), ["rowid", *run_columns])
         benchmarks = [benchmark] if benchmark is not None else _benchmarks(connection)
-        code = (rowid * (len(benchmarks) * len(metrics))
-                + case({b: i for i, b in enumerate(benchmarks)}, value=Metric.benchmark) * len(metrics)
-                + case({m: i for i, m in enumerate(metrics)}, value=Metric.metric))
-        numbers = raw_rows(connection, select(code, Metric.value).join(Run, Run.id == Metric.run_id).where(*runs, *values))
-    if not numbers:
+        rows = raw_rows(connection, select(Run.id, *_run_keys(), RunValues.data)
+                        .join(RunValues, RunValues.run_id == Run.id).where(*runs))
+    # every run's values in one read (results/store.py, RunValues); those asked for found by their keys
+    wanted = {value_key(b, m): (i, j) for i, b in enumerate(benchmarks) for j, m in enumerate(metrics)}
+    keys = np.array(sorted(wanted), dtype=np.int64)
+    records = np.frombuffer(b"".join(row[-1] for row in rows), dtype=VALUE_RECORD)
+    run_of = np.repeat(np.arange(len(rows)), [len(row[-1]) // VALUE_RECORD.itemsize for row in rows])
+    found = np.minimum(np.searchsorted(keys, records["key"]), max(len(keys) - 1, 0))
+    taken = (keys[found] == records["key"]) if len(keys) else np.zeros(len(records), dtype=bool)
+    if not taken.any():
         return pd.DataFrame(columns=["benchmark", "metric", "value", *run_columns])
-    # exact: codes stay far below 2**53 (row ids times benchmarks times metrics)
-    try:
-        table = np.fromiter(itertools.chain.from_iterable(numbers), dtype=np.float64, count=2 * len(numbers))
-    except TypeError:  # a NULL (SQLite stores NaN so): np.array reads None as NaN, at twice the time
-        table = np.array(numbers, dtype=np.float64).ravel()
-    row_ids, benchmark_metric = np.divmod(table[0::2].astype(np.int64), len(benchmarks) * len(metrics))
-    benchmark_codes, metric_codes = np.divmod(benchmark_metric, len(metrics))
-    numbers = table[1::2]
-    position = pd.Index(keys["rowid"]).get_indexer(row_ids)
-    frame = pd.DataFrame({name: _codes(keys[name], position) for name in run_columns})
-    frame["benchmark"] = pd.Categorical.from_codes(benchmark_codes, benchmarks)
-    frame["metric"] = pd.Categorical.from_codes(metric_codes, list(metrics))
-    frame["value"] = numbers
+    codes = np.array([wanted[k] for k in keys.tolist()], dtype=np.int64).reshape(-1, 2)[found[taken]]
+    runs_table = _frame([row[:-1] for row in rows], run_columns)
+    position = run_of[taken]
+    frame = pd.DataFrame({name: _codes(runs_table[name], position) for name in run_columns})
+    frame["benchmark"] = pd.Categorical.from_codes(codes[:, 0], benchmarks)
+    frame["metric"] = pd.Categorical.from_codes(codes[:, 1], list(metrics))
+    frame["value"] = records["value"][taken]
     return frame
 
 
@@ -172,18 +158,19 @@ def leaderboard(store: Store, rank_by: str = "top1", benchmark=None, teacher=Non
         return pd.DataFrame(columns=keys[1:] + ["seeds"])
     # one pivot: a column per (statistic, metric)
     wide = summary.set_index([*keys, "metric"])[["seeds", "mean", *INTERVAL_COLUMNS, *RANK_ONLY_COLUMNS]].unstack("metric")
-    columns = {"seeds": wide["seeds"].max(axis=1)}
+    columns = {"seeds": wide["seeds"].max(axis=1).astype(int)}
     present = set(summary["metric"])
-    for metric in [m for m in wanted if m in present]:
+    for metric in [m for m in wanted if m in present]:  # (statistic, metric) pairs: one column each, no sub-frames
         name = short[metric]
         statistics = ["low", "high"]
-        if wide["delta"][metric].notna().any():  # a baseline to compare with (feature similarity has none)
+        if wide[("delta", metric)].notna().any():  # a baseline to compare with (feature similarity has none)
             statistics = [*INTERVAL_COLUMNS, *(RANK_ONLY_COLUMNS if metric == rank_metric else [])]
-        columns |= {name: wide["mean"][metric], **{f"{name}_{c}": wide[c][metric] for c in statistics}}
-    table = pd.DataFrame(columns)
-    table["seeds"] = table["seeds"].astype(int)
-    table = table.join(run_costs(store, teacher, student, dataset, method), on=["setting_id", "teacher", "method"])
-    table = table.reset_index().drop(columns="setting_id")
+        columns |= {name: wide[("mean", metric)], **{f"{name}_{c}": wide[(c, metric)] for c in statistics}}
+    costs = run_costs(store, teacher, student, dataset, method)
+    cost_rows = costs.reindex(pd.MultiIndex.from_arrays([wide.index.get_level_values(k)
+                                                          for k in ("setting_id", "teacher", "method")]))
+    columns |= {name: cost_rows[name].to_numpy() for name in costs.columns}
+    table = pd.DataFrame(columns).reset_index().drop(columns="setting_id")
     if rank_by in table.columns:
         table = table.sort_values(rank_by, ascending=False, na_position="last")
     return table.reset_index(drop=True)

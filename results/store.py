@@ -8,12 +8,14 @@ SQLite with ``mode=ro`` and PostgreSQL with read-only transactions, so a reader 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from sqlalchemy.pool import QueuePool
 from harness.errors import ClipkdError
 from results.stats import pack, unpack
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
 
@@ -114,6 +116,43 @@ class Metric(Base):
     metric: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[float | None] = mapped_column(Float)
     __table_args__ = (Index("ix_metrics_benchmark", "benchmark", "metric", "run_id", "value"),)
+
+
+class RunValues(Base):
+    """Each run's metrics again, as one array of (key, value) records (``VALUE_RECORD``, the key ``value_key``):
+    kept by every write of its metrics, for readers of every run's values at once (a leaderboard: 10,000 runs'
+    109,000 values are one 9,250-row read of 25 ms here, against 115 ms as rows, whose Python objects are most of
+    that time). The metrics table stays what a run's values are; this is its index, as MLflow's latest_metrics."""
+    __tablename__ = "run_values"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+VALUE_RECORD = np.dtype([("key", "<i8"), ("value", "<f8")])
+
+
+def value_key(benchmark: str, metric: str) -> int:
+    """A (benchmark, metric) pair as 64 bits of its BLAKE2b hash: a key any reader computes from the names."""
+    digest = hashlib.blake2b(f"{benchmark}\0{metric}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def index_values(connection: Connection, run_ids: Iterable[str] | None = None) -> None:
+    """Rewrite the ``run_values`` of these runs (of every run: None) from their metrics; an upsert, as concurrent
+    writers of one run's metrics do."""
+    query = select(Metric.run_id, Metric.benchmark, Metric.metric, Metric.value).order_by(
+        Metric.run_id, Metric.benchmark, Metric.metric)
+    if run_ids is not None:
+        run_ids = list(run_ids)
+        query = query.where(Metric.run_id.in_(run_ids))
+    rows = [{"run_id": run_id, "data": np.array(
+        [(value_key(benchmark, metric), np.nan if value is None else value) for _, benchmark, metric, value in values],
+        dtype=VALUE_RECORD).tobytes()} for run_id, values in groupby(connection.execute(query), key=lambda r: r[0])]
+    emptied = delete(RunValues) if run_ids is None else delete(RunValues).where(
+        RunValues.run_id.in_(set(run_ids) - {row["run_id"] for row in rows}))
+    connection.execute(emptied)
+    for start in range(0, len(rows), 1000):
+        _upsert(connection, RunValues.__table__, rows[start:start + 1000])
 
 
 class CurvePoint(Base):
@@ -315,6 +354,8 @@ class Store:
             _upsert(connection, Metric.__table__, [
                 {"run_id": run["id"], "benchmark": benchmark, "metric": m, "value": v} for m, v in values.items()
             ])
+        if metrics:
+            index_values(connection, [run["id"]])
         for benchmark, bits in (items or {}).items():
             connection.execute(delete(ItemResult).where(ItemResult.run_id == run["id"], ItemResult.benchmark == benchmark))
             _upsert(connection, ItemResult.__table__, [

@@ -10,7 +10,7 @@ import json
 import random
 from itertools import product
 
-from results.store import CurvePoint, GridCell, Metric, Run, Store, now
+from results.store import CurvePoint, GridCell, Metric, Run, Store, index_values, now
 
 TEACHERS = ["ViT-B-16@run:cc3m-cc12m", "ViT-L-14@laion400m_e32", "ViT-B-16@laion400m_e32", "ViT-B-32@run:yfcc"]
 STUDENTS = ["ViT-T-16", "timm-mobilevit_s", "timm-swin_tiny_patch4_window7_224", "timm-mobilenetv3_small_100",
@@ -67,4 +67,5 @@ def fill(store: Store, runs: int = SEEDS * len(STUDENTS) * len(DATASETS) * (1 + 
     with store.transaction() as connection:
         for table, batch in ((Run, rows), (Metric, metrics), (CurvePoint, curves), (GridCell, cells)):
             connection.execute(table.__table__.insert(), batch)
+        index_values(connection)
     return runs

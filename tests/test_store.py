@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from results.queries import ablation, leaderboard, render
-from results.store import SCHEMA_VERSION, Store, StoreError
+from results.store import SCHEMA_VERSION, VALUE_RECORD, Store, StoreError, value_key
 
 
 def run_row(run_id, method="baseline", seed=0, teacher=None, setting="s1", status="done", student="tiny"):
@@ -70,6 +70,33 @@ def test_job_records_are_ingested_once_and_the_newest_wins(store_url, tmp_path):
     assert store.get_run("r2")["status"] == "done" and store.metrics("r2") == {"digits": {"acc1": 0.75}}
     assert store.items(["r2"], "digits", "acc1")["r2"].tolist() == [True, True, False, True]
     assert [store.get_run(f"r{i}")["status"] for i in range(5)] == ["running", "running", "done", "running", "running"]
+
+
+def indexed_values(store: Store) -> dict:
+    """What the run_values index holds, and what the metrics table holds, each as {(run, key): value}."""
+    with store.engine.connect() as connection:
+        index = {(run_id, int(key)): float(value) for run_id, data in connection.exec_driver_sql(
+            "select run_id, data from run_values") for key, value in np.frombuffer(data, dtype=VALUE_RECORD)}
+        table = {(run_id, value_key(benchmark, metric)): math.nan if value is None else value
+                 for run_id, benchmark, metric, value in connection.exec_driver_sql(
+                     "select run_id, benchmark, metric, value from metrics")}
+    return index, table
+
+
+def test_the_values_index_follows_every_write_of_the_metrics(store_url):
+    store = Store(store_url)
+    store.put_run(run_row("a"), metrics={"digits": {"acc1": 0.1, "acc5": 0.5}, "cifar10": {"acc1": 0.3}})
+    store.put_run(run_row("b"), metrics={"digits": {"acc1": 0.2, "acc5": float("nan")}})
+    store.put_run(run_row("a"), metrics={"digits": {"acc1": 0.15}})  # replaces digits, keeps cifar10
+    store.set_status("b", "done")  # a write without metrics leaves them
+    index, table = indexed_values(store)
+    assert index.keys() == table.keys() and len(index) == 4
+    assert all(index[k] == table[k] or math.isnan(index[k]) and math.isnan(table[k]) for k in index)
+    assert index[("a", value_key("digits", "acc1"))] == 0.15 and ("a", value_key("digits", "acc5")) not in index
+    assert leaderboard(store, "top1", "digits").set_index("method").loc["baseline", "top1"] == pytest.approx(0.175)
+    with store.transaction() as connection:
+        connection.exec_driver_sql("delete from runs where id = 'a'")
+    assert {run for run, _ in indexed_values(store)[0]} == {"b"}  # gone with its run
 
 
 def test_writes_are_idempotent_and_metrics_replace(store_url):
@@ -198,6 +225,8 @@ def test_a_store_written_by_an_earlier_clipkd_is_upgraded_in_place(store_url, ve
     assert run["name"] == f"written by schema {version}" and run["train_seconds"] == 12.5
     assert run["device_hours"] is None and run["gflops_image"] is None  # columns added empty
     assert store.metrics(f"old-run-{version}") == {"digits": {"acc1": 0.5, "text_retrieval_recall@1": 0.25}}
+    index, table = indexed_values(store)
+    assert index == table and len(index) == 2  # the values index built from the metrics already stored
     store.register_grid("g", {f"old-run-{version}": "g/a"})
     store.put_run(run_row("new"), items={"digits": {"acc1": np.array([True, False, True])}})
     assert list(store.items(["new"], "digits", "acc1")["new"]) == [True, False, True]
