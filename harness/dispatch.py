@@ -257,6 +257,15 @@ def _queued(cell: Cell, grid: Grid) -> dict[str, Any]:
     return {**run_record(cell.config, grid=grid.name), "status": "queued", "error": None}
 
 
+def cell_threads(side_by_side: int) -> int:
+    """Threads for each of ``side_by_side`` local cells: the cores this process may use (its affinity: inside a
+    SLURM allocation or under taskset, not the machine's count) shared between them, a lone teacher getting them
+    all; an OMP_NUM_THREADS the user set is taken as the threads each process should have."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, len(os.sched_getaffinity(0)) // max(1, side_by_side))
+
+
 def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
               report: Callable[[str], None] = print) -> None:
     """Run cells on this machine, ``spec.max_parallel`` at a time; a stage starts once the one before is done."""
@@ -266,8 +275,7 @@ def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
     for stage in sorted({c.stage for c in cells}):
         queue = [c for c in cells if c.stage == stage]
         running: dict[Any, Cell] = {}
-        # share the cores between the cells that run side by side (a lone teacher gets them all)
-        threads = max(1, (os.cpu_count() or 1) // max(1, min(spec.max_parallel, len(queue))))
+        threads = cell_threads(min(spec.max_parallel, len(queue)))
         try:
             while queue or running:
                 while queue and len(running) < spec.max_parallel:

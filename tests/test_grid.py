@@ -285,3 +285,16 @@ def test_rules_match_any_of_a_list(workdir):
     assert per_method["baseline"] == per_method["crd+fd+icl"] == {0, 1, 2, 3}
     assert all(seeds == {0, 1} for method, seeds in per_method.items() if method not in ("baseline", "crd+fd+icl"))
     assert len(runs) == 2 * 4 + 6 * 2
+
+
+def test_local_cells_share_the_cores_this_process_may_use(monkeypatch):
+    """Inside a SLURM allocation or under taskset a process may use fewer cores than the machine has: the local
+    executor shares those (a 128-core node's count would give each of two cells 64 threads on 8 allowed cores)."""
+    from harness.dispatch import cell_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [cell_threads(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice per process
+    assert cell_threads(2) == 3
