@@ -93,33 +93,38 @@ def test_webdataset_shards_train(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 7))  # 96 samples / 32 per batch x 2 epochs
 
 
-def _shard_epoch(rank: int, shards: str, index_root: str, workers: int, start_step: int, out: str) -> None:
-    """Rank ``rank`` of 2: the sample ids of each step of epoch 1 from ``start_step``, and the images it decoded."""
+def _shard_epochs(rank: int, shards: str, index_root: str, runs: list[tuple[int, int]], out: str) -> None:
+    """Rank ``rank`` of 2, for each (loader workers, first step) of ``runs``: the sample ids of each step of epoch 1
+    from that step, and the images it decoded (one process for all: a process's start is most of the time)."""
     from harness.config import DataSpec
     from harness.data import build_source, build_train_data
     from harness.data.views import Augmentation
     from harness.models import create_clip
 
     torch.set_num_threads(1)
-    spec = DataSpec(dataset="webdataset", path=shards, num_samples=160, workers=workers, shuffle_window=24)
-    source = build_source(spec, "clipkd-tiny", create_clip("clipkd-tiny").tokenizer, Augmentation("random", 5),
-                          Path(index_root))
-    data = build_train_data(spec, source, batch_size=16, seed=5, rank=rank, world_size=2)
-    steps = [(batch.samples.tolist(), batch.decoded) for batch in data.loader_for(1, start_step)]
-    Path(out).write_text(json.dumps(steps))
+    epochs = []
+    for workers, start_step in runs:
+        spec = DataSpec(dataset="webdataset", path=shards, num_samples=160, workers=workers, shuffle_window=24)
+        source = build_source(spec, "clipkd-tiny", create_clip("clipkd-tiny").tokenizer, Augmentation("random", 5),
+                              Path(index_root))
+        data = build_train_data(spec, source, batch_size=16, seed=5, rank=rank, world_size=2)
+        epochs.append([(batch.samples.tolist(), batch.decoded) for batch in data.loader_for(1, start_step)])
+    Path(out).write_text(json.dumps(epochs))
 
 
-def _epoch_of_two_ranks(tmp_path: Path, shards: str, workers: int, start_step: int = 0) -> list[list]:
+def _epochs_of_two_ranks(tmp_path: Path, shards: str, runs: list[tuple[int, int]]) -> list[list[list]]:
+    """Per run of ``runs``, each rank's steps."""
     context = mp.get_context("spawn")
-    outputs = [tmp_path / f"rank{rank}-{workers}-{start_step}.json" for rank in range(2)]
-    ranks = [context.Process(target=_shard_epoch, args=(rank, shards, str(tmp_path), workers, start_step, str(out)))
+    outputs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    ranks = [context.Process(target=_shard_epochs, args=(rank, shards, str(tmp_path), runs, str(out)))
              for rank, out in enumerate(outputs)]
     for process in ranks:
         process.start()
     for process in ranks:
         process.join(timeout=300)
         assert process.exitcode == 0
-    return [json.loads(out.read_text()) for out in outputs]
+    per_rank = [json.loads(out.read_text()) for out in outputs]
+    return [[epochs[i] for epochs in per_rank] for i in range(len(runs))]
 
 
 def test_a_webdataset_epoch_decodes_every_sample_once_across_ranks_and_workers(tmp_path):
@@ -127,17 +132,15 @@ def test_a_webdataset_epoch_decodes_every_sample_once_across_ranks_and_workers(t
     is read once and decoded once; a resumed epoch is the tail of the uninterrupted one, decoding nothing before
     it; the loader workers never change which sample a step takes."""
     shards = write_shards(tmp_path / "shards", [50, 30, 70, 20])  # 170 samples; the epoch takes 160
-    ranks = _epoch_of_two_ranks(tmp_path, shards, workers=2)
+    ranks, resumed, without_workers = _epochs_of_two_ranks(tmp_path, shards, [(2, 0), (2, 4), (0, 0)])
     assert [len(steps) for steps in ranks] == [10, 10]  # 160 samples / global batch 16 = 10 steps per rank
     seen = [sample for steps in ranks for ids, _ in steps for sample in ids]
     assert len(seen) == len(set(seen)) == 160
     assert sum(decoded for steps in ranks for _, decoded in steps) == 160  # decoded ÷ epoch = 1.00
     shard_of = {sample >> 32 for sample in seen}
     assert shard_of == {0, 1, 2, 3}
-
-    resumed = _epoch_of_two_ranks(tmp_path, shards, workers=2, start_step=4)
     assert [steps[4:] for steps in ranks] == resumed  # the same samples, and only those decoded
-    assert _epoch_of_two_ranks(tmp_path, shards, workers=0) == ranks  # workers split shards, not the order
+    assert without_workers == ranks  # workers split shards, not the order
 
 
 def test_a_webdataset_asking_for_more_samples_than_it_has_is_one_message(tmp_path):
