@@ -125,3 +125,28 @@ def test_more_micro_batches_than_samples_is_refused_before_training(tmp_path):
                                             r"samples per step \(train.batch_size 8 over 1 processes\): use at most 8"):
         train(config)
     assert not list(tmp_path.rglob("train_log.jsonl"))
+
+
+def test_batchnorm_running_statistics_count_each_micro_batch_once():
+    """The second pass re-embeds every micro-batch for its gradients; BatchNorm's running mean, variance and count
+    are those of the first pass alone (each micro-batch once), not of both passes."""
+    from harness.accumulation import accumulated_step, micro_batches
+    from harness.data import Batch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4, momentum=0.3)).double()
+    once = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4, momentum=0.3)).double()
+    once.load_state_dict(model.state_dict())
+    batch = Batch(images=torch.randn(12, 6, dtype=torch.float64), texts=torch.zeros(12, 3, dtype=torch.long),
+                  samples=torch.arange(12))
+    embed = lambda part, noise: (model(part.images), None)  # noqa: E731
+    accumulated_step(model, embed, batch, None, 3, lambda whole, leaves: {"loss": leaves[0].square().mean()},
+                     lambda terms: terms["loss"].backward())
+    with torch.no_grad():
+        for part, _ in micro_batches(batch, None, 3):  # the first pass alone, each micro-batch once
+            once(part.images)
+    norm, expected = model[1], once[1]
+    assert int(norm.num_batches_tracked) == int(expected.num_batches_tracked) == 3
+    torch.testing.assert_close(norm.running_mean, expected.running_mean, rtol=0, atol=1e-15)
+    torch.testing.assert_close(norm.running_var, expected.running_var, rtol=0, atol=1e-15)
+    assert model[0].weight.grad is not None  # the second pass did run, back-propagating the cached gradients
