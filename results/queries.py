@@ -69,13 +69,16 @@ def per_seed(store: Store, metrics: list[str], benchmark=None, teacher=None, stu
                         .join(RunValues, RunValues.run_id == Run.id).where(*runs))
     # every run's values in one read (results/store.py, RunValues); those asked for found by their keys
     wanted = {value_key(b, m): (i, j) for i, b in enumerate(benchmarks) for j, m in enumerate(metrics)}
+    empty = pd.DataFrame(columns=["benchmark", "metric", "value", *run_columns])
+    if not wanted:
+        return empty
     keys = np.array(sorted(wanted), dtype=np.int64)
     records = np.frombuffer(b"".join(row[-1] for row in rows), dtype=VALUE_RECORD)
     run_of = np.repeat(np.arange(len(rows)), [len(row[-1]) // VALUE_RECORD.itemsize for row in rows])
-    found = np.minimum(np.searchsorted(keys, records["key"]), max(len(keys) - 1, 0))
-    taken = (keys[found] == records["key"]) if len(keys) else np.zeros(len(records), dtype=bool)
+    found = np.searchsorted(keys, records["key"]).clip(max=len(keys) - 1)
+    taken = keys[found] == records["key"]
     if not taken.any():
-        return pd.DataFrame(columns=["benchmark", "metric", "value", *run_columns])
+        return empty
     codes = np.array([wanted[k] for k in keys.tolist()], dtype=np.int64).reshape(-1, 2)[found[taken]]
     runs_table = _frame([row[:-1] for row in rows], run_columns)
     position = run_of[taken]
