@@ -551,8 +551,9 @@ class Trainer:
                     if self.step >= self.total_steps:
                         break
         vote.close()
-        self.save(checkpoint.LATEST)
         self.save(checkpoint.FINAL)
+        if self.env.is_main:  # the finished run is never resumed: a second copy of its state would only fill the disk
+            (self.run_dir / "checkpoints" / checkpoint.LATEST).unlink(missing_ok=True)
         self.event("finish")
         if self.env.distributed:  # every rank evaluates from the final checkpoint rank 0 has just written
             torch.distributed.barrier()
