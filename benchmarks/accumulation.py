@@ -68,7 +68,7 @@ def measure(args, accum: int) -> dict:
             "train": {"batch_size": args.batch, "steps": 100, "precision": args.precision, "accum_freq": accum},
         })
         trainer = Trainer(config, DistEnv(), device)
-        batch = next(iter(trainer.data.loader_for(0, 0))).to(device, trainer.dtype)
+        batch = next(iter(trainer.data.epoch_batches(0, 0))).to(device, trainer.dtype)
         trainer.train_step(batch)  # warm-up: AdamW's state
         peaks, seconds = [], []
         for _ in range(args.steps):

@@ -41,7 +41,7 @@ def config(folder: Path, teacher: Path, storage: str, views: int):
 def loss_terms(trainer: Trainer, batches: int) -> list[dict[str, float]]:
     terms = []
     with torch.no_grad():
-        for batch, _ in zip(trainer.data.loader_for(0, 0), range(batches)):
+        for batch, _ in zip(trainer.data.epoch_batches(0, 0), range(batches)):
             values = compute_losses(trainer.student.model, trainer.teacher, trainer.objective, batch)
             terms.append({name: float(value) for name, value in values.items()})
     return terms

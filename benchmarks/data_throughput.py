@@ -91,7 +91,7 @@ def _clipkd_epoch(rank: int, port: int, args, pattern: str, index_root: str, out
     data = build_train_data(spec, source, 2 * args.batch, seed=0, rank=rank, world_size=2)
     torch.distributed.barrier()
     started, images, decoded = time.perf_counter(), 0, 0
-    for batch in data.loader_for(0, 0):
+    for batch in data.epoch_batches(0, 0):
         images, decoded = images + len(batch), decoded + batch.decoded
     Path(out).write_text(json.dumps({"seconds": time.perf_counter() - started, "images": images, "decoded": decoded}))
 
@@ -223,7 +223,7 @@ def in_memory_share(steps: int, dataset: str = "fashion-mnist") -> dict:
                                "data": {"dataset": dataset}, "optim": {"warmup_steps": 50},
                                "train": {"batch_size": 128, "steps": steps}})
         trainer = Trainer(config, DistEnv(), torch.device("cpu"))
-        loader, steps_ms, load_ms = iter(trainer.data.loader_for(0, 0)), [], []
+        loader, steps_ms, load_ms = iter(trainer.data.epoch_batches(0, 0)), [], []
         for _ in range(steps):
             started = time.perf_counter()
             batch = next(loader)

@@ -229,7 +229,7 @@ def part_step(scale: Scale, folder: Path, teacher_file: Path, report: Report) ->
         name = mode or "no-KD"
         config = clipkd_config(scale, folder, teacher_file, mode, data, scale.warmup + scale.steps, f"step-{name}")
         trainer = Trainer(config, DistEnv(device=scale.device), scale.device)  # a cached one builds its cache here
-        loader = trainer.data.loader_for(0, 0)
+        loader = trainer.data.epoch_batches(0, 0)
         batches = [b.to(scale.device, trainer.dtype) for b in itertools.islice(loader, 4)]
         seconds, notes = timed_steps(trainer.train_step, batches, scale)
         rates[f"clipkd {name}"] = scale.batch / seconds

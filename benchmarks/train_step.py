@@ -50,7 +50,7 @@ def config(args, output_dir: Path, teacher_file: Path | None, embeddings: str | 
 def epochs(trainer: Trainer):
     """The run's batches (with the cached teacher's rows, for a cached run), epoch after epoch, on its device."""
     for epoch in itertools.count():
-        for batch in trainer.data.loader_for(epoch, 0):
+        for batch in trainer.data.epoch_batches(epoch, 0):
             yield batch.to(trainer.device, trainer.dtype)
 
 

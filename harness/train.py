@@ -509,7 +509,6 @@ class Trainer:
         each accuracy during training ("eval", as ``zero-shot acc1 (BENCHMARK)``)."""
         cfg = self.config
         observe = observe if self.env.is_main and observe is not None else (lambda kind, record: None)
-        spe = self.data.steps_per_epoch
         show_progress = self.env.is_main and sys.stderr.isatty()
         evaluate = self._progress()
         samples_per_step = cfg.train.batch_size
@@ -520,36 +519,32 @@ class Trainer:
         ) as progress:
             if evaluate is not None and self.step == 0:
                 observe("eval", {"step": 0, evaluate.term: evaluate(0, 0)})
-            while self.step < self.total_steps:
-                epoch, start_batch = divmod(self.step, spe)
-                for batch in self.data.loader_for(epoch, start_batch):
-                    bad.add(batch.bad)  # raises under data.bad_samples: error, or past data.max_bad_fraction
-                    lr, values = self.train_step(batch.to(self.device, self.dtype))
-                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        self.watch.check(self.run_dir / "checkpoints")
-                        record = {"step": self.step, "lr": lr, **dict(zip(self.term_names, values.tolist())),
-                                  "logit_scale": float(self.student.model.logit_scale.detach().exp())}
-                        # the mean step over the interval since the last record, the loader's waits included
-                        record["seconds"] = round((time.perf_counter() - logged[1]) / (self.step - logged[0]), 4)
-                        logged = (self.step, time.perf_counter())
-                        if log is not None:
-                            log.write(json.dumps(record) + "\n")
-                            log.flush()
-                        progress.set_postfix(loss=f"{record['loss']:.4f}")
-                        observe("train", {**record, "total_steps": self.total_steps})
-                    progress.update(1)
-                    if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
-                        observe("eval", {"step": self.step, evaluate.term: evaluate(self.step, self.step * samples_per_step)})
-                    if self.step % cfg.train.checkpoint_every == 0:
-                        self.save(checkpoint.LATEST)
-                    if vote(signals.received is not None):
-                        vote.close()
-                        stopped_by = signal.Signals(signals.received or signal.SIGTERM)
-                        self.save(checkpoint.LATEST)
-                        self.event("stop", signal=stopped_by.name)
-                        raise TrainingInterrupted(self.step, stopped_by)
-                    if self.step >= self.total_steps:
-                        break
+            for batch in self.data.batches(self.step, self.total_steps):  # one loader for the whole run
+                bad.add(batch.bad)  # raises under data.bad_samples: error, or past data.max_bad_fraction
+                lr, values = self.train_step(batch.to(self.device, self.dtype))
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self.watch.check(self.run_dir / "checkpoints")
+                    record = {"step": self.step, "lr": lr, **dict(zip(self.term_names, values.tolist())),
+                              "logit_scale": float(self.student.model.logit_scale.detach().exp())}
+                    # the mean step over the interval since the last record, the loader's waits included
+                    record["seconds"] = round((time.perf_counter() - logged[1]) / (self.step - logged[0]), 4)
+                    logged = (self.step, time.perf_counter())
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    observe("train", {**record, "total_steps": self.total_steps})
+                progress.update(1)
+                if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
+                    observe("eval", {"step": self.step, evaluate.term: evaluate(self.step, self.step * samples_per_step)})
+                if self.step % cfg.train.checkpoint_every == 0:
+                    self.save(checkpoint.LATEST)
+                if vote(signals.received is not None):
+                    vote.close()
+                    stopped_by = signal.Signals(signals.received or signal.SIGTERM)
+                    self.save(checkpoint.LATEST)
+                    self.event("stop", signal=stopped_by.name)
+                    raise TrainingInterrupted(self.step, stopped_by)
         vote.close()
         self.save(checkpoint.FINAL)
         if self.env.is_main:  # the finished run is never resumed: a second copy of its state would only fill the disk

@@ -123,7 +123,7 @@ def test_skip_replaces_each_bad_sample_logs_it_once_and_trains(tmp_path, teacher
 def batches(config_dict: dict, workers: int) -> list:
     config = parse_config({**config_dict, "data": {**config_dict["data"], "workers": workers}})
     trainer = Trainer(config, DistEnv(), CPU)
-    return [(b.samples.tolist(), b.images.clone(), [e["sample"] for e in b.bad]) for b in trainer.data.loader_for(0, 0)]
+    return [(b.samples.tolist(), b.images.clone(), [e["sample"] for e in b.bad]) for b in trainer.data.epoch_batches(0, 0)]
 
 
 @pytest.mark.parametrize("kind", ["shards", "csv"])
@@ -171,7 +171,7 @@ def test_cached_teacher_replaces_bad_samples_as_the_live_one(tmp_path, teacher_c
         if like is not None:
             trainer.student.model.load_state_dict(like.student.model.state_dict())
             trainer.objective.load_state_dict(like.objective.state_dict())
-        batch = next(iter(trainer.data.loader_for(0, 0)))
+        batch = next(iter(trainer.data.epoch_batches(0, 0)))
         assert len(batch.bad) == 4
         terms = compute_losses(trainer.student.model, trainer.teacher, trainer.objective, batch.to(CPU, trainer.dtype))
         return terms, trainer, config
@@ -188,7 +188,7 @@ def _stop_step(resolved: dict, sample_key: str) -> int:
     """The step of epoch 0 whose block holds the given shard key (the loader's own plan)."""
     config = parse_config(resolved)
     trainer = Trainer(config, DistEnv(), CPU)
-    for step, batch in enumerate(trainer.data.loader_for(0, 0), start=1):
+    for step, batch in enumerate(trainer.data.epoch_batches(0, 0), start=1):
         if any(e["where"].endswith(f"key {sample_key}") for e in batch.bad):
             return step
     raise AssertionError("not met")
@@ -278,7 +278,7 @@ def test_known_bad_samples_are_not_decoded_again(tmp_path, teacher_checkpoint):
     run_clipkd("data", "check", str(config_file), cwd=tmp_path)
     epoch = batches(resolved, 0)
     trainer = Trainer(parse_config(resolved), DistEnv(), CPU)
-    decoded = sum(b.decoded for b in trainer.data.loader_for(0, 0))
+    decoded = sum(b.decoded for b in trainer.data.epoch_batches(0, 0))
     assert decoded == sum(len(ids) for ids, _, _ in epoch) == 36 and any(bad for _, _, bad in epoch)
 
 

@@ -83,19 +83,36 @@ def test_csv_format_trains(tmp_path):
     assert len((run_dir / "train_log.jsonl").read_text().splitlines()) == 4
 
 
-def test_webdataset_shards_train(tmp_path):
+def test_webdataset_shards_train_with_one_loader_for_every_epoch(tmp_path, monkeypatch):
+    """Two epochs of shards with two loader workers: the workers start once for the run (one loader, iterated
+    once) and read on into the second epoch, instead of starting again, and waiting, at each epoch's start."""
+    import yaml
+
+    import harness.data
+    from harness.config import parse_config
+    from harness.train import train
+
+    started = []
+
+    class CountedLoader(harness.data.DataLoader):
+        def __iter__(self):
+            started.append(self.num_workers)
+            return super().__iter__()
+
+    monkeypatch.setattr(harness.data, "DataLoader", CountedLoader)
     shards = write_shards(tmp_path, [48, 48])
-    config = write_config(tmp_path, "wds", data={"dataset": "webdataset", "path": shards, "num_samples": 96},
+    config = write_config(tmp_path, "wds", data={"dataset": "webdataset", "path": shards, "num_samples": 96, "workers": 2},
                           train={"batch_size": 32, "epochs": 2, "steps": None, "checkpoint_every": 2})
-    run_clipkd("train", str(config), cwd=tmp_path)
-    (run_dir,) = (p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
+    run_dir = train(parse_config(yaml.safe_load(config.read_text())))
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))  # 96 samples / 32 per batch x 2 epochs
+    assert started == [2]
 
 
 def _shard_epochs(rank: int, shards: str, index_root: str, runs: list[tuple[int, int]], out: str) -> None:
-    """Rank ``rank`` of 2, for each (loader workers, first step) of ``runs``: the sample ids of each step of epoch 1
-    from that step, and the images it decoded (one process for all: a process's start is most of the time)."""
+    """Rank ``rank`` of 2, for each (loader workers, first step) of ``runs``: the sample ids of each step from that
+    step of the run to the end of its epoch 1 (10 steps an epoch), and the images it decoded (one process for all:
+    a process's start is most of the time)."""
     from harness.config import DataSpec
     from harness.data import build_source, build_train_data
     from harness.data.views import Augmentation
@@ -108,7 +125,7 @@ def _shard_epochs(rank: int, shards: str, index_root: str, runs: list[tuple[int,
         source = build_source(spec, "clipkd-tiny", create_clip("clipkd-tiny").tokenizer, Augmentation("random", 5),
                               Path(index_root))
         data = build_train_data(spec, source, batch_size=16, seed=5, rank=rank, world_size=2)
-        epochs.append([(batch.samples.tolist(), batch.decoded) for batch in data.loader_for(1, start_step)])
+        epochs.append([(batch.samples.tolist(), batch.decoded) for batch in data.batches(start_step, 20)])
     Path(out).write_text(json.dumps(epochs))
 
 
@@ -130,9 +147,11 @@ def _epochs_of_two_ranks(tmp_path: Path, shards: str, runs: list[tuple[int, int]
 def test_a_webdataset_epoch_decodes_every_sample_once_across_ranks_and_workers(tmp_path):
     """Two processes (ranks of a world of 2), two loader workers each, on uneven shards: every sample of the epoch
     is read once and decoded once; a resumed epoch is the tail of the uninterrupted one, decoding nothing before
-    it; the loader workers never change which sample a step takes."""
+    it; the loader workers never change which sample a step takes, nor does one loader that runs on from the
+    middle of the epoch before (its workers alive across the boundary, 15 steps for 2 of them)."""
     shards = write_shards(tmp_path / "shards", [50, 30, 70, 20])  # 170 samples; the epoch takes 160
-    ranks, resumed, without_workers = _epochs_of_two_ranks(tmp_path, shards, [(2, 0), (2, 4), (0, 0)])
+    ranks, resumed, without_workers, across, across_without_workers = _epochs_of_two_ranks(
+        tmp_path, shards, [(2, 10), (2, 14), (0, 10), (2, 5), (0, 5)])
     assert [len(steps) for steps in ranks] == [10, 10]  # 160 samples / global batch 16 = 10 steps per rank
     seen = [sample for steps in ranks for ids, _ in steps for sample in ids]
     assert len(seen) == len(set(seen)) == 160
@@ -141,6 +160,8 @@ def test_a_webdataset_epoch_decodes_every_sample_once_across_ranks_and_workers(t
     assert shard_of == {0, 1, 2, 3}
     assert [steps[4:] for steps in ranks] == resumed  # the same samples, and only those decoded
     assert without_workers == ranks  # workers split shards, not the order
+    assert [steps[5:] for steps in across] == ranks and across == across_without_workers
+    assert all(steps[:5] != epoch[5:] for steps, epoch in zip(across, ranks))  # epoch 0's steps 5-9: its own order
 
 
 def test_a_webdataset_asking_for_more_samples_than_it_has_is_one_message(tmp_path):

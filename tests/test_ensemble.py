@@ -82,7 +82,7 @@ def test_cached_ensemble_equals_live_ensemble_and_plugins_see_the_first(tmp_path
         trainer = Trainer(config, DistEnv(), CPU)
         if like is not None:
             trainer.student.model.load_state_dict(like.student.model.state_dict())
-        batch = next(iter(trainer.data.loader_for(0, 0))).to(CPU)
+        batch = next(iter(trainer.data.epoch_batches(0, 0))).to(CPU)
         with torch.no_grad():
             return {k: float(v) for k, v in compute_losses(trainer.student.model, trainer.teacher, trainer.objective,
                                                             batch).items()}, trainer

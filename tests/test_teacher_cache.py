@@ -60,7 +60,7 @@ def first_step(config, like: Trainer | None = None, epoch: int = 0) -> tuple[dic
     if like is not None:
         trainer.student.model.load_state_dict(like.student.model.state_dict())
         trainer.objective.load_state_dict(like.objective.state_dict())
-    batch = next(iter(trainer.data.loader_for(epoch, 0))).to(CPU, trainer.dtype)
+    batch = next(iter(trainer.data.epoch_batches(epoch, 0))).to(CPU, trainer.dtype)
     with autocast(CPU, config.train.precision):  # as the training step
         terms = compute_losses(trainer.student.model, trainer.teacher, trainer.objective, batch)
     trainer.objective.total(terms).backward()

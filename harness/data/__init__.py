@@ -1,7 +1,8 @@
 """Training data: the built-in sets in memory, open_clip's CSV/TSV format, and webdataset shards.
 
 Each source renders the batch of given samples in given views (``views.py``: a crop box replayable from the
-sample's id); a loader picks the samples of each step. A run's batches are a function of its seed and world size
+sample's id); a loader picks the samples of each step, one loader for the whole run (its workers start once and
+read on across epoch boundaries). A run's batches are a function of its seed and world size
 alone, not of its loader workers, so ``data.workers`` stays out of the run id, and a resumed run sees the batches
 an uninterrupted one would have.
 
@@ -26,7 +27,7 @@ from harness.data.batch import Batch
 from harness.data.builtin import BUILTIN_DATASETS, load_builtin
 from harness.data.mapstyle import BlockReader, CaptionTable, CsvSource, RankBlocks
 from harness.data.memory import InMemoryLoader, InMemorySource
-from harness.data.shards import INDEX_DIR, EpochPlan, ShardEpoch, ShardIndex, ShardSource, expand_shards
+from harness.data.shards import INDEX_DIR, EpochPlan, ShardIndex, ShardSource, ShardSteps, expand_shards
 from harness.data.views import Augmentation, ViewSpec
 
 __all__ = ["BUILTIN_DATASETS", "Batch", "TrainData", "build_source", "build_train_data", "default_workers"]
@@ -51,15 +52,20 @@ def workers(configured: int | None) -> int:
 
 @dataclass
 class TrainData:
-    """Knows the epoch length and makes the batches of one epoch from a given step on."""
+    """Knows the epoch length and makes the batches of the steps from ``start`` to ``stop``, counted across epochs:
+    ``batches(start, stop)``, one loader whose workers start once for the whole run, not once an epoch."""
 
     num_samples: int
     batch_size: int
-    loader_for: Callable[[int, int], Iterable[Batch]]
+    batches: Callable[[int, int], Iterable[Batch]]
 
     @property
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.batch_size
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterable[Batch]:
+        """The batches of epoch ``epoch`` from its step ``start_step`` on."""
+        return self.batches(epoch * self.steps_per_epoch + start_step, (epoch + 1) * self.steps_per_epoch)
 
 
 def build_source(spec, student_model: str, tokenizer: Callable, augmentation: Augmentation, index_root: Path):
@@ -98,10 +104,10 @@ def build_train_data(spec, source, batch_size: int, seed: int, rank: int, world_
         if steps == 0:
             raise ValueError(f"data.num_samples {spec.num_samples} is less than one batch of {batch_size}")
 
-        def shard_loader(epoch: int, start_step: int) -> DataLoader:
-            plan = EpochPlan(source.index.counts, seed, epoch, batch_size, world_size, steps, spec.shuffle_window)
-            return DataLoader(ShardEpoch(source, plan, rank, start_step, teacher_rows), batch_size=None,
-                              num_workers=min(loader_workers, max(1, steps - start_step)), pin_memory=pin_memory)
+        def shard_loader(start: int, stop: int) -> DataLoader:
+            plan = EpochPlan(source.index.counts, seed, 0, batch_size, world_size, steps, spec.shuffle_window)
+            return DataLoader(ShardSteps(source, plan, rank, start, stop, teacher_rows), batch_size=None,
+                              num_workers=min(loader_workers, max(1, stop - start)), pin_memory=pin_memory)
 
         return TrainData(spec.num_samples, batch_size, shard_loader)
 
@@ -109,11 +115,11 @@ def build_train_data(spec, source, batch_size: int, seed: int, rank: int, world_
         raise ValueError(f"train.batch_size {batch_size} exceeds the {len(source)} training samples of {spec.dataset!r}")
     if isinstance(source, InMemorySource):
         loader = InMemoryLoader(source, batch_size, seed, rank, world_size, teacher_rows)
-        return TrainData(len(source), batch_size, loader.epoch)
+        return TrainData(len(source), batch_size, loader.steps)
     reader = BlockReader(source, teacher_rows)
 
-    def csv_loader(epoch: int, start_step: int) -> DataLoader:
-        blocks = RankBlocks(len(source), batch_size, seed, epoch, rank, world_size, start_step)
+    def csv_loader(start: int, stop: int) -> DataLoader:
+        blocks = RankBlocks(len(source), batch_size, seed, rank, world_size, start, stop)
         return DataLoader(reader, sampler=blocks, batch_size=None, num_workers=loader_workers, pin_memory=pin_memory)
 
     return TrainData(len(source), batch_size, csv_loader)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from harness.data.bad import open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
-from harness.data.memory import epoch_order
+from harness.data.memory import rank_blocks
 from harness.data.views import Augmentation, ViewSpec
 
 
@@ -96,19 +96,16 @@ class BlockReader(Dataset):
 
 
 class RankBlocks(Sampler):
-    """This rank's block of every global batch of one epoch, from ``start_step`` on."""
+    """This rank's block of every global batch from step ``start`` to ``stop`` of the run (``memory.rank_blocks``)."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
-                 start_step: int = 0):
-        self.num_samples, self.batch_size, self.seed, self.epoch = num_samples, batch_size, seed, epoch
-        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int, start: int, stop: int):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.start, self.stop = rank, world_size, start, stop
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size - self.start_step
+        return self.stop - self.start
 
     def __iter__(self):
-        order = epoch_order(self.num_samples, self.seed, self.epoch)
-        block = self.batch_size // self.world_size
-        for step in range(self.start_step, self.num_samples // self.batch_size):
-            start = step * self.batch_size + self.rank * block
-            yield EpochKey(self.epoch, order[start: start + block].numpy())
+        for epoch, samples in rank_blocks(self.num_samples, self.batch_size, self.seed, self.rank, self.world_size,
+                                          self.start, self.stop):
+            yield EpochKey(epoch, samples)

@@ -23,6 +23,20 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
+def rank_blocks(num_samples: int, batch_size: int, seed: int, rank: int, world_size: int, start: int,
+                stop: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, sample ids) of this rank's block of each global batch from step ``start`` to ``stop`` of the run,
+    steps counted across epochs (step g is step g mod steps-per-epoch of epoch g div steps-per-epoch)."""
+    steps, block = num_samples // batch_size, batch_size // world_size
+    order_of = None
+    for step in range(start, stop):
+        epoch, within = divmod(step, steps)
+        if order_of is None or order_of[0] != epoch:
+            order_of = epoch, epoch_order(num_samples, seed, epoch).numpy()
+        first = within * batch_size + rank * block
+        yield epoch, order_of[1][first: first + block]
+
+
 def tokenize_once(captions: list[str], tokenizer: Callable) -> torch.Tensor:
     """Every caption's tokens, each distinct caption tokenised once (built-in captions repeat a lot)."""
     distinct, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
@@ -55,7 +69,7 @@ class InMemorySource:
 
 @dataclass
 class InMemoryLoader:
-    """One rank's blocks of an epoch, made in this process (a batch costs ~1 ms: no loader worker is needed)."""
+    """One rank's blocks, made in this process (a batch costs ~1 ms: no loader worker is needed)."""
 
     source: InMemorySource
     batch_size: int
@@ -64,9 +78,7 @@ class InMemoryLoader:
     world_size: int
     teacher_rows: object | None = None  # a teacher_cache reader of the cached teacher's rows
 
-    def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        order = epoch_order(len(self.source), self.seed, epoch).numpy()
-        block = self.batch_size // self.world_size
-        for step in range(start_step, len(self.source) // self.batch_size):
-            start = step * self.batch_size + self.rank * block
-            yield make_block(self.source, self.teacher_rows, epoch, order[start: start + block])
+    def steps(self, start: int, stop: int) -> Iterator[Batch]:
+        for epoch, samples in rank_blocks(len(self.source), self.batch_size, self.seed, self.rank, self.world_size,
+                                          start, stop):
+            yield make_block(self.source, self.teacher_rows, epoch, samples)

@@ -23,6 +23,7 @@ cannot do.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -293,17 +294,24 @@ class ShardSource:
         return f"{self.index.shards[shard]} key {self.index.entries(shard)['keys'][position]}"
 
 
-class ShardEpoch(IterableDataset):
-    """One rank's steps of one epoch from ``start_step`` on; in loader worker j of W, steps start+j, start+j+W, …"""
+class ShardSteps(IterableDataset):
+    """One rank's steps ``start`` … ``stop`` - 1 of the run, counted across epochs (step g is step g mod
+    ``plan.steps`` of epoch g div ``plan.steps``; ``plan`` is any epoch's, each step takes its own epoch). In loader
+    worker j of W, steps start+j, start+j+W, …: the DataLoader hands the workers' outputs on in turn, so the steps
+    arrive in order, and one loader serves the whole run, its workers reading the next epoch's first batches while
+    the last of this one train."""
 
-    def __init__(self, source: ShardSource, plan: EpochPlan, rank: int, start_step: int, teacher_rows=None):
-        self.source, self.plan, self.rank, self.start_step, self.teacher_rows = source, plan, rank, start_step, teacher_rows
+    def __init__(self, source: ShardSource, plan: EpochPlan, rank: int, start: int, stop: int, teacher_rows=None):
+        self.source, self.plan, self.rank, self.teacher_rows = source, plan, rank, teacher_rows
+        self.start, self.stop = start, stop
 
     def __len__(self) -> int:
-        return self.plan.steps - self.start_step
+        return self.stop - self.start
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
         first, stride = (worker.id, worker.num_workers) if worker else (0, 1)
-        for step in range(self.start_step + first, self.plan.steps, stride):
-            yield make_block(self.source, self.teacher_rows, self.plan.epoch, self.plan.samples(self.rank, step))
+        for step in range(self.start + first, self.stop, stride):
+            epoch, within = divmod(step, self.plan.steps)
+            samples = dataclasses.replace(self.plan, epoch=epoch).samples(self.rank, within)
+            yield make_block(self.source, self.teacher_rows, epoch, samples)
