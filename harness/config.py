@@ -19,13 +19,13 @@ from harness.errors import ClipkdError
 
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
-# how often a run checkpoints or logs, recomputing activations in backward (tested equal), what to do with bad
+# how often a run checkpoints or logs, recomputing activations in backward or compiling the blocks (tested equal), what to do with bad
 # samples (a finished run trained on the same replacements either way), where its numbers are reported while it
 # trains. The same cell on another partition or
 # with other workers is the same run.
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
                        "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction", "train.report_to",
-                       "train.live_every_s"}
+                       "train.live_every_s", "train.compile"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -164,6 +164,9 @@ class TrainSpec(Strict):
                             "times smaller; part of the run id only for a student with BatchNorm or dropout")
     grad_checkpointing: bool = Field(False, description="recompute each tower's blocks in backward (open_clip's "
                                      "set_grad_checkpointing): less memory, the same gradients; not part of the run id")
+    compile: str | None = Field(None, description="a torch.compile backend ('inductor' on GPUs) for the student's "
+                                "repeated blocks (harness/models.py compile_repeated_blocks): the same math; not part "
+                                "of the run id")
 
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="trackers that also get the run's curves and metrics (harness/reporting.py); "
@@ -180,6 +183,17 @@ class TrainSpec(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return names
+
+    @field_validator("compile")
+    @classmethod
+    def _known_backend(cls, backend: str | None) -> str | None:
+        if backend is not None:
+            import torch._dynamo
+
+            if backend not in torch._dynamo.list_backends(exclude_tags=()):  # debug backends such as aot_eager too
+                raise ValueError(f"{backend!r} is not a torch.compile backend: use one of "
+                                 f"{', '.join(torch._dynamo.list_backends())} (or a debug backend such as aot_eager)")
+        return backend
 
     @model_validator(mode="after")
     def _duration(self) -> TrainSpec:

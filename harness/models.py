@@ -169,6 +169,24 @@ def no_random_init_notice():
         logging.getLogger().removeFilter(notice)
 
 
+def compile_repeated_blocks(model: nn.Module, backend: str) -> list[str]:
+    """Compile, in place, each block of every run of like blocks in ``model`` (a ModuleList or Sequential of two or
+    more modules of one class, outermost first: a ViT's and a text transformer's residual blocks, a timm trunk's
+    blocks, a ResNet stage's bottlenecks); returns the runs' names. This is PyTorch's regional compilation: the
+    blocks of a run share one compiled graph, so the compile costs one block's time, not the model's, and the code
+    around them (patch dropout, MFD's token mask, pooling) stays eager, free to change from step to step without a
+    recompile. In place, the weights keep their names: checkpoints read as the uncompiled model's."""
+    runs: list[str] = []
+    for name, module in model.named_modules():
+        like_blocks = isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1 \
+            and len({type(block) for block in module}) == 1
+        if like_blocks and not any(name.startswith(f"{outer}.") for outer in runs):
+            runs.append(name)
+            for block in module:
+                block.compile(backend=backend)
+    return runs
+
+
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> ClipBundle:
     name = model_name(model)

@@ -37,7 +37,7 @@ from harness.distributed import (
 )
 from harness.errors import ClipkdError
 from harness.masking import masked_image_features, patch_grid
-from harness.models import ClipBundle, autocast, create_clip, create_teacher, parameter_dtype
+from harness.models import ClipBundle, autocast, compile_repeated_blocks, create_clip, create_teacher, parameter_dtype
 from harness.processes import started_at
 from harness.teacher_cache import CachedRows
 from results.queries import PROGRESS_TERM
@@ -337,6 +337,8 @@ class Trainer:
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device, self.dtype)
         if cfg.train.grad_checkpointing:  # open_clip's: each tower's blocks recomputed in backward
             self.student.model.set_grad_checkpointing(True)
+        if cfg.train.compile is not None:
+            compile_repeated_blocks(self.student.model, cfg.train.compile)
         self.step_module = self._distributed(StepModule(self.student.model, self.objective))
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
         optim = cfg.optim

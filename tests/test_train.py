@@ -140,24 +140,44 @@ def test_the_loop_reads_no_tensor_value_between_log_steps(tmp_path, teacher_chec
     assert logged == [4, 8, 12]
 
 
-def test_gradient_checkpointing_trains_the_same_weights(tmp_path, teacher_checkpoint):
-    """train.grad_checkpointing recomputes each tower's blocks in backward instead of keeping their activations:
-    the same gradients (float64, MFD's masked pass included), so the same run."""
+def test_gradient_checkpointing_and_compiled_blocks_train_the_same_weights(tmp_path, teacher_checkpoint):
+    """train.grad_checkpointing recomputes each tower's blocks in backward instead of keeping their activations,
+    train.compile runs them as torch.compile graphs (aot_eager here: dynamo's capture and AOTAutograd's forward
+    and backward graphs, without inductor's code generation, minutes on a CPU): the same gradients (float64, MFD's
+    masked pass included), so the same run, and its checkpoint names the weights as the uncompiled model does."""
     kd = dict(teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
               distill={"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1}, data={"workers": 0},
               train={"batch_size": 64, "steps": 4, "checkpoint_every": 4, "precision": "fp64"})
-    plain = parse_config(yaml.safe_load(write_config(tmp_path, "plain", output_dir=str(tmp_path / "a"), **kd).read_text()))
-    kd["train"] = {**kd["train"], "grad_checkpointing": True}
-    recomputed = parse_config(yaml.safe_load(write_config(tmp_path, "ckpt", output_dir=str(tmp_path / "b"), **kd).read_text()))
-    assert plain.run_id == recomputed.run_id
+    configs = {}
+    for name, setting in {"plain": {}, "recomputed": {"grad_checkpointing": True}, "compiled": {"compile": "aot_eager"}}.items():
+        kd["train"] = {**kd["train"], **setting}
+        path = write_config(tmp_path, name, output_dir=str(tmp_path / name), **kd)
+        configs[name] = parse_config(yaml.safe_load(path.read_text()))
+        kd["train"] = {k: v for k, v in kd["train"].items() if k not in setting}
+    assert len({config.run_id for config in configs.values()}) == 1
+    from torch._dynamo.utils import counters
+
     from harness.distributed import DistEnv
     from harness.train import Trainer
 
-    towers = Trainer(recomputed, DistEnv(), torch.device("cpu")).student.model
+    towers = Trainer(configs["recomputed"], DistEnv(), torch.device("cpu")).student.model
     assert towers.visual.transformer.grad_checkpointing and towers.transformer.grad_checkpointing
-    a, b = (final_state(train(config))["state_dict"] for config in (plain, recomputed))
+    a, b = (final_state(train(configs[name]))["state_dict"] for name in ("plain", "recomputed"))
+    counters.clear()
+    c = final_state(train(configs["compiled"]))["state_dict"]
+    assert counters["stats"]["unique_graphs"] >= 2  # a graph per tower's blocks, at least: they did run compiled
+    assert a.keys() == b.keys() == c.keys()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-12, atol=1e-14, msg=name)
+        torch.testing.assert_close(c[name], tensor, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_compile_backend_torch_does_not_know_is_a_config_error(tmp_path):
+    path = write_config(tmp_path, "typo", train={"batch_size": 64, "steps": 4, "compile": "inductr"})
+    result = run_clipkd("train", str(path), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.compile" in result.stderr and "'inductr' is not a torch.compile backend" in result.stderr
+    assert "inductor" in result.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2], ids=["SIGINT", "SIGUSR1", "SIGUSR2"])
