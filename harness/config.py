@@ -26,6 +26,9 @@ from harness.errors import ClipkdError
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
                        "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction", "train.report_to",
                        "train.live_every_s", "train.compile"}
+# Fields added after run ids were first kept, out of the id at the value every earlier run trained with: the ids
+# of earlier runs stand, so a grid re-run after an upgrade is still a no-op.
+NEUTRAL_DEFAULTS = {"train.grad_compression": "none"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -164,6 +167,9 @@ class TrainSpec(Strict):
                             "times smaller; part of the run id only for a student with BatchNorm or dropout")
     grad_checkpointing: bool = Field(False, description="recompute each tower's blocks in backward (open_clip's "
                                      "set_grad_checkpointing): less memory, the same gradients; not part of the run id")
+    grad_compression: Literal["none", "bf16"] = Field(
+        "none", description="bf16: gradients cross between processes as bfloat16 (DDP's bf16_compress_hook), half "
+        "float32's bytes between nodes, each rounded to 8 bits of mantissa")
     compile: str | None = Field(None, description="a torch.compile backend ('inductor' on GPUs) for the student's "
                                 "repeated blocks (harness/models.py compile_repeated_blocks): the same math; not part "
                                 "of the run id")
@@ -355,7 +361,9 @@ class RunConfig(Strict):
         config file by its content, not its path."""
         from harness.models import model_identity
 
-        fields = _without(self.resolved(), NON_TRAINING_FIELDS | self._exact_accumulation())
+        resolved = self.resolved()
+        neutral = {path for path, value in NEUTRAL_DEFAULTS.items() if _at(resolved, path) == value}
+        fields = _without(resolved, NON_TRAINING_FIELDS | neutral | self._exact_accumulation())
 
         def identified(model_spec):
             if isinstance(model_spec, list):  # an ensemble of teachers
@@ -402,6 +410,13 @@ class RunConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_id
+
+
+def _at(data: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path (``train.log_every``) of ``data``."""
+    for key in path.split("."):
+        data = data[key]
+    return data
 
 
 def _without(data: dict[str, Any], paths: set[str]) -> dict[str, Any]:

@@ -146,10 +146,25 @@ def gather_uneven(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def data_parallel(module: torch.nn.Module, device: torch.device, grad_compression: str = "none") -> torch.nn.Module:
+    """``module`` under DistributedDataParallel, its gradients all-reduced as backward runs; with
+    ``grad_compression`` "bf16" they cross as bfloat16 (torch's ``bf16_compress_hook``: half float32's bytes, for
+    the links between nodes, at 8 bits of mantissa)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    parallel = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       static_graph=True, gradient_as_bucket_view=True)
+    if grad_compression == "bf16":
+        parallel.register_comm_hook(None, bf16_compress_hook)
+    return parallel
+
+
 @torch.no_grad()
-def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+def average_gradients(parameters: list[torch.nn.Parameter], grad_compression: str = "none") -> None:
     """DistributedDataParallel's average of the ranks' gradients, for a step whose backward passes ran outside it
-    (train.accum_freq): one all-reduce per dtype of every gradient flattened, after the step's last backward."""
+    (train.accum_freq): one all-reduce per dtype of every gradient flattened, after the step's last backward;
+    with ``grad_compression`` "bf16", rounded as ``bf16_compress_hook`` rounds them (cast, divide, sum, cast back)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -158,8 +173,10 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
+        if grad_compression == "bf16":
+            flat = flat.to(torch.bfloat16)
+        flat.div_(dist.get_world_size())
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
         for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(averaged.view_as(grad))
 

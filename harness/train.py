@@ -31,6 +31,7 @@ from harness.distributed import (
     StopVote,
     average_gradients,
     broadcast_from_main,
+    data_parallel,
     gather,
     gather_with_grad,
     init_distributed,
@@ -375,10 +376,7 @@ class Trainer:
         if self.config.train.accum_freq > 1:
             broadcast_from_main(module)
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       static_graph=True, gradient_as_bucket_view=True)
+        return data_parallel(module, self.device, self.config.train.grad_compression)
 
     def _teacher(self) -> tuple[Teachers | None, int | None]:
         """The run's teachers, and the first one's embedding dim (the one methods distil into). Each cached teacher
@@ -454,7 +452,7 @@ class Trainer:
         else:
             terms = self._accumulated(batch, noise)
             loss = self.objective.total(terms)
-            average_gradients(self.parameters)
+            average_gradients(self.parameters, cfg.train.grad_compression)
         if cfg.optim.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.parameters, cfg.optim.grad_clip_norm)

@@ -14,13 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import rendezvous
-from torch.nn.parallel import DistributedDataParallel
 
 from harness.data import Batch
 from harness.data.builtin import load_builtin
 from harness.data.memory import InMemorySource
 from harness.data.views import Augmentation, ViewSpec
-from harness.distributed import init_distributed
+from harness.distributed import average_gradients, data_parallel, init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip
 from harness.train import LiveTeacher, Objective, StepModule, Teachers, mask_noise
@@ -48,16 +47,17 @@ def _setup():
     return student, (teacher, second), objective, batch.images.double(), batch.texts
 
 
-def _losses_and_grads(rank_env, images, texts):
+def _losses_and_grads(rank_env, images, texts, grad_compression: str | None = "none"):
     """One step's terms and gradients through what the trainer runs: the student and its losses as one module,
-    under DistributedDataParallel when there are ranks (it averages the gradients as backward runs)."""
+    under DistributedDataParallel when there are ranks (it averages the gradients as backward runs, compressed
+    by ``grad_compression``; None: no DDP, this rank's own gradients)."""
     student, (teacher, second), objective, _, _ = _setup()
     rows, cols = patch_grid(student.model.visual, images.shape[-1])
     noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
     batch = Batch(images, texts, torch.arange(len(images)))
     step = StepModule(student.model, objective)
-    if rank_env.distributed:
-        step = DistributedDataParallel(step, static_graph=True, gradient_as_bucket_view=True)
+    if rank_env.distributed and grad_compression is not None:
+        step = data_parallel(step, torch.device("cpu"), grad_compression)
     terms = step(batch, Teachers([LiveTeacher(teacher.model), LiveTeacher(second.model)]), noise)
     objective.total(terms).backward()
     named = [*student.model.named_parameters(), *(("loss." + n, p) for n, p in objective.named_parameters())]
@@ -145,3 +145,49 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
         for name, tensor in a[part].items():
             assert tensor.dtype in (torch.float64, torch.int64), f"{part}.{name} is {tensor.dtype}"
             torch.testing.assert_close(b[part][name], tensor, rtol=1e-9, atol=1e-11, msg=lambda m: f"{part}.{name}: {m}")
+
+
+def _compressed_worker(rank, world_size, meeting, out_dir):
+    """This rank's gradients three ways: its own (no DDP), DDP's with train.grad_compression bf16, and its own
+    averaged by average_gradients (train.accum_freq's path) with bf16; and every rank's own, gathered."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), **meeting)
+    torch.set_num_threads(1)
+    env = init_distributed()
+    _, _, _, images, texts = _setup()
+    block = GLOBAL_BATCH // world_size
+    mine = slice(rank * block, (rank + 1) * block)
+    _, own = _losses_and_grads(env, images[mine], texts[mine], grad_compression=None)
+    _, hooked = _losses_and_grads(env, images[mine], texts[mine], grad_compression="bf16")
+    accumulated = {name: torch.nn.Parameter(torch.empty_like(grad)) for name, grad in own.items()}
+    for name, parameter in accumulated.items():
+        parameter.grad = own[name].clone()
+    average_gradients(list(accumulated.values()), "bf16")
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, own)
+    torch.save({"hooked": hooked, "accumulated": {n: p.grad for n, p in accumulated.items()}, "own": everyone},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_bf16_gradient_compression_rounds_each_ranks_share_as_torchs_hook_on_both_paths(tmp_path):
+    """train.grad_compression: bf16. Under DDP (torch's bf16_compress_hook) and on the accumulation path
+    (average_gradients) every gradient element is exactly bf16(bf16(x0) / 2 + bf16(x1) / 2) of the ranks' own
+    gradients x0, x1 (two ranks: the division is exact); so not the float64 average, which it misses by bf16's
+    rounding (2⁻⁸ of the ranks' shares at most), and the two paths train the same."""
+    with rendezvous() as meeting:
+        mp.spawn(_compressed_worker, args=(2, meeting, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    own = results[0]["own"]
+    assert own[0].keys() == results[0]["hooked"].keys() == results[0]["accumulated"].keys()
+    rounded_anywhere = False
+    for name in own[0]:
+        x0, x1 = (grads[name] for grads in own)
+        expected = (x0.to(torch.bfloat16) / 2 + x1.to(torch.bfloat16) / 2).double()
+        exact = (x0 + x1) / 2
+        for rank, result in enumerate(results):
+            for path in ("hooked", "accumulated"):
+                assert result[path][name].dtype == torch.float64
+                assert torch.equal(result[path][name], expected), (rank, path, name)
+        assert ((expected - exact).abs() <= 2 ** -8 * (1 + 2 ** -8) * (x0.abs() + x1.abs()) + 1e-37).all(), name
+        rounded_anywhere |= not torch.equal(expected, exact)
+    assert rounded_anywhere

@@ -225,6 +225,21 @@ def test_operational_settings_leave_the_run_id_and_the_weights_alone(tmp_path):
         assert torch.equal(tensor, second["state_dict"][name]), name
 
 
+def test_run_ids_of_earlier_versions_stand():
+    """A field added later stays out of the id at the value earlier runs trained with: this config's id, computed
+    at aa7bcd3 and 1e3ed0d (before train.compile and train.grad_compression), is still its id, so re-running an
+    old grid after an upgrade trains nothing; bf16 gradient compression does change what is trained."""
+    config = {"name": "pinned", "student": {"model": "clipkd-tiny"},
+              "teacher": {"model": "clipkd-tiny-teacher", "pretrained": "/nonexistent/teacher.pt"},
+              "distill": {"fd": 2000, "icl": 1, "crd": 1}, "data": {"dataset": "digits"},
+              "train": {"batch_size": 64, "steps": 10}}
+    assert parse_config(config).run_id == "76ca1ea51c0b"
+    for change, same in (({"compile": "inductor"}, True), ({"grad_compression": "none"}, True),
+                         ({"grad_compression": "bf16"}, False)):
+        changed = parse_config({**config, "train": {**config["train"], **change}})
+        assert (changed.run_id == "76ca1ea51c0b") is same, change
+
+
 def test_accuracy_during_training_is_logged_against_samples_seen_and_changes_nothing(tmp_path):
     from harness.pipeline import training_curves
 
