@@ -165,7 +165,7 @@ def timed_steps(step, batches: list, scale: Scale) -> tuple[float, str]:
 
 # -- 1. the step beside open_clip_train -------------------------------------------------------------------------
 def clipkd_config(scale: Scale, folder: Path, teacher_file: Path | None, embeddings: str | None, data: dict,
-                  steps: int, name: str):
+                  steps: int, name: str, compile_backend: str | None = None):
     from harness.config import parse_config
 
     return parse_config({
@@ -175,7 +175,7 @@ def clipkd_config(scale: Scale, folder: Path, teacher_file: Path | None, embeddi
             "distill": CLIP_KD} if embeddings else {}),
         "data": data, "optim": {"warmup_steps": 10},
         "train": {"batch_size": scale.batch, "steps": steps, "precision": scale.precision,
-                  "log_every": scale.log_every, "checkpoint_every": 10**6},
+                  "log_every": scale.log_every, "checkpoint_every": 10**6, "compile": compile_backend},
         "eval": {"batch_size": scale.batch},
     })
 
@@ -225,9 +225,14 @@ def part_step(scale: Scale, folder: Path, teacher_file: Path, report: Report) ->
 
     data = {"dataset": "digits", "augment": False}
     rates = {}
-    for mode in (None, "live", "cached"):
-        name = mode or "no-KD"
-        config = clipkd_config(scale, folder, teacher_file, mode, data, scale.warmup + scale.steps, f"step-{name}")
+    # train.compile: inductor on a GPU only (on a CPU its code generation alone takes minutes); the warm-up steps
+    # take the compile, the timed ones run the compiled blocks
+    modes = [("no-KD", None, None), ("live", "live", None), ("cached", "cached", None)]
+    if scale.device.type == "cuda":
+        modes.append(("cached+inductor", "cached", "inductor"))
+    for name, mode, compile_backend in modes:
+        config = clipkd_config(scale, folder, teacher_file, mode, data, scale.warmup + scale.steps, f"step-{name}",
+                               compile_backend)
         trainer = Trainer(config, DistEnv(device=scale.device), scale.device)  # a cached one builds its cache here
         loader = trainer.data.epoch_batches(0, 0)
         batches = [b.to(scale.device, trainer.dtype) for b in itertools.islice(loader, 4)]
