@@ -19,10 +19,9 @@ from harness.errors import ClipkdError
 
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
-# how often a run checkpoints or logs, recomputing activations in backward or compiling the blocks (tested equal), what to do with bad
-# samples (a finished run trained on the same replacements either way), where its numbers are reported while it
-# trains. The same cell on another partition or
-# with other workers is the same run.
+# how often a run checkpoints or logs, recomputing activations in backward or compiling the blocks (tested equal),
+# what to do with bad samples (a finished run trained on the same replacements either way), where its numbers are
+# reported while it trains. The same cell on another partition or with other workers is the same run.
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
                        "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction", "train.report_to",
                        "train.live_every_s", "train.compile"}
