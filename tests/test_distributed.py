@@ -64,14 +64,20 @@ def _losses_and_grads(rank_env, images, texts, grad_compression: str | None = "n
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
-def _worker(rank, world_size, meeting, out_dir):
+def _join(rank, world_size, meeting):
+    """This rank's process group, and its block of the global batch."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), **meeting)
     torch.set_num_threads(1)
     env = init_distributed()
     _, _, _, images, texts = _setup()
     block = GLOBAL_BATCH // world_size
     mine = slice(rank * block, (rank + 1) * block)
-    result = _losses_and_grads(env, images[mine], texts[mine])
+    return env, images[mine], texts[mine]
+
+
+def _worker(rank, world_size, meeting, out_dir):
+    env, images, texts = _join(rank, world_size, meeting)
+    result = _losses_and_grads(env, images, texts)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -150,14 +156,9 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
 def _compressed_worker(rank, world_size, meeting, out_dir):
     """This rank's gradients three ways: its own (no DDP), DDP's with train.grad_compression bf16, and its own
     averaged by average_gradients (train.accum_freq's path) with bf16; and every rank's own, gathered."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), **meeting)
-    torch.set_num_threads(1)
-    env = init_distributed()
-    _, _, _, images, texts = _setup()
-    block = GLOBAL_BATCH // world_size
-    mine = slice(rank * block, (rank + 1) * block)
-    _, own = _losses_and_grads(env, images[mine], texts[mine], grad_compression=None)
-    _, hooked = _losses_and_grads(env, images[mine], texts[mine], grad_compression="bf16")
+    env, images, texts = _join(rank, world_size, meeting)
+    _, own = _losses_and_grads(env, images, texts, grad_compression=None)
+    _, hooked = _losses_and_grads(env, images, texts, grad_compression="bf16")
     accumulated = {name: torch.nn.Parameter(torch.empty_like(grad)) for name, grad in own.items()}
     for name, parameter in accumulated.items():
         parameter.grad = own[name].clone()
