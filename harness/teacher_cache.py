@@ -65,7 +65,9 @@ from methods import normalize
 
 CACHE_DIR = ".teacher-embeddings"
 META = "meta.json"
-VIEWS_VERSION = 2  # data/views.py's boxes and pixels (2: JPEGs decoded at draft scale): a change changes every key
+# data/views.py's boxes and pixels (2: JPEGs decoded at draft scale; 3: views resampled by torch's uint8 bicubic):
+# a change changes every key
+VIEWS_VERSION = 3
 STORAGE = {"float32": np.float32, "float16": np.float16}
 
 

@@ -195,6 +195,55 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop_and_replay_exactly()
         assert ks_2samp(ours, features(reference)[name]).pvalue > 1e-3, name
 
 
+VIEWS_OF_PHOTOS = """
+import sys
+import numpy as np, torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from harness.data.views import ViewSpec, crop_boxes, mix
+
+spec, images, boxes = ViewSpec(224, (0.5,) * 3, (0.25,) * 3), [], []
+for photo in load_sample_images().images:  # two 427 x 640 photographs, and as draft-scale decodes leave them
+    for short in (427, 256, 230):
+        image = Image.fromarray(photo).resize((round(640 * short / 427), short), Image.BICUBIC)
+        images += [torch.from_numpy(np.array(image)).permute(2, 0, 1)] * 20
+        boxes += crop_boxes(mix(len(boxes), np.arange(20)), short, image.width, spec.scale).tolist()
+torch.save({"images": images, "boxes": boxes, "views": [spec.cut(i, b) for i, b in zip(images, boxes)],
+            "capability": torch.backends.cpu.get_cpu_capability()}, sys.argv[1])
+"""
+
+
+def test_a_view_is_open_clips_bicubic_crop_to_a_level_or_two_and_the_same_bits_on_every_cpu_path(tmp_path):
+    """Files' views are resampled by torch's uint8 bicubic (views.py says why, not PIL's as open_clip does): on
+    photographs, open_clip's transform (torchvision's resized_crop of a PIL image) to within two levels of 255 in
+    under 1 % of the values, and the same bits from this CPU's vectorised kernel as from the scalar one
+    (ATEN_CPU_CAPABILITY=default)."""
+    import os
+    import subprocess
+    import sys
+
+    import torchvision.transforms.functional as TF
+
+    runs = []
+    for capability in (os.environ.get("ATEN_CPU_CAPABILITY"), "default"):
+        out = tmp_path / f"views-{capability}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        subprocess.run([sys.executable, "-c", VIEWS_OF_PHOTOS, str(out)], check=True,
+                       env=env | ({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
+        runs.append(torch.load(out))
+    this_cpu, scalar = runs
+    assert scalar["capability"] == "DEFAULT"
+    assert all(torch.equal(fast, slow) for fast, slow in zip(this_cpu["views"], scalar["views"]))
+    differing = 0
+    for image, box, view in zip(this_cpu["images"], this_cpu["boxes"], this_cpu["views"]):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        reference = TF.pil_to_tensor(TF.resized_crop(pil, *box, [224, 224], interpolation=TF.InterpolationMode.BICUBIC))
+        gap = (view.int() - reference.int()).abs()
+        assert gap.max() <= 2
+        differing += int((gap > 0).sum())
+    assert differing < 0.01 * sum(view.numel() for view in this_cpu["views"])
+
+
 @pytest.mark.parametrize("model_name", ["clipkd-tiny", "timm-resnet18"])
 def test_mfd_masked_embedding_differs_from_unmasked(model_name):
     torch.manual_seed(0)

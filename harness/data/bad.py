@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from harness.errors import ClipkdError
@@ -49,15 +50,16 @@ class BadSample:
         return f"{self.where}: {self.reason}"
 
 
-def open_image(file, spec) -> Image.Image:
-    """An image file (a path or bytes) decoded to RGB at the view's draft scale; Unusable if it cannot be."""
+def open_image(file, spec) -> torch.Tensor:
+    """An image file (a path or bytes) decoded to RGB at the view's draft scale, as uint8 pixels (C, H, W), from
+    which every view of it is cut; Unusable if it cannot be decoded."""
     try:
         image = spec.draft(Image.open(file)).convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise Unusable(f"the image cannot be decoded ({type(error).__name__}: {error})") from None
     if image.width == 0 or image.height == 0:
         raise Unusable("the image has no pixels")
-    return image
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def usable_caption(caption: str | None) -> str:
@@ -70,7 +72,7 @@ def usable_caption(caption: str | None) -> str:
 
 @dataclass
 class Decoded:
-    images: list[Image.Image]
+    images: list[torch.Tensor]  # uint8 (C, H, W)
     captions: list[str]
     ids: np.ndarray  # each slot's sample: the one asked for, or its replacement
     bad: list[BadSample]

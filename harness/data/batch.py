@@ -87,13 +87,13 @@ def decodes_to_report() -> int:
 
 def crop_views(images: list, ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
                augmentation) -> tuple[torch.Tensor, np.ndarray]:
-    """Decoded images cut to their views' boxes (``views.ViewSpec.pil``) as uint8 pixels, and the boxes."""
-    boxes = augmentation.boxes(epoch, ids, views, [i.height for i in images], [i.width for i in images], spec)
-    return torch.stack([spec.pil(image, box) for image, box in zip(images, boxes)]), boxes
+    """Decoded images (uint8, C × H × W) cut to their views' boxes (``views.ViewSpec.cut``), and the boxes."""
+    boxes = augmentation.boxes(epoch, ids, views, [i.shape[-2] for i in images], [i.shape[-1] for i in images], spec)
+    return torch.stack([spec.cut(image, box) for image, box in zip(images, boxes)]), boxes
 
 
-def pil_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
-              augmentation, tokenizer: Callable) -> Batch:
+def decoded_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
+                  augmentation, tokenizer: Callable) -> Batch:
     """Decoded images cropped to this epoch's views, their captions tokenised at once."""
     pixels, boxes = crop_views(images, ids, views, epoch, spec, augmentation)
     return Batch(pixels, tokenizer(list(captions)), torch.from_numpy(ids),
@@ -112,7 +112,7 @@ def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
         decoded = decode_replacing(source, ids)
         ids, bad = decoded.ids, decoded.bad
         views = source.augmentation.choose(epoch, ids)
-        batch = pil_batch(decoded.images, decoded.captions, ids, views, epoch, source.spec, source.augmentation,
+        batch = decoded_batch(decoded.images, decoded.captions, ids, views, epoch, source.spec, source.augmentation,
                           source.tokenizer)
     else:  # in memory: no file to decode
         views = source.augmentation.choose(epoch, ids)

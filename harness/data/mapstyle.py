@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+import torch
 from torch.utils.data import Dataset, Sampler
 
 from harness.data.bad import open_image, usable_caption
@@ -64,7 +64,7 @@ class CsvSource:
     def read_order(self, ids: np.ndarray) -> range:
         return range(len(ids))
 
-    def load(self, sample: int) -> tuple[Image.Image, str]:
+    def load(self, sample: int) -> tuple[torch.Tensor, str]:
         caption = usable_caption(self.table.captions[sample])
         count_decode()
         return open_image(self.table.images[sample], self.spec), caption

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import braceexpand
 import numpy as np
-from PIL import Image
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
@@ -238,7 +238,7 @@ class ShardReader:
         self._open.clear()
 
 
-def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[Image.Image, str]:
+def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[torch.Tensor, str]:
     """A sample's image and caption; Unusable (data/bad.py) for a bad one."""
     caption = members.get("txt")
     try:
@@ -277,7 +277,7 @@ class ShardSource:
         shards, positions = split_ids(ids)
         return np.lexsort((positions, shards))
 
-    def load(self, sample: int) -> tuple[Image.Image, str]:
+    def load(self, sample: int) -> tuple[torch.Tensor, str]:
         shard, position = split_ids(np.int64(sample))
         return decode_sample(self.reader().read(int(shard), int(position))[1], self.spec)
 
