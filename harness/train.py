@@ -338,8 +338,11 @@ class Trainer:
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device, self.dtype)
         if cfg.train.grad_checkpointing:  # open_clip's: each tower's blocks recomputed in backward
             self.student.model.set_grad_checkpointing(True)
-        if cfg.train.compile is not None:
-            compile_repeated_blocks(self.student.model, cfg.train.compile)
+        self.compiled_blocks = ([] if cfg.train.compile is None
+                                else compile_repeated_blocks(self.student.model, cfg.train.compile))
+        if cfg.train.compile is not None and not self.compiled_blocks and self.env.is_main:
+            print(f"clipkd: {cfg.name}: train.compile {cfg.train.compile}: {cfg.student.model} has no run of like "
+                  "blocks to compile; it trains eagerly", file=sys.stderr)
         self.step_module = self._distributed(StepModule(self.student.model, self.objective))
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
         optim = cfg.optim
@@ -584,6 +587,7 @@ def train(config: RunConfig, resume: bool = False, observe: Observer | None = No
         print(f"clipkd: {config.name}: student {config.student.model} starts from random weights "
               "(student.pretrained is not set)", file=sys.stderr)
     trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
-                  slurm_job=os.environ.get("SLURM_JOB_ID"), process_started=started_at())
+                  slurm_job=os.environ.get("SLURM_JOB_ID"), process_started=started_at(),
+                  compiled_blocks=trainer.compiled_blocks)
     trainer.fit(observe)
     return run_dir

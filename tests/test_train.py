@@ -164,8 +164,11 @@ def test_gradient_checkpointing_and_compiled_blocks_train_the_same_weights(tmp_p
     assert towers.visual.transformer.grad_checkpointing and towers.transformer.grad_checkpointing
     a, b = (final_state(train(configs[name]))["state_dict"] for name in ("plain", "recomputed"))
     counters.clear()
-    c = final_state(train(configs["compiled"]))["state_dict"]
+    compiled_run = train(configs["compiled"])
+    c = final_state(compiled_run)["state_dict"]
     assert counters["stats"]["unique_graphs"] >= 2  # a graph per tower's blocks, at least: they did run compiled
+    start = json.loads((compiled_run / "events.jsonl").read_text().splitlines()[0])
+    assert start["compiled_blocks"] == ["visual.transformer.resblocks", "transformer.resblocks"]
     assert a.keys() == b.keys() == c.keys()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-12, atol=1e-14, msg=name)
