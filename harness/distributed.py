@@ -115,7 +115,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # no method differentiates a gradient through the gather (GD's gradients are closed-form)
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.contiguous().clone()
+        total = grad.clone(memory_format=torch.contiguous_format)  # all-reduced in place: autograd's grad stays
         dist.all_reduce(total)
         return total.tensor_split(dist.get_world_size())[dist.get_rank()]
 

@@ -338,11 +338,12 @@ class Trainer:
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teacher_dim).to(self.device, self.dtype)
         if cfg.train.grad_checkpointing:  # open_clip's: each tower's blocks recomputed in backward
             self.student.model.set_grad_checkpointing(True)
-        self.compiled_blocks = ([] if cfg.train.compile is None
-                                else compile_repeated_blocks(self.student.model, cfg.train.compile))
-        if cfg.train.compile is not None and not self.compiled_blocks and self.env.is_main:
-            print(f"clipkd: {cfg.name}: train.compile {cfg.train.compile}: {cfg.student.model} has no run of like "
-                  "blocks to compile; it trains eagerly", file=sys.stderr)
+        self.compiled_blocks = []
+        if cfg.train.compile is not None:
+            self.compiled_blocks = compile_repeated_blocks(self.student.model, cfg.train.compile)
+            if not self.compiled_blocks and self.env.is_main:
+                print(f"clipkd: {cfg.name}: train.compile {cfg.train.compile}: {cfg.student.model} has no run of "
+                      "like blocks to compile; it trains eagerly", file=sys.stderr)
         self.step_module = self._distributed(StepModule(self.student.model, self.objective))
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
         optim = cfg.optim

@@ -113,7 +113,7 @@ def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
         ids, bad = decoded.ids, decoded.bad
         views = source.augmentation.choose(epoch, ids)
         batch = decoded_batch(decoded.images, decoded.captions, ids, views, epoch, source.spec, source.augmentation,
-                          source.tokenizer)
+                              source.tokenizer)
     else:  # in memory: no file to decode
         views = source.augmentation.choose(epoch, ids)
         batch = source.render(epoch, ids, views)

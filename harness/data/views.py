@@ -112,9 +112,9 @@ class ViewSpec:
         return asdict(self)
 
     def cut(self, pixels: torch.Tensor, box) -> torch.Tensor:
-        """open_clip's training transform with the given box, on an image decoded to uint8 pixels (C, H, W): the
-        bicubic resized crop, as uint8 (C, size, size); ``batch.normalize`` does open_clip's to_tensor and
-        normalise where the batch is used."""
+        """open_clip's training transform with the given box (to two levels: the module's docstring says why), on
+        an image decoded to uint8 pixels (C, H, W): the bicubic resized crop, as uint8 (C, size, size);
+        ``batch.normalize`` does open_clip's to_tensor and normalise where the batch is used."""
         top, left, h, w = (int(v) for v in box)
         return resized_crop(pixels, top, left, h, w, [self.size, self.size],
                             interpolation=InterpolationMode.BICUBIC, antialias=True)
