@@ -115,14 +115,25 @@ def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_siz
     scores = F.normalize(raw_texts, dim=-1) @ F.normalize(raw_images, dim=-1).T
     positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
     positive_pairs[torch.arange(len(scores)), text_image] = True
+    found = {"image_retrieval": queries_found(scores, positive_pairs, batch_size, device),
+             "text_retrieval": queries_found(scores.T, positive_pairs.T, batch_size, device)}
     metrics, hits = {}, {}
-    for k in RECALL_K:  # recall@k as clip_benchmark computes it, batch by batch of the first embedding batch
-        for name, (query_scores, positives) in ((f"image_retrieval_recall@{k}", (scores, positive_pairs)),
-                                                (f"text_retrieval_recall@{k}", (scores.T, positive_pairs.T))):
-            found = batchify(recall_at_k, query_scores, positives, batch_size, device.type, k=k) > 0
-            metrics[name] = found.float().mean().item()
-            hits[name] = found.numpy()
+    for column, k in enumerate(RECALL_K):
+        for task, bits in found.items():
+            metrics[f"{task}_recall@{k}"] = bits[:, column].float().mean().item()
+            hits[f"{task}_recall@{k}"] = bits[:, column].numpy()
     return BenchmarkResult(metrics, hits, RetrievalEmbeddings(raw_images, raw_texts[first_text]))
+
+
+def queries_found(scores: torch.Tensor, positives: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Whether each query (a row of ``scores``) has a positive among its top k, for each k of RECALL_K: clip_benchmark's
+    ``recall_at_k`` > 0, batch by batch. Under torchrun each rank scores its share of the queries and all gather
+    the bits: the function is row by row (a top-k per row), so they are one process's, and a retrieval set's
+    scoring (one_hot of every query's top k over the gallery) is split over the ranks like its embedding."""
+    share = my_share(len(scores))
+    mine = [batchify(recall_at_k, scores[share.start:share.stop], positives[share.start:share.stop], batch_size,
+                     device.type, k=k) > 0 for k in RECALL_K]
+    return gather_shares(torch.stack(mine, dim=1).to(torch.uint8), len(scores)).bool()
 
 
 def zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256,
