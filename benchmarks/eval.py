@@ -9,10 +9,13 @@ Two comparisons, both with classification (the whole test split) and retrieval (
 - on the command line, what a user runs: ``clipkd eval`` against ``clip_benchmark eval`` once per task (it takes
   one task per call), on the model exported as open_clip ``local-dir:`` and the data as clip_benchmark wds.
 Then two benchmarks sharing classes and prompts (as ImageNet and ImageNet-V2 do): the class-prompt classifier
-is built once for both.
+is built once for both. Last, the evaluation sharded over ranks, as a run's ranks share it after training: its
+time at 2 ranks (gloo) ÷ its time at 1, each rank one thread, as each GPU is one device (target ≈ 1/W, the CPU's
+stand-in for issue 20's GPU target), and whether the numbers stay the same.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+from data_throughput import free_port
 from torch.utils.data import DataLoader
 
 from evals.datasets import load_eval_set, retrieval_collate
@@ -77,6 +83,33 @@ def command_lines(args, checkpoint: Path, folder: Path) -> tuple[dict, float, di
     return json.loads(ours.stdout)["metrics"], our_seconds, theirs, their_seconds
 
 
+def _sharded_rank(rank: int, world: int, port: int, args, checkpoint: str, output: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    bundle = create_clip(args.model, checkpoint)
+    eval_set = load_eval_set(args.dataset, None, bundle.preprocess_eval)
+    cpu = torch.device("cpu")
+
+    def evaluate():
+        if world > 1:
+            dist.barrier()  # every repeat starts together: the time is the slowest rank's, as a run waits for it
+        return zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch).metrics
+
+    metrics, seconds = timed(evaluate, args.repeats)
+    if rank == 0:
+        Path(output).write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
+
+
+def sharded(args, checkpoint: Path, folder: Path, world: int) -> tuple[dict, float]:
+    """The evaluation's metrics and median seconds with ``world`` ranks of one thread each."""
+    output = folder / f"sharded-{world}.json"
+    mp.spawn(_sharded_rank, args=(world, free_port(), args, str(checkpoint), str(output)), nprocs=world)
+    result = json.loads(output.read_text())
+    return result["metrics"], result["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist" if Path("/usr/share/datasets/fashion-mnist").is_dir()
@@ -85,6 +118,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--checkpoint", help="a trained run's checkpoint (default: --model at random init)")
     parser.add_argument("--repeats", type=int, default=3, help="in-process timings are the median of this many")
+    parser.add_argument("--skip-command-line", action="store_true",
+                        help="leave out the command lines (tests/test_evals.py compares their numbers)")
     args = parser.parse_args()
     torch.manual_seed(0)
     bundle = create_clip(args.model, args.checkpoint)
@@ -101,7 +136,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = Path(scratch) / "model.pt"  # what the command lines load: the weights evaluated above
         torch.save({"state_dict": bundle.model.state_dict()}, checkpoint)
-        cli_ours, cli_our_seconds, cli_theirs, cli_their_seconds = command_lines(args, checkpoint, Path(scratch))
+        command_line = None if args.skip_command_line else command_lines(args, checkpoint, Path(scratch))
+        one_rank, one_rank_seconds = sharded(args, checkpoint, Path(scratch), 1)
+        two_ranks, two_ranks_seconds = sharded(args, checkpoint, Path(scratch), 2)
     classifiers = Classifiers()
     _, first = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch, classifiers))
     _, second = timed(lambda: zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, cpu, args.batch, classifiers))
@@ -110,17 +147,26 @@ def main() -> None:
           f"{len(eval_set.classification)} images classified, "
           f"{len(eval_set.retrieval)} in the retrieval gallery; batch {args.batch}, fp32, CPU, "
           f"{torch.get_num_threads()} threads")
-    for where, (a, b) in {"in-process": (ours, theirs), "command line": (cli_ours, cli_theirs)}.items():
+    compared = {"in-process": (ours, theirs)}
+    if command_line:
+        compared["command line"] = (command_line[0], command_line[2])
+    for where, (a, b) in compared.items():
         same = all(a[m] == b[m] for m in COMPARED)
         print(f"{where:13s} numbers {'identical' if same else 'DIFFER'}: " + ", ".join(f"{m} {a[m]:.4f}" for m in COMPARED))
     print(f"in-process    clipkd {our_seconds:6.2f} s, clip_benchmark {their_seconds:6.2f} s: "
           f"{their_seconds / our_seconds:.2f}x its speed (median of {args.repeats})")
     print(f"with the similarity pass's student embeddings: clipkd {our_seconds:6.2f} s (reused), clip_benchmark "
           f"{their_seconds + again_seconds:6.2f} s: {(their_seconds + again_seconds) / our_seconds:.2f}x its speed")
-    print(f"command line  clipkd {cli_our_seconds:6.2f} s, clip_benchmark {cli_their_seconds:6.2f} s (2 calls): "
-          f"{cli_their_seconds / cli_our_seconds:.2f}x its speed")
+    if command_line:
+        _, cli_our_seconds, _, cli_their_seconds = command_line
+        print(f"command line  clipkd {cli_our_seconds:6.2f} s, clip_benchmark {cli_their_seconds:6.2f} s (2 calls): "
+              f"{cli_their_seconds / cli_our_seconds:.2f}x its speed")
     print(f"a second benchmark with the same classes and prompts: {second:.2f} s after {first:.2f} s "
           f"(classifiers built: {len(classifiers.built)})")
+    same = all(one_rank[m] == two_ranks[m] for m in COMPARED)
+    print(f"sharded       1 rank {one_rank_seconds:6.2f} s, 2 ranks {two_ranks_seconds:6.2f} s (1 thread each): "
+          f"{two_ranks_seconds / one_rank_seconds:.2f}x one rank's time (target ~0.50); numbers "
+          f"{'identical' if same else 'DIFFER'}")
 
 
 if __name__ == "__main__":
