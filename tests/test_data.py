@@ -101,7 +101,9 @@ def test_webdataset_shards_train_with_one_loader_for_every_epoch(tmp_path, monke
 
     monkeypatch.setattr(harness.data, "DataLoader", CountedLoader)
     shards = write_shards(tmp_path, [48, 48])
-    config = write_config(tmp_path, "wds", data={"dataset": "webdataset", "path": shards, "num_samples": 96, "workers": 2},
+    # its own output_dir: under the checkout's runs/ a second session's same tmp path made it a finished run
+    config = write_config(tmp_path, "wds", output_dir=str(tmp_path / "runs"),
+                          data={"dataset": "webdataset", "path": shards, "num_samples": 96, "workers": 2},
                           train={"batch_size": 32, "epochs": 2, "steps": None, "checkpoint_every": 2})
     run_dir = train(parse_config(yaml.safe_load(config.read_text())))
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
