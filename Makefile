@@ -6,12 +6,10 @@ INSTALLED := $(VENV)/.installed
 .PHONY: install test demo demo-grid screenshots clean
 
 # Re-install whenever pyproject.toml changes; torch 2.14.1 / torchvision 0.29.1 come from this machine's disk.
-# --no-compile: pip would byte-compile every file it installs (116 s against 61 s on 2 cores, most of it torch's,
-# transformers' and sympy's); Python compiles the modules a process imports, once, on first import.
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
