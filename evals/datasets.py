@@ -5,7 +5,6 @@ An evaluation set bundles what clip_benchmark's metric functions need: a classif
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +17,11 @@ from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_t
 from PIL import Image
 from torch.utils.data import Dataset
 
+from evals.errors import EvalDatasetError
+from evals.streams import StreamedBenchmark
 from harness.data.builtin import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
-from harness.errors import ClipkdError
 
 LOCAL_KINDS = ("imagefolder", "csv")
-
-
-class EvalDatasetError(ClipkdError, ValueError):
-    pass
 
 
 def read_image(path) -> Image.Image:
@@ -39,18 +35,6 @@ def read_image(path) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise EvalDatasetError(f"{path}: the image has no pixels; evaluation does not skip images: fix or remove it")
     return image
-
-
-@contextlib.contextmanager
-def named_bad_images():
-    """A bad image found in a loader worker, as its own message (torch wraps it with the worker's traceback)."""
-    try:
-        yield
-    except EvalDatasetError as error:
-        message = str(error)
-        if "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split("EvalDatasetError: ", 1)[-1]
-        raise EvalDatasetError(message) from None
 
 
 @dataclass
@@ -104,9 +88,12 @@ def _clip_benchmark_set(name: str, root: str | None, transform: Callable, task: 
         raise EvalDatasetError(f"dataset {name!r} is a clip_benchmark dataset and needs --root (where it is staged)")
     if "://" not in root and not Path(root).exists():
         raise EvalDatasetError(f"dataset root {root!r} for {name!r} does not exist")
-    task = task or get_dataset_default_task(name)
+    task = task or _declared_task(name, root) or get_dataset_default_task(name)
     try:
         dataset = build_dataset(name, root=root, transform=transform, split="test", download=False, task=task)
+    except AssertionError as error:  # clip_benchmark asserts what a classification set must have
+        raise EvalDatasetError(f"dataset {name!r} at {root!r} cannot be read for {task}: {error} (a retrieval set "
+                               "is read with task zeroshot_retrieval)") from None
     except ValueError as error:
         if "Unsupported dataset" in str(error):
             accepted = ", ".join([*BUILTIN_DATASETS, *LOCAL_KINDS])
@@ -117,9 +104,19 @@ def _clip_benchmark_set(name: str, root: str | None, transform: Callable, task: 
         raise EvalDatasetError(f"dataset {name!r} at {root!r} could not be opened: {error}") from None
     except (FileNotFoundError, RuntimeError, OSError) as error:
         raise EvalDatasetError(f"dataset {name!r} is not staged under {root!r}: {error}") from None
-    if task == "zeroshot_retrieval" or getattr(dataset, "classes", None) is None:
-        return EvalSet(name, retrieval=dataset)
-    return EvalSet(name, classification=dataset)
+    retrieval = task == "zeroshot_retrieval" or getattr(dataset, "classes", None) is None
+    if not hasattr(dataset, "__len__"):  # a webdataset (wds/…): evaluated as it streams, each rank its share
+        dataset = StreamedBenchmark.of(dataset, transform, retrieval)
+    return EvalSet(name, retrieval=dataset) if retrieval else EvalSet(name, classification=dataset)
+
+
+def _declared_task(name: str, root: str) -> str | None:
+    """The task a ``wds/…`` set declares in its ``dataset_type.txt`` (clip_benchmark's layout: ``retrieval``, as
+    ``clipkd export-dataset`` writes it), which clip_benchmark's default for the name does not read."""
+    declared = Path(root) / "dataset_type.txt"
+    if name.startswith("wds/") and "://" not in root and declared.is_file():
+        return {"retrieval": "zeroshot_retrieval"}.get(declared.read_text().strip().lower())
+    return None
 
 
 def benchmark_name(name: str, root: str | None) -> str:
@@ -149,6 +146,14 @@ def load_eval_set(name: str, root: str | None, transform: Callable, task: str | 
             raise EvalDatasetError(f"dataset 'csv' needs --root, an existing filepath,caption CSV (got {root!r})")
         return EvalSet(benchmark_name(name, root), retrieval=_CaptionCsv(Path(root), transform))
     return _clip_benchmark_set(name, root, transform, task)
+
+
+def during_training(dataset, count: int | None, dtype: torch.dtype):
+    """A classification set as evaluation during training reads it: its first ``count`` items (all when None), a
+    stream's in stream order, images in the student's parameter dtype."""
+    if isinstance(dataset, StreamedBenchmark):
+        return dataset.first(count, dtype)
+    return DuringTraining(dataset, count, dtype)
 
 
 class DuringTraining(Dataset):

@@ -31,8 +31,9 @@ def _png(array) -> bytes:
     return buffer.getvalue()
 
 
-def export_clip_benchmark_wds(dataset: str, out: Path) -> tuple[Path, Path]:
-    """The test split as two clip_benchmark wds datasets: OUT/classification and OUT/retrieval (PNG, lossless)."""
+def export_clip_benchmark_wds(dataset: str, out: Path, shards: int = 1) -> tuple[Path, Path]:
+    """The test split as two clip_benchmark wds datasets: OUT/classification and OUT/retrieval (PNG, lossless), each
+    in ``shards`` shards of consecutive samples."""
     import webdataset as wds
 
     split = load_builtin(dataset, "test")
@@ -40,12 +41,15 @@ def export_clip_benchmark_wds(dataset: str, out: Path) -> tuple[Path, Path]:
     for task, folder in folders.items():
         images = split if task == "classification" else retrieval_gallery(split)
         (folder / "test").mkdir(parents=True, exist_ok=True)
-        (folder / "test" / "nshards.txt").write_text("1\n")
-        with wds.TarWriter(str(folder / "test" / "0.tar")) as sink:
-            for i, image in enumerate(images.images):
-                sample = {"__key__": f"s{i:06d}", "png": _png(image)}
-                sample.update({"cls": int(images.labels[i])} if task == "classification" else {"txt": images.captions[i]})
-                sink.write(sample)
+        (folder / "test" / "nshards.txt").write_text(f"{shards}\n")
+        count = len(images.images)
+        for shard in range(shards):
+            with wds.TarWriter(str(folder / "test" / f"{shard}.tar")) as sink:
+                for i in range(count * shard // shards, count * (shard + 1) // shards):
+                    sample = {"__key__": f"s{i:06d}", "png": _png(images.images[i])}
+                    sample.update({"cls": int(images.labels[i])} if task == "classification"
+                                  else {"txt": images.captions[i]})
+                    sink.write(sample)
     (folders["classification"] / "classnames.txt").write_text("\n".join(split.classnames) + "\n")
     (folders["classification"] / "zeroshot_classification_templates.txt").write_text("\n".join(split.templates) + "\n")
     (folders["retrieval"] / "dataset_type.txt").write_text("retrieval\n")

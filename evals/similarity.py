@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
-from evals.datasets import EvalSet, named_bad_images, retrieval_collate
-from evals.zeroshot import RetrievalEmbeddings, eval_loader
-from harness.distributed import gather_shares, my_share
+from evals.datasets import EvalSet, retrieval_collate
+from evals.zeroshot import RankShare, RetrievalEmbeddings, evaluating
+from harness.errors import worker_errors_unwrapped
 from harness.models import autocast
 
 
@@ -35,15 +34,16 @@ def pair_similarity_gap(images: torch.Tensor, texts: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def embed_pairs(model: nn.Module, tokenizer, loader: DataLoader, device: torch.device, precision: str = "fp32"):
-    """Every image and its first caption (one caption per image keeps pairs aligned), in the run's precision."""
+def embed_pairs(model: nn.Module, tokenizer, batches, device: torch.device, precision: str = "fp32"):
+    """Every image and its first caption (one caption per image keeps pairs aligned), in the run's precision; None
+    for no batches (an empty share)."""
     images, texts = [], []
-    for batch_images, batch_captions in loader:
+    for batch_images, batch_captions in batches:
         with autocast(device, precision):
-            images.append(model.encode_image(batch_images.to(device)).float().cpu())
+            images.append(model.encode_image(batch_images.to(device)).float())
             first_captions = [captions[0] for captions in batch_captions]
-            texts.append(model.encode_text(tokenizer(first_captions).to(device)).float().cpu())
-    return torch.cat(images), torch.cat(texts)
+            texts.append(model.encode_text(tokenizer(first_captions).to(device)).float())
+    return (torch.cat(images), torch.cat(texts)) if images else (None, None)
 
 
 @torch.no_grad()
@@ -55,14 +55,11 @@ def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection:
     captions."""
     if eval_set.retrieval is None or student is None:
         return {}
-    pairs = eval_set.retrieval
-    share = my_share(len(pairs))  # under torchrun each rank embeds its share of the pairs
-    loader = eval_loader(Subset(pairs, share) if len(share) < len(pairs) else pairs, batch_size, device, workers,
-                         retrieval_collate)
+    share = RankShare(eval_set.retrieval, batch_size, device, workers, retrieval_collate)  # each rank its pairs
+    with evaluating(teacher.model, device), worker_errors_unwrapped():
+        embedded = embed_pairs(teacher.model, teacher.tokenizer, share.batches(), device, precision)
+    teacher_images, teacher_texts = (share.gather(part).cpu() for part in embedded)
     student_images, student_texts = student.images, student.first_texts
-    with named_bad_images():
-        embedded = embed_pairs(teacher.model, teacher.tokenizer, loader, device, precision)
-    teacher_images, teacher_texts = (gather_shares(part.to(device), len(pairs)).cpu() for part in embedded)
     metrics = {
         "feature_cka_image": linear_cka(student_images, teacher_images),
         "feature_cka_text": linear_cka(student_texts, teacher_texts),
@@ -70,7 +67,8 @@ def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection:
         "teacher_pair_similarity_gap": pair_similarity_gap(teacher_images, teacher_texts),
     }
     if projection is not None or student_images.shape[1] == teacher_images.shape[1]:
-        project = (lambda x: projection.cpu().float()(x)) if projection is not None else (lambda x: x)  # noqa: E731
+        project = (lambda x: x) if projection is None else (  # on its own device and dtype: the module is left as is
+            lambda x: projection(x.to(next(projection.parameters()))).float().cpu())
         metrics["feature_cosine_image"] = float(F.cosine_similarity(project(student_images), teacher_images).mean())
         metrics["feature_cosine_text"] = float(F.cosine_similarity(project(student_texts), teacher_texts).mean())
     return metrics

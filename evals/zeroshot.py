@@ -12,18 +12,27 @@ the project pins ``numpy<2.4`` in pyproject.toml for that reason rather than pat
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from clip_benchmark.metrics.zeroshot_classification import accuracy, run_classification, zero_shot_classifier
 from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data.dataloader import default_collate
 
-from evals.datasets import EvalSet, named_bad_images, retrieval_collate
-from harness.distributed import gather_shares, gather_uneven, my_share
+from evals.datasets import EvalSet, retrieval_collate
+from evals.streams import StreamedBenchmark, Tagged
+from harness.distributed import gather_rows, my_share
+from harness.errors import worker_errors_unwrapped
+from harness.models import buffers_kept
 
 RECALL_K = (1, 5, 10)
 
@@ -33,6 +42,76 @@ def use_amp(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """``model`` in eval mode while it is evaluated, then exactly as it was found: each module's train flag, every
+    buffer (BatchNorm's running statistics), and the random streams (the CPU's, this device's, numpy's and
+    Python's: a loader draws its workers' seeds). An evaluation during training then changes nothing trained,
+    and it measures what a checkpoint of that step would (BatchNorm's running statistics, no dropout)."""
+    modes = [(module, module.training) for module in model.modules()]
+    python, numpy = random.getstate(), np.random.get_state()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), buffers_kept(model):
+            model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
+class RankShare:
+    """This rank's items of an evaluation set as batches (``batches``), and every rank's results back in the set's
+    order (``gather``). A set with a length is split in contiguous shares; a stream (a ``wds/…`` benchmark) by its
+    shards or items (evals/streams.py), its items tagged with their place in the stream and put back in order by
+    their tags. A share may be empty (fewer items than ranks): its rank gathers None, taking the others' shapes."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device, workers: int, collate_fn=None):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device, self._tags, self._order = device, [], None
+        if isinstance(dataset, StreamedBenchmark):
+            stream = dataset.share(rank, world)
+            self.streamed, self.size = True, None
+            self.loader = DataLoader(stream, batch_size=batch_size, num_workers=min(workers, stream.readers),
+                                     collate_fn=Tagged(collate_fn or default_collate), pin_memory=device.type == "cuda")
+        else:
+            share = my_share(len(dataset))
+            self.streamed, self.size = False, len(dataset)
+            self.loader = eval_loader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size,
+                                      device, workers, collate_fn) if len(share) else []
+
+    def batches(self) -> Iterator:
+        """This rank's batches (a stream's without their tags, which are kept for ``gather``)."""
+        for batch in self.loader:
+            if self.streamed:
+                batch, tags = batch
+                self._tags.append(tags)
+            yield batch
+
+    def first(self) -> Iterator | None:
+        """The batches, or None when this rank's share is empty (known only once a stream has been read)."""
+        batches = self.batches()
+        head = next(batches, None)
+        return None if head is None else itertools.chain([head], batches)
+
+    def gather(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """Every rank's ``rows`` (one per item of its share, in its batches' order; None for an empty share) in the
+        set's order, on every rank."""
+        gathered = gather_rows(rows, self.device)
+        order = self.order()
+        return gathered if order is None else gathered[order.to(gathered.device)]
+
+    def order(self) -> torch.Tensor | None:
+        """Where each item of the set sits among the gathered rows (None: they are in order already)."""
+        if self.streamed and self._order is None:
+            mine = torch.cat(self._tags) if self._tags else None
+            tags = gather_rows(mine, torch.device("cpu")) if mine is not None or dist.is_initialized() else None
+            self._order = torch.argsort(tags) if tags is not None else torch.zeros(0, dtype=torch.long)
+        return self._order
+
+
 @dataclass
 class Classifiers:
     """A model's zero-shot classifiers, by (class names, templates): built once, reused by every benchmark."""
@@ -40,12 +119,12 @@ class Classifiers:
 
     def get(self, model, tokenizer, classes, templates, device: torch.device) -> torch.Tensor:
         """clip_benchmark's classifier (D × classes); under torchrun each rank embeds its share of the classes'
-        prompts and all gather the columns."""
+        prompts and all gather the columns (a rank with no class, when there are fewer than ranks, none)."""
         key = (tuple(classes), tuple(templates) if isinstance(templates, list) else repr(templates))
         if key not in self.built:
             mine = [classes[i] for i in my_share(len(classes))]
-            columns = zero_shot_classifier(model, tokenizer, mine, templates, device.type, amp=use_amp(device))
-            self.built[key] = gather_shares(columns.T.contiguous(), len(classes)).T
+            columns = zero_shot_classifier(model, tokenizer, mine, templates, device.type, amp=use_amp(device)) if mine else None
+            self.built[key] = gather_rows(None if columns is None else columns.T.contiguous(), device).T
         return self.built[key]
 
 
@@ -77,11 +156,12 @@ def classification_metrics(model, tokenizer, dataset, device: torch.device, batc
                            classifiers: Classifiers, workers: int = 0) -> BenchmarkResult:
     """clip_benchmark's metrics; under torchrun each rank embeds its share of the images and all gather the
     logits (the numbers are those of one process: each image's logits depend on that image alone)."""
-    classifier = classifiers.get(model, tokenizer, dataset.classes, dataset.templates, device)
-    share = my_share(len(dataset))
-    loader = eval_loader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size, device, workers)
-    logits, target = run_classification(model, classifier, loader, device.type, amp=use_amp(device))
-    logits, target = gather_shares(logits, len(dataset)), gather_shares(target, len(dataset))
+    with evaluating(model, device), worker_errors_unwrapped():
+        classifier = classifiers.get(model, tokenizer, dataset.classes, dataset.templates, device)
+        share = RankShare(dataset, batch_size, device, workers)
+        batches = share.first()
+        mine = run_classification(model, classifier, batches, device.type, amp=use_amp(device)) if batches else (None, None)
+        logits, target = (share.gather(part) for part in mine)
     ks = (1, 5) if len(dataset.classes) >= 5 else (1,)  # clip_benchmark's rule for top-5
     accuracies = accuracy(logits, target, topk=ks)
     # each item's hit, from the same top-k call as clip_benchmark's accuracy(): their mean is its number exactly
@@ -97,19 +177,24 @@ def retrieval_metrics(model, tokenizer, dataset, device: torch.device, batch_siz
                       ) -> BenchmarkResult:
     """clip_benchmark's recall@k; under torchrun each rank embeds its share of the images and their captions, and
     all gather them (in the dataset's order, so the numbers are one process's)."""
-    share = my_share(len(dataset))
-    loader = eval_loader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size, device, workers,
-                         retrieval_collate)
-    images, texts, captions_per_image = [], [], []
-    for batch_images, batch_captions in loader:
-        captions_per_image.extend(len(captions) for captions in batch_captions)
-        with torch.autocast(device.type, enabled=use_amp(device)):
-            images.append(model.encode_image(batch_images.to(device)).float())
-            tokens = tokenizer([caption for captions in batch_captions for caption in captions]).to(device)
-            texts.append(model.encode_text(tokens).float())
-    raw_images = gather_shares(torch.cat(images), len(dataset)).cpu()
-    raw_texts = gather_uneven(torch.cat(texts)).cpu()
-    counts = gather_shares(torch.tensor(captions_per_image, device=device), len(dataset)).cpu()
+    with evaluating(model, device), worker_errors_unwrapped():
+        share = RankShare(dataset, batch_size, device, workers, retrieval_collate)
+        images, texts, captions_per_image = [], [], []
+        for batch_images, batch_captions in share.batches():
+            captions_per_image.extend(len(captions) for captions in batch_captions)
+            with torch.autocast(device.type, enabled=use_amp(device)):
+                images.append(model.encode_image(batch_images.to(device)).float())
+                tokens = tokenizer([caption for captions in batch_captions for caption in captions]).to(device)
+                texts.append(model.encode_text(tokens).float())
+        raw_images = share.gather(torch.cat(images) if images else None).cpu()
+        counts = gather_rows(torch.tensor(captions_per_image, device=device) if images else None, device).cpu()
+        raw_texts = gather_rows(torch.cat(texts) if texts else None, device).cpu()
+    order = share.order()
+    if order is not None:  # a stream's captions, each image's in a run, put in the images' order
+        starts = torch.cumsum(counts, 0) - counts
+        counts, starts = counts[order], starts[order]
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        raw_texts = raw_texts[torch.repeat_interleave(starts, counts) + within]
     text_image = torch.repeat_interleave(torch.arange(len(counts)), counts).tolist()  # each caption's image
     first_text = (torch.cumsum(counts, 0) - counts).tolist()  # each image's first caption
     scores = F.normalize(raw_texts, dim=-1) @ F.normalize(raw_images, dim=-1).T
@@ -132,16 +217,14 @@ def queries_found(scores: torch.Tensor, positives: torch.Tensor, batch_size: int
     scoring (one_hot of every query's top k over the gallery) is split over the ranks like its embedding."""
     share = my_share(len(scores))
     mine = [batchify(recall_at_k, scores[share.start:share.stop], positives[share.start:share.stop], batch_size,
-                     device.type, k=k) > 0 for k in RECALL_K]
-    return gather_shares(torch.stack(mine, dim=1).to(torch.uint8), len(scores)).bool()
+                     device.type, k=k) > 0 for k in RECALL_K] if len(share) else None
+    return gather_rows(torch.stack(mine, dim=1).to(torch.uint8) if mine else None).bool()
 
 
 def zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256,
                       classifiers: Classifiers | None = None, workers: int = 0) -> BenchmarkResult:
     """The set's metrics, their per-item hits, and its retrieval embeddings for the feature-similarity pass."""
-    model.eval()
-    with named_bad_images():
-        return _zero_shot_metrics(model, tokenizer, eval_set, device, batch_size, classifiers, workers)
+    return _zero_shot_metrics(model, tokenizer, eval_set, device, batch_size, classifiers, workers)
 
 
 def _zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int,

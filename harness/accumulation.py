@@ -18,15 +18,15 @@ undo (``accumulation_changes_weights``); its running statistics are updated once
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 from torch import nn
 
 from harness.data import Batch
+from harness.models import running_statistics_frozen
 
 EmbedFn = Callable[[Batch, "torch.Tensor | None"], tuple[torch.Tensor, ...]]
 
@@ -52,20 +52,6 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-@contextlib.contextmanager
-def _norm_statistics_kept(model: nn.Module) -> Iterator[None]:
-    """BatchNorm's running statistics as they were before: the second pass must not count a micro-batch twice."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    kept = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, buffers in zip(norms, kept):
-                for name, value in buffers.items():
-                    getattr(module, name).copy_(value)
-
-
 def accumulated_step(model: nn.Module, embed: EmbedFn, batch: Batch, noise: torch.Tensor | None, count: int,
                      losses: Callable[[Batch, list[torch.Tensor | None]], dict[str, torch.Tensor]],
                      backward: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
@@ -86,7 +72,7 @@ def accumulated_step(model: nn.Module, embed: EmbedFn, batch: Batch, noise: torc
     terms = losses(batch, leaves)
     backward(terms)
     grads = [leaf.grad.tensor_split(count) if leaf is not None else None for leaf in leaves]
-    with _norm_statistics_kept(model):
+    with running_statistics_frozen(model):  # the second pass must not count a micro-batch twice
         for i, (part, part_noise) in enumerate(parts):
             _set_rng_state(states[i], device)
             outputs = embed(part, part_noise)

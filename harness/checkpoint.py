@@ -14,20 +14,28 @@ LATEST = "latest.pt"
 FINAL = "final.pt"
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random streams a run draws from: the CPU's, this process's device's (on a GPU), numpy's and Python's."""
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """``state`` restored, its CUDA stream onto this process's device, whatever GPUs the saving process saw: a
+    run checkpointed where each task saw all 8 GPUs resumes where each is bound to one, and the other way round.
+    Checkpoints written before that kept a list of every visible GPU's state; the saving process (rank 0) drew
+    from the first."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])

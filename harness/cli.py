@@ -23,9 +23,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from harness.config import load_config
+    from harness.pipeline import tracked
     from harness.train import train
 
-    run_dir = train(load_config(args.config), resume=args.resume)
+    config = load_config(args.config)
+    with tracked(config) as observe:  # train.report_to, as `clipkd run` reports while it trains
+        run_dir = train(config, resume=args.resume, observe=observe)
     print(f"run {run_dir.name} finished: {run_dir}")
     return 0
 
@@ -82,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if staged is not None:
         return _eval_suite(args, *staged, bundle, device)
-    eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval)
+    eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval, args.task)
     result = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
                                workers=workers(args.workers))
     print(json.dumps({"benchmark": eval_set.benchmark, "metrics": result.metrics}, indent=2))
@@ -179,7 +182,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_export_dataset(args: argparse.Namespace) -> int:
     from evals.export import export_clip_benchmark_wds
 
-    classification, retrieval = export_clip_benchmark_wds(args.dataset, Path(args.out))
+    classification, retrieval = export_clip_benchmark_wds(args.dataset, Path(args.out), args.shards)
     print(f"clip_benchmark datasets: --dataset wds/{args.dataset} --dataset_root {classification} "
           f"(classification), --dataset_root {retrieval} (retrieval)")
     return 0
@@ -409,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset",
                           help="digits, fashion-mnist, imagefolder, csv, or a clip_benchmark dataset name")
     evaluate.add_argument("--root", help="where a clip_benchmark dataset is staged; the folder or CSV for local sets")
+    evaluate.add_argument("--task", choices=("zeroshot_classification", "zeroshot_retrieval"),
+                          help="clip_benchmark's task; by default the one it gives the name (a wds set's "
+                          "dataset_type.txt where it says retrieval)")
     evaluate.add_argument("--model", help="the open_clip model (name or config file), for a checkpoint that does not "
                           "name it or with --pretrained")
     evaluate.add_argument("--pretrained", metavar="TAG|FILE", help="an open_clip pretrained tag or a weights file")
@@ -492,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_dataset = commands.add_parser("export-dataset", help="write a built-in test split in clip_benchmark's wds layout")
     export_dataset.add_argument("dataset", choices=["digits", "fashion-mnist"])
     export_dataset.add_argument("out")
+    export_dataset.add_argument("--shards", type=int, default=1, help="shards of consecutive samples per set")
     export_dataset.set_defaults(func=_cmd_export_dataset)
     return parser
 

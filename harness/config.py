@@ -21,10 +21,11 @@ from harness.errors import ClipkdError
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
 # how often a run checkpoints or logs, recomputing activations in backward or compiling the blocks (tested equal),
 # what to do with bad samples (a finished run trained on the same replacements either way), where its numbers are
-# reported while it trains. The same cell on another partition or with other workers is the same run.
+# reported while it trains, how long a collective may wait. The same cell on another partition or with other
+# workers is the same run.
 NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.checkpoint_every", "train.log_every",
                        "train.grad_checkpointing", "data.bad_samples", "data.max_bad_fraction", "train.report_to",
-                       "train.live_every_s", "train.compile"}
+                       "train.live_every_s", "train.compile", "train.collective_timeout_s"}
 # Fields added after run ids were first kept, out of the id at the value every earlier run trained with: the ids
 # of earlier runs stand, so a grid re-run after an upgrade is still a no-op.
 NEUTRAL_DEFAULTS = {"train.grad_compression": "none"}
@@ -178,6 +179,8 @@ class TrainSpec(Strict):
         "each needs its extra installed; not part of the run id")
     live_every_s: float = Field(30.0, ge=0, description="a running run publishes its progress and curves to its "
                                 "record (and a server store) at most this often; not part of the run id")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective between the run's processes that "
+                                        "waits longer fails (NCCL's watchdog, gloo's timeout); not part of the run id")
 
     @field_validator("report_to")
     @classmethod

@@ -97,7 +97,7 @@ class CacheJob(CellJob):
         failed = teacher_cache.failure_file(config)
         failed.unlink(missing_ok=True)
         try:
-            env = init_distributed()
+            env = init_distributed(config.train.collective_timeout_s)
             teacher_cache.ensure(config, env.device, env)
         except Exception as error:
             failed.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,10 @@ def executor_parameters(spec: SlurmSpec, kind: str, grid_name: str) -> dict[str,
     slurm = {"slurm_partition": spec.partition, "slurm_account": spec.account, "slurm_qos": spec.qos,
              "mem_gb": spec.mem_gb, "slurm_array_parallelism": spec.array_parallelism,
              "slurm_setup": list(spec.setup) or None,
-             "slurm_additional_parameters": {"kill-on-invalid-dep": "yes", **spec.additional}}
+             "slurm_additional_parameters": {"kill-on-invalid-dep": "yes", **spec.additional},
+             # one task that exits with an error ends its job's other tasks at once, instead of leaving them in a
+             # collective until its timeout (a rank's failure also reaches them: harness/distributed.py)
+             "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     return {**common, **{k: v for k, v in slurm.items() if v is not None}}
 
 

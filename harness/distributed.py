@@ -13,12 +13,20 @@ GPU's queue, where over gloo it never touches the GPU.
 
 No collective waits on one rank's long work: the teacher cache's ranks meet only after they all embedded their
 shares (teacher_cache.py), and evaluation during training is sharded over the ranks (evals/zeroshot.py). The
-group keeps torch's default timeout (NCCL's watchdog: 10 minutes).
+group's timeout is set explicitly (``train.collective_timeout_s``, 10 minutes by default): torch's own default for
+a ``cpu:gloo,cuda:nccl`` group is gloo's 30 minutes, not NCCL's 10.
+
+No rank decides alone. A decision one rank can take between steps (a bad sample under ``data.bad_samples: error``,
+a stop signal) travels in the step's vote (``StepVote``) and every rank acts on it at the same step with the same
+message. An exception anywhere else on one rank is posted to the group's store before it ends that process
+(``failures_shared``): a rank whose collective then fails raises that message, not the transport's.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +36,8 @@ from torch.autograd.function import once_differentiable
 from harness.errors import ClipkdError
 
 CPU_AND_CUDA_BACKENDS = "cpu:gloo,cuda:nccl"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # train.collective_timeout_s's default: a collective that waits longer fails
+FAILURE_KEY = "clipkd/failure"  # in the group's store: the first message of a rank that failed
 
 
 class DistributedSetupError(ClipkdError, RuntimeError):
@@ -73,9 +83,10 @@ def plan_process_group(local_rank: int, cuda_available: bool, visible_devices: i
         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each task one GPU or every GPU of its node")
 
 
-def init_distributed(timeout: datetime.timedelta | None = None) -> DistEnv:
+def init_distributed(timeout_s: float | None = None) -> DistEnv:
     """This process's rank and device; joins the process group that RANK/WORLD_SIZE/LOCAL_RANK (torchrun,
-    submitit) describe, if any."""
+    submitit) describe, if any, whose collectives fail after ``timeout_s`` seconds (DEFAULT_COLLECTIVE_TIMEOUT_S
+    when None; the first call in a process sets it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -89,14 +100,16 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> DistEnv:
                                     "torchrun or srun, or unset WORLD_SIZE")
     env = DistEnv(int(os.environ["RANK"]), world_size, local_rank, plan.device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=plan.backend, rank=env.rank, world_size=world_size,
-                                **({"timeout": timeout} if timeout else {}))
+        timeout = datetime.timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
+        dist.init_process_group(backend=plan.backend, rank=env.rank, world_size=world_size, timeout=timeout)
     return env
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` (equal row counts), concatenated in rank order; the gradient of each rank's rows is the
-    sum of all ranks' output gradients for them.
+    """Every rank's ``x`` (equal row counts), concatenated in rank order. Every rank computes the same loss from
+    the same gathered rows, so the sum over ranks of their output gradients for this rank's rows is world_size
+    times this rank's own: the backward takes that product, exactly, instead of an all-reduce of the whole
+    gathered gradient (one collective a step fewer, and in bf16 no ring sum of W equal values to round).
 
     Deliberately not torch's functional ``all_gather_single`` (``_functional_collectives``): on gloo, two-process
     accumulated steps with it aborted with a corrupted heap in 2 of 6 runs (``malloc(): unaligned tcache chunk``,
@@ -115,9 +128,8 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # no method differentiates a gradient through the gather (GD's gradients are closed-form)
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone(memory_format=torch.contiguous_format)  # all-reduced in place: autograd's grad stays
-        dist.all_reduce(total)
-        return total.tensor_split(dist.get_world_size())[dist.get_rank()]
+        world = dist.get_world_size()
+        return grad.tensor_split(world)[dist.get_rank()] * world
 
 
 @torch.no_grad()
@@ -130,38 +142,49 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def my_share(count: int) -> range:
-    """This rank's contiguous share of ``count`` items (sizes differ by one at most)."""
+    """This rank's contiguous share of ``count`` items (sizes differ by one at most; empty for some ranks when
+    there are fewer items than ranks: ``gather_rows`` takes an empty share as None)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return range(count)
     rank, world = dist.get_rank(), dist.get_world_size()
     return range(count * rank // world, count * (rank + 1) // world)
 
 
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
+           torch.bool)
+_MAX_DIMS = 4
+
+
 @torch.no_grad()
-def gather_shares(x: torch.Tensor, count: int) -> torch.Tensor:
-    """Every rank's rows of ``my_share(count)``, in order, on every rank."""
+def gather_rows(x: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor:
+    """Every rank's rows of ``x``, whatever their number, concatenated in rank order, on every rank. A rank with
+    nothing to contribute (an empty share: fewer classes or items than ranks) passes None and takes its shape and
+    dtype from the others, so no rank has to run a library on an empty list to learn them. The shapes cross as a
+    small CPU tensor (over gloo in a ``cpu:gloo,cuda:nccl`` group: no wait on a GPU); the rows on ``x``'s device
+    (``device`` where ``x`` is None)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if x is None:
+            raise ValueError("gather_rows: nothing to gather in one process")
         return x
+    if x is not None and (x.dim() > _MAX_DIMS or x.dtype not in _DTYPES):
+        raise ValueError(f"gather_rows: {x.dim()} dims of {x.dtype}; at most {_MAX_DIMS} of {_DTYPES}")
     world = dist.get_world_size()
-    sizes = [count * (r + 1) // world - count * r // world for r in range(world)]
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: len(x)] = x
+    mine = torch.full((3 + _MAX_DIMS,), -1, dtype=torch.long)  # rows (-1: none), dtype, dims, trailing shape
+    if x is not None:
+        mine[:3] = torch.tensor([len(x), _DTYPES.index(x.dtype), x.dim()])
+        mine[3:3 + x.dim() - 1] = torch.tensor(x.shape[1:], dtype=torch.long)
+    shapes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shapes, mine)
+    known = next((s for s in shapes if s[0] >= 0), None)
+    if known is None:
+        raise ValueError("gather_rows: no rank has rows to gather")
+    dtype, trailing = _DTYPES[int(known[1])], [int(d) for d in known[3:3 + int(known[2]) - 1]]
+    sizes = [max(0, int(s[0])) for s in shapes]
+    device = x.device if x is not None else device or torch.device("cpu")
+    padded = torch.zeros((max(sizes), *trailing), dtype=dtype, device=device)
+    if x is not None:
+        padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
-
-
-@torch.no_grad()
-def gather_uneven(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of ``x``, whatever their number, in rank order, on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return x
-    sizes = [torch.empty(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-    sizes = [int(size) for size in sizes]
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
@@ -208,30 +231,95 @@ def broadcast_from_main(module: torch.nn.Module) -> None:
         dist.broadcast(tensor, src=0)
 
 
-class StopVote:
-    """Whether some rank wants to stop (a stop signal must stop all ranks at the same step), agreed without a wait:
-    each step starts an all-reduce of this rank's wish (a CPU tensor, over the group's gloo backend) and reads the
-    one started a step before, done by then. All ranks read the same votes in the same order, so they stop
-    together, one step after the signal."""
+@dataclass(frozen=True)
+class Decision:
+    """What the ranks agreed at a step: stop (a signal reached some rank), or raise ``failure`` (a rank took a stop
+    decision of its own, such as a bad sample under ``data.bad_samples: error``: every rank raises that rank's
+    exception, marked ``every_rank``)."""
+    stop: bool = False
+    failure: Exception | None = None
+
+
+class StepVote:
+    """Each step, every rank's wish to stop and any failure it found, agreed without a wait: each step starts an
+    all-reduce of this rank's flags (a CPU tensor, over the group's gloo backend) and reads the one started a
+    step before, done by then. All ranks read the same votes in the same order, so they stop or fail together,
+    one step after the rank that asked; a failure's message then crosses in one object gather, so every rank
+    raises the same words. ``settle`` also waits for this step's vote: before a checkpoint, so that no
+    checkpoint holds a step some rank had already refused."""
 
     def __init__(self):
         self._pending = None
+        self._failure: Exception | None = None  # this rank's, until the ranks have heard it
 
-    def __call__(self, wish: bool) -> bool:
+    def __call__(self, stop: bool, failure: Exception | None = None, settle: bool = False) -> Decision:
+        self._failure = self._failure or failure
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return wish
-        vote = torch.tensor([int(wish)])
-        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, async_op=True)
-        previous, self._pending = self._pending, (work, vote)
-        if previous is None:
-            return False
-        previous[0].wait()
-        return bool(previous[1][0])
+            return Decision(stop, _every_rank(self._failure))
+        flags = torch.tensor([int(stop), int(self._failure is not None)])
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self._pending = self._pending, (work, flags)
+        heard = [previous] if previous is not None else []
+        if settle:
+            heard.append(self._pending)
+            self._pending = None
+        agreed = torch.zeros(2, dtype=torch.long)
+        for pending_work, pending_flags in heard:
+            pending_work.wait()
+            agreed = torch.maximum(agreed, pending_flags)
+        if not agreed[1]:
+            return Decision(bool(agreed[0]))
+        self.close()
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, self._failure)
+        return Decision(bool(agreed[0]), _every_rank(next(m for m in messages if m is not None)))
 
     def close(self) -> None:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+
+
+def _every_rank(error: Exception | None) -> Exception | None:
+    if error is not None:
+        error.every_rank = True  # raised by all ranks at once: failures_shared has nothing to tell the others
+    return error
+
+
+class RankFailed(ClipkdError, RuntimeError):
+    """Another rank of this run failed; its message, which the group's store carried."""
+
+
+def _group_store():
+    """The store the process group met on (torchrun's agent, or rank 0's TCPStore), or None. A private torch
+    function: torch.distributed has no public accessor for the default group's store."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def failures_shared() -> Iterator[None]:
+    """An exception on this rank is posted to the group's store (the first rank's message is kept) before it ends
+    the process; when this rank's own exception is a collective failing because a peer is gone (its process
+    ended: gloo fails at once; under NCCL, srun's ``--kill-on-bad-exit`` and torchrun stop the others), the
+    peer's message is raised instead of the transport's, so every rank reports what went wrong."""
+    try:
+        yield
+    except Exception as error:
+        alone = dist.is_initialized() and dist.get_world_size() > 1 and not getattr(error, "every_rank", False)
+        store = _group_store() if alone else None
+        if store is None:
+            raise
+        try:
+            mine = f"rank {dist.get_rank()}: {type(error).__name__}: {error}".encode()
+            posted = store.compare_set(FAILURE_KEY, b"", mine)  # set when unset; the value now stored
+        except Exception:  # the store has gone with its host (rank 0): this rank's own error stands
+            raise error from None
+        if posted != mine:
+            raise RankFailed(f"{posted.decode()} (this rank stopped with it: {type(error).__name__})") from None
+        raise
 
 
 def from_main(value):

@@ -12,6 +12,8 @@ import contextlib
 import torch
 from torch import nn
 
+from harness.models import running_statistics_frozen
+
 
 class _KeepTokens(nn.Module):
     """Replaces open_clip's PatchDropout for one forward: keeps the tokens with the highest given noise."""
@@ -56,4 +58,5 @@ def masked_image_features(model: nn.Module, images: torch.Tensor, noise: torch.T
     kept = torch.zeros_like(noise, dtype=images.dtype).scatter_(1, noise.topk(keep, dim=1).indices, 1.0)
     pixel_mask = kept.view(-1, 1, rows, cols).to(images.device)
     pixel_mask = nn.functional.interpolate(pixel_mask, size=images.shape[-2:], mode="nearest")
-    return model.encode_image(images * pixel_mask)
+    with running_statistics_frozen(model):  # mostly blank images: running statistics stay the real images'
+        return model.encode_image(images * pixel_mask)

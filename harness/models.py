@@ -150,6 +150,35 @@ def output_dtype(precision: str) -> torch.dtype:
     return AUTOCAST_DTYPES.get(precision, parameter_dtype(precision))
 
 
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """``model``'s buffers as they were before, whatever a forward in between wrote to them (an evaluation must
+    leave a training run as it found it). Only for passes whose backward, if any, runs inside: a restored buffer
+    is a changed input to the autograd graph of a pass that read it."""
+    kept = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def running_statistics_frozen(model: nn.Module):
+    """BatchNorm layers in training mode normalise by the batch's statistics without adding it to their running
+    ones (nor to their count), for a pass that is not another sample of the data: MFD's mostly blank masked
+    image, a replayed micro-batch. The running statistics then stay out of the pass's autograd graph."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
 class _NoRandomInitNotice(logging.Filter):
     """open_clip logs "No pretrained weights loaded … initialized randomly" for every model built without weights,
     also one about to load a checkpoint; clipkd says once, at a run's start, when a student really starts from

@@ -1,12 +1,15 @@
 """One run from config to store: resolved config → run id → train (checkpointing) → evaluate → store."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from harness import checkpoint
 from harness.config import RunConfig, parse_config
 from harness.data import workers
 from harness.data.bad import count_logged
-from harness.distributed import init_distributed
+from harness.distributed import failures_shared, from_main, init_distributed
 from harness.models import (
     FINAL_CHECKPOINT,
     ClipBundle,
@@ -225,12 +228,13 @@ def run_notes(config: RunConfig) -> str | None:
 
 
 class _Watch:
-    """While a run trains (rank 0): its progress and curves to its record and store, its numbers to its trackers."""
+    """While a run trains (rank 0): its progress and curves to its record and store (where ``publish`` is given),
+    its numbers to its trackers (``train.report_to``)."""
 
-    def __init__(self, config: RunConfig, publish: _Publisher, grid: str | None):
+    def __init__(self, config: RunConfig, publish: _Publisher | None, grid: str | None):
         self.config = config
-        self.live = LiveProgress(lambda progress: publish(progress, curves=training_curves(config.run_dir)),
-                                 config.train.live_every_s)
+        self.live = None if publish is None else LiveProgress(
+            lambda progress: publish(progress, curves=training_curves(config.run_dir)), config.train.live_every_s)
         self.reporters = Reporters.open(config.train.report_to, config.run_dir, config.resolved(), config.run_id,
                                         config.name, grid)
 
@@ -239,26 +243,43 @@ class _Watch:
         if kind == "train":
             step, total, seconds = record["step"], record["total_steps"], record["seconds"]
             values["samples_per_second"] = self.config.train.batch_size / seconds if seconds else None
-            self.live({"id": self.config.run_id, "status": "running", "step": step, "total_steps": total,
-                       "samples_per_second": values["samples_per_second"], "eta_seconds": (total - step) * seconds})
+            if self.live is not None:
+                self.live({"id": self.config.run_id, "status": "running", "step": step, "total_steps": total,
+                           "samples_per_second": values["samples_per_second"], "eta_seconds": (total - step) * seconds})
         self.reporters.log(record["step"], {k: v for k, v in values.items() if v is not None})
 
     def training_ended(self) -> None:
+        if self.live is None:
+            return
         self.live.close()
         if self.live.error is not None:
             print(f"clipkd: {self.config.name}: live progress could not be published ({self.live.error}); the run's "
                   "record and store get its final numbers as usual", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def tracked(config: RunConfig) -> Iterator[_Watch | None]:
+    """``clipkd train``'s observer: the run's trackers (``train.report_to``) on rank 0, as ``run`` has them while
+    it trains, without a record or a store."""
+    if not config.train.report_to or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    watch = _Watch(config, None, None)
+    try:
+        yield watch
+    finally:
+        watch.reporters.close()
+
+
 def run(config: RunConfig, store: Store | None, grid: str | None = None) -> str:
     """Train, evaluate and record one run; returns its final status. Finished work is never redone."""
     wanted = {benchmark_name(spec.dataset, spec.root) for spec in config.benchmarks()}
-    record = read_record(config.run_dir)
-    if record and record["run"].get("status") == "done" and wanted <= set(record["metrics"]):
-        if store is not None:
+    env = init_distributed(config.train.collective_timeout_s)
+    record = read_record(config.run_dir)  # rank 0's reading for all: another node's view of the file may lag
+    if from_main(bool(record and record["run"].get("status") == "done" and wanted <= set(record["metrics"]))):
+        if store is not None and env.is_main:
             ingest(store, [config.run_dir])
         return "done"
-    env = init_distributed()
     publish = _Publisher(config.run_dir, store if env.is_main else None)
     base = run_record(config, grid=grid)
     watch = None
@@ -291,8 +312,9 @@ def _train_and_evaluate(config: RunConfig, env, publish: _Publisher, base: dict[
         raise
     started, device = time.perf_counter(), env.device
     try:  # every rank embeds its share of each benchmark; rank 0 measures the cost and records
-        trained = load_trained_run(run_dir, device)
-        evaluation = evaluate(trained, config.benchmarks(), device)
+        with failures_shared():
+            trained = load_trained_run(run_dir, device)
+            evaluation = evaluate(trained, config.benchmarks(), device)
         eval_seconds = time.perf_counter() - started
         if not env.is_main:
             return "done"

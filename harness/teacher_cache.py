@@ -11,8 +11,11 @@ Layout of ``<output_dir>/.teacher-embeddings/<key>/`` (``clipkd cache info`` sum
 
 - ``meta.json``, written last: the spec the key hashes (teacher, data, views, preprocessing, storage dtype), the
   sample count, the embedding size and the teacher's logit scale;
-- map-style sets (built-in, CSV): ``image.npy`` (N × max(K, 1) × D), ``text.npy`` (N × D, a caption once),
-  ``boxes.npy`` (N × K × 4: top, left, height, width), rows by sample index;
+- map-style sets (built-in, CSV): per building rank r, ``parts/r.image.npy`` (n_r × max(K, 1) × D),
+  ``parts/r.text.npy`` (n_r × D, a caption once), ``parts/r.boxes.npy`` (n_r × K × 4: top, left, height, width),
+  rank r's contiguous range of samples from ``meta["parts"][r]`` on: each rank writes files of its own, so no
+  page of one file is written back by two nodes (on NFS a node's write-back of a shared page can overwrite a
+  neighbour's rows). Caches built before that hold ``image.npy``, ``text.npy`` and ``boxes.npy`` by sample index;
 - webdataset: the same three arrays per shard under ``shards/``, rows by position in the shard, and per shard its
   path, sample count and a digest of its ``__key__``s in ``meta.json``.
 
@@ -44,13 +47,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harness.config import RunConfig
-from harness.data import build_source, workers
+from harness.data import build_source, csv_identity, workers
 from harness.data.bad import decode_replacing
 from harness.data.batch import Batch, crop_views, decodes_to_report
 from harness.data.shards import ShardSource
 from harness.data.views import Augmentation, ViewSpec
 from harness.distributed import DistEnv, from_main, init_distributed
-from harness.errors import ClipkdError
+from harness.errors import ClipkdError, worker_errors_unwrapped
 from harness.models import (
     autocast,
     create_teacher,
@@ -99,10 +102,12 @@ def teacher_identity(config: RunConfig) -> dict[str, Any]:
 
 
 def data_identity(config: RunConfig) -> dict[str, Any]:
-    """The samples: a built-in set by name, a CSV by path, shards by path, size and time (a rewritten shard is
-    another dataset)."""
+    """The samples: a built-in set by name, a CSV by its table's bytes and its images' sizes and times, shards by
+    path, size and time (a rewritten shard, an edited table, an image downloaded again: another dataset)."""
     data = config.data.model_dump(exclude={"workers", "augment", "shuffle_window", "num_samples", "bad_samples",
                                            "max_bad_fraction"})
+    if config.data.dataset == "csv":
+        data["samples"] = csv_identity(config.data)
     if config.data.dataset == "webdataset":
         from harness.data.shards import INDEX_VERSION, expand_shards
 
@@ -193,7 +198,7 @@ class CachedRows:
         self.folder = Path(folder)
         meta = read_meta(self.folder)
         self.samples, self.embed_dim, self.logit_scale = meta["samples"], meta["embed_dim"], meta["logit_scale"]
-        self.views, self.shards = meta["spec"]["views"], meta.get("shards")
+        self.views, self.shards, self.parts = meta["spec"]["views"], meta.get("shards"), meta.get("parts")
         # what the live teacher handed the losses: a bf16 run's embeddings are bf16, stored exactly as float32
         self.embedding_dtype = getattr(torch, meta.get("embedding_dtype", "float32"))
         self._arrays, self._pid = None, None
@@ -210,19 +215,28 @@ class CachedRows:
         """The teacher's image embedding of each sample's view (the un-augmented one when ``views`` is None) and
         of its caption, as float32 tensors."""
         views = np.zeros(len(samples), dtype=np.int64) if views is None else views
-        if self.shards is None:
+        if self.shards is None and self.parts is None:  # a cache from before parts: one array by sample index
             image, text = self._array("image")[samples, views], self._array("text")[samples]
-        else:
+            return torch.from_numpy(np.asarray(image, dtype=np.float32)), torch.from_numpy(np.asarray(text, dtype=np.float32))
+        folder, file_of, position = self._locate(samples)
+        image = np.empty((len(samples), self.embed_dim), dtype=np.float32)
+        text = np.empty_like(image)
+        for file in np.unique(file_of):
+            rows = file_of == file
+            image[rows] = self._array(f"{folder}/{file}.image")[position[rows], views[rows]]
+            text[rows] = self._array(f"{folder}/{file}.text")[position[rows]]
+        return torch.from_numpy(image), torch.from_numpy(text)
+
+    def _locate(self, samples: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+        """Which file of the cache holds each sample's rows, and the row: a shard's (by the id's shard and
+        position), or a building rank's part (by the part's first sample)."""
+        if self.shards is not None:
             from harness.data.shards import split_ids
 
-            shard_of, position = split_ids(samples)
-            image = np.empty((len(samples), self.embed_dim), dtype=np.float32)
-            text = np.empty_like(image)
-            for shard in np.unique(shard_of):
-                rows = shard_of == shard
-                image[rows] = self._array(f"shards/{shard}.image")[position[rows], views[rows]]
-                text[rows] = self._array(f"shards/{shard}.text")[position[rows]]
-        return torch.from_numpy(np.asarray(image, dtype=np.float32)), torch.from_numpy(np.asarray(text, dtype=np.float32))
+            return ("shards", *split_ids(samples))
+        starts = np.asarray(self.parts, dtype=np.int64)
+        part = np.searchsorted(starts, samples, side="right") - 1
+        return "parts", part, samples - starts[part]
 
 
 def info(folder: Path) -> dict[str, Any]:
@@ -318,11 +332,11 @@ def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) 
     """The cache folder of ``config``'s teacher, data and views, built first if it does not exist yet; under
     torchrun every rank embeds its share."""
     folder = cache_dir(config)
-    env = env or init_distributed()
+    env = env or init_distributed(config.train.collective_timeout_s)
     if from_main(_complete(folder)):
         return folder
     builder = _Builder(config, device)  # the teacher and the data's index, before this rank meets the others
-    with _exclusive(folder.with_suffix(".lock"), env):
+    with _exclusive(folder.with_suffix(".lock"), env), worker_errors_unwrapped():
         built, partial = from_main((_complete(folder), folder.with_name(_partial_name(folder))))
         if not built:  # another builder may have finished while this one waited
             if env.is_main:
@@ -408,8 +422,8 @@ class _Work(IterableDataset):
 
 
 def _chunks(source, share: tuple[int, int], batch: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """This rank's work as (array prefix, rows in those arrays, sample ids): a contiguous share of a map-style set,
-    or every world-th shard."""
+    """This rank's work as (array prefix, rows in those arrays, sample ids): its part of a map-style set (a
+    contiguous share, in files of its own), or every world-th shard."""
     rank, world = share
     if isinstance(source, ShardSource):
         from harness.data.shards import SHARD_BITS
@@ -421,9 +435,14 @@ def _chunks(source, share: tuple[int, int], batch: int) -> list[tuple[str, np.nd
                 rows = positions[start:start + batch]
                 chunks.append((f"shards/{shard}.", rows, (np.int64(shard) << SHARD_BITS) | rows))
         return chunks
-    count = len(source)
-    ids = np.arange(count * rank // world, count * (rank + 1) // world)
-    return [("", ids[start:start + batch], ids[start:start + batch]) for start in range(0, len(ids), batch)]
+    ids = np.arange(*_part_range(len(source), rank, world))
+    rows = ids - ids[0] if len(ids) else ids
+    return [(f"parts/{rank}.", rows[start:start + batch], ids[start:start + batch]) for start in range(0, len(ids), batch)]
+
+
+def _part_range(count: int, rank: int, world: int) -> tuple[int, int]:
+    """The samples of a map-style set that building rank ``rank`` of ``world`` embeds into its own files."""
+    return count * rank // world, count * (rank + 1) // world
 
 
 class _Builder:
@@ -437,8 +456,13 @@ class _Builder:
         self.source = build_source(config.data, config.student.model, student_tokenizer(config), augmentation,
                                    config.output_dir)
         self.sharded = isinstance(self.source, ShardSource)
-        self.prefixes = ([(f"shards/{i}.", int(n)) for i, n in enumerate(self.source.index.counts)]
-                         if self.sharded else [("", len(self.source))])
+
+    def files(self, world: int) -> list[tuple[str, int]]:
+        """Each file set of the cache (its prefix) and its rows: a shard's, or a building rank's part."""
+        if self.sharded:
+            return [(f"shards/{i}.", int(n)) for i, n in enumerate(self.source.index.counts)]
+        ranges = [_part_range(len(self.source), rank, world) for rank in range(world)]
+        return [(f"parts/{rank}.", stop - start) for rank, (start, stop) in enumerate(ranges)]
 
     def build(self, folder: Path, env: DistEnv) -> None:
         """Rank 0 creates the arrays (cheap: their files), then every rank embeds its share at once; they meet
@@ -447,7 +471,7 @@ class _Builder:
         try:
             if env.is_main:
                 _claim(folder)
-                self.create_arrays(folder)
+                self.create_arrays(folder, env.world_size)
                 marks.set("created")
             else:
                 marks.wait(["created"])
@@ -464,13 +488,12 @@ class _Builder:
             ranks = [json.loads(marks.read(f"embedded-{rank}")) for rank in range(env.world_size)]
             marks.clear()
             (folder / OWNER).unlink()
-            self.write_meta(folder, ranks)
+            self.write_meta(folder, ranks, env.world_size)
 
-    def create_arrays(self, folder: Path) -> None:
-        if self.sharded:
-            (folder / "shards").mkdir()
+    def create_arrays(self, folder: Path, world: int) -> None:
+        (folder / ("shards" if self.sharded else "parts")).mkdir()
         storage, views, dim = STORAGE[self.spec.storage], self.spec.views, self.teacher.embed_dim
-        for prefix, count in self.prefixes:
+        for prefix, count in self.files(world):
             shapes = {"image": ((count, max(1, views), dim), storage), "text": ((count, dim), storage),
                       "boxes": ((count, views, 4), np.int32)}
             for name, (shape, dtype) in shapes.items():
@@ -503,9 +526,10 @@ class _Builder:
         arrays.close()
         return sum(len(rows) for _, rows, _ in chunks)
 
-    def write_meta(self, folder: Path, ranks: list[dict[str, int]]) -> None:
+    def write_meta(self, folder: Path, ranks: list[dict[str, int]], world: int) -> None:
         """``ranks``: each rank's samples embedded and images decoded (files: once each, whatever the views)."""
-        meta = {"spec": asdict(self.spec), "samples": sum(n for _, n in self.prefixes),
+        files = self.files(world)
+        meta = {"spec": asdict(self.spec), "samples": sum(n for _, n in files),
                 "embedded_by_rank": [rank["embedded"] for rank in ranks],
                 "decoded_by_rank": [rank["decoded"] for rank in ranks],
                 # the bad samples found (data/bad.py): their rows hold their replacements, which runs read instead
@@ -515,7 +539,9 @@ class _Builder:
                 "teacher_model": type(self.teacher.model).__name__}
         if self.sharded:  # which shard's rows are where (the key names the shards by path, size and time)
             meta["shards"] = [{"path": str(path), "samples": count}
-                              for path, (_, count) in zip(self.source.index.shards, self.prefixes)]
+                              for path, (_, count) in zip(self.source.index.shards, files)]
+        else:  # each part's first sample
+            meta["parts"] = [_part_range(len(self.source), rank, world)[0] for rank in range(world)]
         (folder / META).write_text(json.dumps(meta, indent=1))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,15 +29,17 @@ from harness.data.bad import BadSampleLog
 from harness.data.views import Augmentation
 from harness.distributed import (
     DistEnv,
-    StopVote,
+    StepVote,
     average_gradients,
     broadcast_from_main,
     data_parallel,
+    failures_shared,
+    from_main,
     gather,
     gather_with_grad,
     init_distributed,
 )
-from harness.errors import ClipkdError
+from harness.errors import ClipkdError, worker_errors_unwrapped
 from harness.masking import masked_image_features, patch_grid
 from harness.models import ClipBundle, autocast, compile_repeated_blocks, create_clip, create_teacher, parameter_dtype
 from harness.processes import started_at
@@ -59,6 +62,8 @@ class NonFiniteLossError(TrainingError):
 
 class TrainingInterrupted(TrainingError):
     """A stop signal arrived; a checkpoint of the last completed step was written."""
+
+    every_rank = True  # the ranks stop together (harness/distributed.py StepVote)
 
     def __init__(self, step: int, signum: int):
         super().__init__(f"interrupted by signal {signum} after step {step}; checkpoint saved, continue with --resume")
@@ -85,12 +90,14 @@ class Objective(nn.Module):
         self.image_mask_ratio = ratios.pop() if ratios else None
 
     def forward(self, batch: methods.DistillBatch) -> dict[str, torch.Tensor]:
-        terms = {
-            "task": self.task(
-                methods.normalize(batch.student_image), methods.normalize(batch.student_text), batch.student_logit_scale
-            )
-        }
-        terms.update({name: method(batch) for name, method in self.methods.items()})
+        """Every term in float32 at least, outside autocast, on embeddings cast up exactly: under bf16 a logit near
+        100 is rounded to a multiple of 0.5, the size of the KD gradient p_S - p_T near convergence, so every
+        softmax, KL and cross-entropy of the losses takes float32 logits."""
+        with torch.autocast(batch.student_image.device.type, enabled=False):
+            batch = _float32_at_least(batch)
+            terms = {"task": self.task(methods.normalize(batch.student_image), methods.normalize(batch.student_text),
+                                       batch.student_logit_scale)}
+            terms.update({name: method(batch) for name, method in self.methods.items()})
         return terms
 
     def student_projection(self) -> nn.Module | None:
@@ -99,6 +106,16 @@ class Objective(nn.Module):
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return terms["task"] + sum(self.weights[name] * terms[name] for name in self.methods)
+
+
+def _float32_at_least(batch: methods.DistillBatch) -> methods.DistillBatch:
+    """The batch's tensors in float32, or as they are when wider (an fp64 run)."""
+    def up(x):
+        return x.to(torch.promote_types(x.dtype, torch.float32)) if isinstance(x, torch.Tensor) else x
+
+    fields = {f.name: up(getattr(batch, f.name)) for f in dataclasses.fields(batch) if f.name != "teachers"}
+    teachers = tuple(methods.TeacherEmbeddings(up(t.image), up(t.text), up(t.logit_scale)) for t in batch.teachers)
+    return dataclasses.replace(batch, **fields, teachers=teachers)
 
 
 def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistEnv,
@@ -245,11 +262,12 @@ class FiniteWatch:
 class ProgressEvaluation:
     """Zero-shot top-1 during training, every ``eval.every_steps`` steps, on the run's first benchmark (or its first
     ``eval.during_items`` items), logged with the samples seen so far: how many samples a method needs. Every rank
-    embeds its share of the images (no rank waits for another's evaluation in the next step's gather); the global
-    RNG is left as it was, so a run trains to the same weights with or without it."""
+    embeds its share of the images (no rank waits for another's evaluation in the next step's gather); the
+    student is evaluated as a checkpoint of that step would be (eval mode) and left as it was found (its modes,
+    buffers and random streams), so a run trains to the same weights with or without it."""
 
     def __init__(self, config: RunConfig, student: ClipBundle, device: torch.device, log: Path | None):
-        from evals.datasets import DuringTraining, load_eval_set
+        from evals.datasets import during_training, load_eval_set
 
         benchmarks = config.benchmarks()
         first = benchmarks[0] if benchmarks else None
@@ -259,19 +277,17 @@ class ProgressEvaluation:
                                 "give a benchmark with classes (a built-in set, imagefolder or a clip_benchmark one)")
         self.benchmark = eval_set.benchmark
         self.term = progress_term(self.benchmark)
-        self.dataset = DuringTraining(eval_set.classification, config.eval.during_items,
-                                      parameter_dtype(config.train.precision))
+        self.dataset = during_training(eval_set.classification, config.eval.during_items,
+                                       parameter_dtype(config.train.precision))
         self.student, self.device, self.log = student, device, log
         self.batch_size, self.workers = config.eval.batch_size, workers(config.eval.workers)
 
     def __call__(self, step: int, samples_seen: int) -> float:
         from evals.zeroshot import Classifiers, classification_metrics
 
-        model = self.student.model
-        with torch.random.fork_rng(devices=[]):
-            metrics = classification_metrics(model, self.student.tokenizer, self.dataset, self.device,
-                                             self.batch_size, Classifiers(), self.workers).metrics
-        model.train()
+        # the evaluation leaves the student's modes, buffers and random streams as it found them (evals/zeroshot.py)
+        metrics = classification_metrics(self.student.model, self.student.tokenizer, self.dataset, self.device,
+                                         self.batch_size, Classifiers(), self.workers).metrics
         if self.log is not None:
             with self.log.open("a") as log:
                 log.write(json.dumps({"step": step, "samples_seen": samples_seen, "benchmark": self.benchmark,
@@ -413,7 +429,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "scheduler": {"kind": "cosine", "step": self.step, "total_steps": self.total_steps},
-            "rng": checkpoint.rng_state(),
+            "rng": checkpoint.rng_state(self.device),
             "step": self.step,
             "model": self.config.student.model,
             "embed_dim": self.student.embed_dim,
@@ -432,7 +448,7 @@ class Trainer:
         self.objective.load_state_dict(state["methods"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"], self.device)
         self.step = state["step"]
         self.watch = FiniteWatch(self.term_names, self.step, self.device)
 
@@ -516,7 +532,7 @@ class Trainer:
         show_progress = self.env.is_main and sys.stderr.isatty()
         evaluate = self._progress()
         samples_per_step = cfg.train.batch_size
-        vote, logged = StopVote(), (self.step, time.perf_counter())
+        vote, logged = StepVote(), (self.step, time.perf_counter())
         bad = BadSampleLog(self.run_dir, cfg.data.bad_samples, cfg.data.max_bad_fraction, len(self.source))
         with self._open_log() as log, _StopSignals() as signals, tqdm(
             total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
@@ -524,7 +540,7 @@ class Trainer:
             if evaluate is not None and self.step == 0:
                 observe("eval", {"step": 0, evaluate.term: evaluate(0, 0)})
             for batch in self.data.batches(self.step, self.total_steps):  # one loader for the whole run
-                bad.add(batch.bad)  # raises under data.bad_samples: error, or past data.max_bad_fraction
+                refused = bad.add(batch.bad)  # under data.bad_samples: error, or past data.max_bad_fraction
                 lr, values = self.train_step(batch.to(self.device, self.dtype))
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     self.watch.check(self.run_dir / "checkpoints")
@@ -541,9 +557,15 @@ class Trainer:
                 progress.update(1)
                 if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
                     observe("eval", {"step": self.step, evaluate.term: evaluate(self.step, self.step * samples_per_step)})
-                if self.step % cfg.train.checkpoint_every == 0:
+                checkpointing = self.step % cfg.train.checkpoint_every == 0
+                # settled before a checkpoint and at the end: no rank's refusal of a step is left unheard
+                decision = vote(signals.received is not None, refused,
+                                settle=checkpointing or self.step == self.total_steps)
+                if decision.failure is not None:  # every rank at once, with the words of the rank that refused
+                    raise decision.failure
+                if checkpointing:
                     self.save(checkpoint.LATEST)
-                if vote(signals.received is not None):
+                if decision.stop:
                     vote.close()
                     stopped_by = signal.Signals(signals.received or signal.SIGTERM)
                     self.save(checkpoint.LATEST)
@@ -570,25 +592,29 @@ class Trainer:
 def train(config: RunConfig, resume: bool = False, observe: Observer | None = None) -> Path:
     """Train one run to completion in ``config.run_dir``; with ``resume`` continue from its latest checkpoint;
     ``observe`` as for ``Trainer.fit``."""
-    env = init_distributed()
+    env = init_distributed(config.train.collective_timeout_s)
     run_dir = config.run_dir
     latest = run_dir / "checkpoints" / checkpoint.LATEST
-    if (run_dir / "checkpoints" / checkpoint.FINAL).exists():
+    # seen by rank 0 for all: on a shared filesystem another node may not see a file yet (cached negative lookups)
+    finished, unfinished = from_main(((run_dir / "checkpoints" / checkpoint.FINAL).exists(), latest.exists()))
+    if finished:
         return run_dir  # the same resolved config has already been trained: nothing to do
-    if latest.exists() and not resume:
+    if unfinished and not resume:
         raise TrainingError(f"{run_dir} holds an unfinished run; continue it with --resume (or delete the directory)")
-    trainer = Trainer(config, env, env.device)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.resolved(), indent=2) + "\n")
-    resumed = resume and latest.exists()
-    if resumed:
-        trainer.restore(latest)
-    elif env.is_main and config.student.pretrained is None:
-        print(f"clipkd: {config.name}: student {config.student.model} starts from random weights "
-              "(student.pretrained is not set)", file=sys.stderr)
-    trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
-                  slurm_job=os.environ.get("SLURM_JOB_ID"), process_started=started_at(),
-                  compiled_blocks=trainer.compiled_blocks)
-    trainer.fit(observe)
+    # one rank's exception reaches the others with its own words (a loader worker's without torch's wrapping)
+    with failures_shared(), worker_errors_unwrapped():
+        trainer = Trainer(config, env, env.device)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(config.resolved(), indent=2) + "\n")
+        resumed = resume and unfinished
+        if resumed:
+            trainer.restore(latest)
+        elif env.is_main and config.student.pretrained is None:
+            print(f"clipkd: {config.name}: student {config.student.model} starts from random weights "
+                  "(student.pretrained is not set)", file=sys.stderr)
+        trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
+                      slurm_job=os.environ.get("SLURM_JOB_ID"), process_started=started_at(),
+                      compiled_blocks=trainer.compiled_blocks)
+        trainer.fit(observe)
     return run_dir

@@ -222,6 +222,22 @@ def test_past_the_bound_the_run_stops_naming_the_count_and_the_setting(tmp_path,
     assert not (run_dir / "checkpoints" / "final.pt").exists() and len(logged(run_dir)) > 0.05 * 36
 
 
+def test_a_loader_workers_error_is_its_own_message_counted_within_the_set(tmp_path, clipkd):
+    """A CSV whose one row names a missing image, read by a loader worker: one line naming the file and the set's
+    size. Before, torch's wrapping (\"Caught BadSampleError in DataLoader worker process 0. Original Traceback\"
+    and 20 lines of frames) came first, and the message said 1000 bad samples in a row of a set of one."""
+    table = tmp_path / "one.tsv"
+    table.write_text(f"filepath\ttitle\n{tmp_path / 'gone.png'}\ta digit\n")
+    config = {"name": "one", "output_dir": str(tmp_path / "runs"), "student": {"model": "clipkd-tiny"},
+              "data": {"dataset": "csv", "path": str(table), "workers": 1}, "train": {"batch_size": 1, "steps": 1}}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config))
+    result = clipkd("train", str(tmp_path / "one.yaml"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "error" in line]  # after the random-init notice
+    assert error.startswith("clipkd: error: all 1 samples of the set are bad: is this the data you meant?")
+    assert "gone.png" in error and "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
+
+
 def test_a_finished_runs_record_counts_its_bad_samples(tmp_path, teacher_checkpoint):
     config_file = tmp_path / "counted.yaml"
     config_file.write_text(yaml.safe_dump({**csv_run(tmp_path, teacher_checkpoint), "eval": {"workers": 0}}))
@@ -291,3 +307,85 @@ def test_grid_plan_checks_the_images_of_each_distinct_training_set(tmp_path, tea
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     out = run_clipkd("grid", "plan", "grid.yaml", "--check-images", cwd=tmp_path).stdout
     assert out.count("5 bad samples of 36") == 1  # two cells, one training set
+
+
+def _refusing_rank(rank: int, world: int, meeting: dict, resolved: dict, out: str, fails_alone: bool = False) -> None:
+    """Train; write what this rank raised and when. ``fails_alone``: rank 1 raises an error of its own inside its
+    third step (as an out-of-memory on one GPU would), outside any vote."""
+    import time
+
+    from harness.train import Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(meeting, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if fails_alone and rank == 1:
+        step = Trainer.train_step
+
+        def failing(self, batch):
+            if self.step == 2:
+                raise RuntimeError("CUDA out of memory (simulated on rank 1)")
+            return step(self, batch)
+
+        Trainer.train_step = failing
+    started = time.monotonic()
+    try:
+        train(parse_config(resolved))
+        raised = None
+    except Exception as error:  # noqa: BLE001 (what each rank says is the test's subject)
+        raised = f"{type(error).__name__}: {error}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "seconds": time.monotonic() - started}))
+
+
+def one_bad_row_csv(folder: Path) -> Path:
+    """24 rows of digits, row 13's image corrupt."""
+    rows = []
+    for i in range(24):
+        path = folder / f"{i:02d}.png"
+        path.write_bytes(CORRUPT if i == 13 else png(i))
+        rows.append(f"{path}\t{DIGITS.captions[i]}")
+    (folder / "train.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    return folder / "train.tsv"
+
+
+def test_a_bad_sample_in_one_ranks_block_stops_every_rank_with_its_message(tmp_path):
+    """2 processes, data.bad_samples: error, the one bad sample in rank 1's block only: both stop at once with the
+    message naming it, long before the group's 60-second timeout, and the checkpoint before that step is kept.
+    Before, rank 1 raised alone and rank 0 waited in the next all-gather: a gloo error naming no sample (on NCCL,
+    the timeout)."""
+    import torch.multiprocessing as spawn_mp
+    from conftest import rendezvous
+
+    from harness.data.memory import rank_blocks
+
+    table = one_bad_row_csv(tmp_path)
+    seed = next(s for s in range(50) if any(13 in block for _, block in rank_blocks(24, 12, s, 1, 2, 1, 2)))
+    resolved = {"name": "refused", "seed": seed, "output_dir": str(tmp_path / "runs"),
+                "student": {"model": "clipkd-tiny"},
+                "data": {"dataset": "csv", "path": str(table), "workers": 0, "bad_samples": "error"},
+                "train": {"batch_size": 12, "steps": 4, "checkpoint_every": 1, "collective_timeout_s": 60}}
+    with rendezvous() as meeting:
+        spawn_mp.spawn(_refusing_rank, args=(2, meeting, resolved, str(tmp_path)), nprocs=2, join=True)
+    said = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert said[0]["raised"] == said[1]["raised"], said
+    assert said[0]["raised"].startswith("BadSampleError: bad sample") and "13.png" in said[0]["raised"], said
+    assert max(rank["seconds"] for rank in said) < 45, said  # the group's timeout (60 s) never came into it
+    kept = torch.load(parse_config(resolved).run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert kept["step"] == 1  # the step that held the bad sample (step 2) was refused by both ranks
+
+
+def test_an_error_on_one_rank_reaches_the_other_in_its_words(tmp_path):
+    """Rank 1 fails inside a step on its own (no vote can carry it: rank 0 is already in the step's collectives).
+    It posts its message to the group's store before its process ends; rank 0's collective fails at once and
+    rank 0 raises that message, not the transport's. Before, rank 0 reported a gloo connection error."""
+    import torch.multiprocessing as spawn_mp
+    from conftest import rendezvous
+
+    resolved = {"name": "alone", "output_dir": str(tmp_path / "runs"), "student": {"model": "clipkd-tiny"},
+                "data": {"dataset": "digits", "workers": 0},
+                "train": {"batch_size": 12, "steps": 4, "collective_timeout_s": 60}}
+    with rendezvous() as meeting:
+        spawn_mp.spawn(_refusing_rank, args=(2, meeting, resolved, str(tmp_path), True), nprocs=2, join=True)
+    said = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert said[1]["raised"] == "RuntimeError: CUDA out of memory (simulated on rank 1)", said
+    assert said[0]["raised"].startswith("RankFailed: rank 1: RuntimeError: CUDA out of memory (simulated on rank 1)")
+    assert said[0]["seconds"] < 45, said

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require, run_clipkd, write_shards
+from conftest import ROOT, require, run_clipkd, write_shards
 from PIL import Image
 from test_train import write_config
 
@@ -294,6 +294,22 @@ def test_mfd_keeps_the_asked_share_of_patches(mask_ratio, kept):
     patches = inputs[0].unflatten(2, (rows, -1)).unflatten(4, (cols, -1))  # (B, C, rows, h, cols, w)
     unzeroed = patches.abs().amax(dim=(1, 3, 5)) > 0
     assert unzeroed.sum(dim=(1, 2)).tolist() == [round(rows * cols * (1 - mask_ratio))] * 2
+
+
+def test_the_masked_pass_leaves_batchnorms_running_statistics_alone():
+    """MFD's masked image is mostly blank: a BatchNorm tower trains on it (batch statistics, gradients) but its
+    running statistics stay those of the real images. Before, every step's masked pass moved them toward blank
+    images' statistics and counted one more batch."""
+    torch.manual_seed(0)
+    cnn = create_clip(str(ROOT / "tests" / "fixtures" / "bn-student.json")).model.train()
+    before = {name: buffer.clone() for name, buffer in cnn.named_buffers()}
+    rows, cols = patch_grid(cnn.visual, 32)
+    embedded = masked_image_features(cnn, torch.randn(4, 3, 32, 32), torch.rand(4, rows * cols), 0.75)
+    embedded.sum().backward()  # it still trains: gradients reach the tower
+    assert all(torch.equal(buffer, before[name]) for name, buffer in cnn.named_buffers())
+    assert cnn.visual.trunk.conv1[0].weight.grad.abs().sum() > 0
+    cnn.encode_image(torch.randn(4, 3, 32, 32))  # a real pass still counts
+    assert not torch.equal(cnn.visual.trunk.bn1.running_mean, before["visual.trunk.bn1.running_mean"])
 
 
 @pytest.mark.parametrize("environment, expected", [

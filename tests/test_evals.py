@@ -30,9 +30,16 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
+    """On the built-in set and on its clip_benchmark wds export (in 3 shards, read as a stream), as a user runs
+    them: `clipkd eval` gives `clip_benchmark eval`'s numbers."""
     ours = json.loads(run_clipkd("eval", str(trained_run), "--dataset", "digits", cwd=tmp_path, env=ONE_THREAD).stdout)
     run_clipkd("export", str(trained_run), str(tmp_path / "model"), cwd=tmp_path)
-    run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), cwd=tmp_path)
+    run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), "--shards", "3", cwd=tmp_path)
+    streamed = {}
+    for root in ("classification", "retrieval"):
+        out = run_clipkd("eval", str(trained_run), "--dataset", "wds/digits", "--root", str(tmp_path / "wds" / root),
+                         "--workers", "2", cwd=tmp_path, env=ONE_THREAD).stdout
+        streamed.update(json.loads(out)["metrics"])
     theirs = {}
     for task, root in (("zeroshot_classification", "classification"), ("zeroshot_retrieval", "retrieval")):
         output = tmp_path / f"{task}.json"
@@ -46,7 +53,7 @@ def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
         theirs.update(json.loads(output.read_text())["metrics"])
     for metric in ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "text_retrieval_recall@1",
                    "image_retrieval_recall@5", "text_retrieval_recall@10"]:
-        assert ours["metrics"][metric] == theirs[metric], metric
+        assert ours["metrics"][metric] == theirs[metric] == streamed[metric], metric
     assert ours["benchmark"] == "digits"
 
 
@@ -287,3 +294,84 @@ def test_a_public_model_is_recorded_as_a_reference_and_shown_apart(tmp_path):
     assert "reference models (evaluated here, not trained here):" in table and "pretrained:tiny.pt" in table
     result = run_clipkd("eval", "--dataset", "digits", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "or --model NAME with --pretrained TAG|FILE" in result.stderr
+
+
+def _two_class_wds(folder: Path) -> Path:
+    """The digits 0 and 1 of the test split as a clip_benchmark wds classification set in one shard."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from harness.data.builtin import DIGIT_NAMES, load_builtin
+
+    test = load_builtin("digits", "test")
+    (folder / "test").mkdir(parents=True)
+    (folder / "test" / "nshards.txt").write_text("1\n")
+    (folder / "classnames.txt").write_text(f"{DIGIT_NAMES[0]}\n{DIGIT_NAMES[1]}\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of the digit {c}.\n{c}\n")
+    with wds.TarWriter(str(folder / "test" / "0.tar")) as sink:
+        for i in [i for i in range(len(test.labels)) if test.labels[i] < 2]:
+            png = io.BytesIO()
+            Image.fromarray(test.images[i]).convert("RGB").save(png, format="PNG")
+            sink.write({"__key__": f"s{i:06d}", "png": png.getvalue(), "cls": int(test.labels[i])})
+    return folder
+
+
+def _evaluate_sets(weights: str, roots: dict[str, str], workers: int) -> dict:
+    """Every set's metrics and per-item bits, in this process's group (if any)."""
+    from evals.datasets import load_eval_set
+    from evals.zeroshot import zero_shot_metrics
+    from harness.models import create_clip
+
+    bundle = create_clip("clipkd-tiny", weights)
+    found = {}
+    for name, root in roots.items():
+        eval_set = load_eval_set("wds/digits", root, bundle.preprocess_eval)
+        result = zero_shot_metrics(bundle.model, bundle.tokenizer, eval_set, torch.device("cpu"), 64, workers=workers)
+        found[name] = (result.metrics, {k: v.tolist() for k, v in result.items.items()})
+    return found
+
+
+def _evaluating_rank(rank: int, world: int, meeting: dict, weights: str, roots: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(meeting, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from harness.distributed import init_distributed
+
+    init_distributed(timeout_s=120)
+    found = _evaluate_sets(weights, roots, workers=rank % 2)  # ranks with and without loader workers
+    if rank == 0:
+        Path(out).write_text(json.dumps(found))
+    dist.destroy_process_group()
+
+
+def test_three_ranks_evaluate_streamed_sets_and_a_two_class_set_as_one_process(trained_run, tmp_path):
+    """3 gloo processes evaluate a wds classification set in 4 shards (split by shards), its retrieval set in one
+    shard (split by items) and a 2-class set (fewer classes than ranks: a rank embeds no prompt): the numbers and
+    per-item bits of one process, which are clip_benchmark's own (its library, in one process) on the 2-class set.
+    Before, the first two raised on the stream's missing length and the third crashed one rank, hanging the rest."""
+    import torch.multiprocessing as mp
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_classification
+    from conftest import rendezvous
+
+    from harness.models import create_clip
+
+    run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), "--shards", "4", cwd=tmp_path)
+    roots = {"classification": str(tmp_path / "wds" / "classification"), "retrieval": str(tmp_path / "wds" / "retrieval"),
+             "two classes": str(_two_class_wds(tmp_path / "two"))}
+    weights = str(trained_run / "checkpoints" / "final.pt")
+    torch.set_num_threads(1)
+    alone = json.loads(json.dumps(_evaluate_sets(weights, roots, workers=0)))
+    with rendezvous() as meeting:
+        mp.spawn(_evaluating_rank, args=(3, meeting, weights, roots, str(tmp_path / "ranks.json")), nprocs=3, join=True)
+    assert json.loads((tmp_path / "ranks.json").read_text()) == alone
+
+    bundle = create_clip("clipkd-tiny", weights)  # clip_benchmark's evaluate() on its own dataset of the set
+    two = build_dataset("wds/digits", root=roots["two classes"], transform=bundle.preprocess_eval, split="test")
+    theirs = zeroshot_classification.evaluate(bundle.model.eval(), torch.utils.data.DataLoader(two, batch_size=64),
+                                              bundle.tokenizer, two.classes, two.templates, "cpu", amp=False)
+    assert alone["two classes"][0]["acc1"] == theirs["acc1"]
+    assert alone["two classes"][0]["mean_per_class_recall"] == theirs["mean_per_class_recall"]

@@ -99,7 +99,7 @@ def test_stored_augmented_views_replay_exactly(tmp_path, teacher_checkpoint):
     for epoch in (0, 1):
         live, cached = assert_cached_equals_live(config("live"), config("cached"), epoch)
         batch = cached.first_batch
-        stored = np.load(teacher_cache.cache_dir(config("cached")) / "boxes.npy")
+        stored = stored_rows(teacher_cache.cache_dir(config("cached")), "boxes")
         np.testing.assert_array_equal(stored[batch.samples.numpy(), batch.views.numpy()], batch.boxes.numpy())
         assert set(batch.views.tolist()) == {0, 1, 2}
         assert (stored[:, 0] != stored[:, 1]).any(axis=1).mean() > 0.5  # the views differ
@@ -160,6 +160,12 @@ def _run_builders(*output_dirs: Path, teacher: Path, locks_work: bool = True) ->
     _finish(*[_start_builder(folder, teacher, locks_work) for folder in output_dirs])
 
 
+def stored_rows(folder: Path, name: str) -> np.ndarray:
+    """A map-style cache's array over all its samples: each building rank's part, in order."""
+    parts = sorted((folder / "parts").glob(f"*.{name}.npy"), key=lambda path: int(path.name.split(".")[0]))
+    return np.concatenate([np.load(path) for path in parts])
+
+
 def assert_one_whole_cache(output_dir: Path, teacher: Path) -> None:
     root = output_dir / teacher_cache.CACHE_DIR
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -169,8 +175,7 @@ def assert_one_whole_cache(output_dir: Path, teacher: Path) -> None:
     _run_builders(reference, teacher=teacher)
     reference_folder = teacher_cache.cache_dir(kd_config(reference, teacher, "cached", data={"workers": 0}))
     for name in ("image", "text"):
-        np.testing.assert_array_equal(np.load(root / folders[0] / f"{name}.npy"),
-                                      np.load(reference_folder / f"{name}.npy"))
+        np.testing.assert_array_equal(stored_rows(root / folders[0], name), stored_rows(reference_folder, name))
 
 
 def test_two_builders_at_once_leave_one_whole_cache(tmp_path, teacher_checkpoint):
@@ -186,7 +191,7 @@ def test_without_a_working_lock_a_late_builder_leaves_a_live_builders_folder_alo
     first = _start_builder(tmp_path, teacher_checkpoint, locks_work=False, hold_until=go)
     root = tmp_path / teacher_cache.CACHE_DIR
     deadline = time.monotonic() + 120
-    while not any(root.glob("*.partial-*/image.npy")):
+    while not any(root.glob("*.partial-*/parts/0.image.npy")):
         assert first.is_alive() and time.monotonic() < deadline
         time.sleep(0.05)
     (held,) = root.glob("*.partial-*")
@@ -205,7 +210,7 @@ def test_a_killed_builders_partial_folder_is_removed_by_the_next_builder(tmp_pat
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
     root = tmp_path / teacher_cache.CACHE_DIR
     deadline = time.monotonic() + 120
-    while not any(root.glob("*.partial-*/image.npy")):
+    while not any(root.glob("*.partial-*/parts/0.image.npy")):
         assert builder.poll() is None and time.monotonic() < deadline, "the builder ended before it could be killed"
         time.sleep(0.05)
     builder.send_signal(signal.SIGKILL)
@@ -220,7 +225,7 @@ def test_a_killed_builders_partial_folder_is_removed_by_the_next_builder(tmp_pat
 def test_runs_share_one_cache_and_never_build_the_teacher(tmp_path, teacher_checkpoint, monkeypatch):
     first = kd_config(tmp_path, teacher_checkpoint, "cached", name="first")
     folder = teacher_cache.ensure(first, CPU)
-    built = (folder / "image.npy").stat().st_mtime_ns
+    built = (folder / "parts" / "0.image.npy").stat().st_mtime_ns
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a cached run built the teacher")
@@ -229,7 +234,7 @@ def test_runs_share_one_cache_and_never_build_the_teacher(tmp_path, teacher_chec
     monkeypatch.setattr("harness.teacher_cache.create_teacher", no_teacher)
     for config in (first, kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, name="augmented")):
         assert (train(config) / "checkpoints" / "final.pt").is_file()
-    assert (folder / "image.npy").stat().st_mtime_ns == built
+    assert (folder / "parts" / "0.image.npy").stat().st_mtime_ns == built
 
 
 def test_float16_storage_halves_the_cache_and_moves_losses_as_the_readme_says(tmp_path, teacher_checkpoint):
@@ -330,7 +335,7 @@ def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoi
     one = teacher_cache.ensure(kd_config(tmp_path / "one", teacher_checkpoint, "cached"), CPU)
     # float64 embeddings stored as float32: the two may round a value differing in its last float64 bits apart
     for name in ("image", "text"):
-        np.testing.assert_allclose(np.load(folders[0] / f"{name}.npy"), np.load(one / f"{name}.npy"),
+        np.testing.assert_allclose(stored_rows(folders[0], name), stored_rows(one, name),
                                    rtol=2 * FLOAT32_ROUNDING, atol=0)
     assert (tmp_path / "two" / two.run_id / "checkpoints" / "final.pt").is_file()
 
@@ -366,12 +371,53 @@ def test_new_teacher_weights_a_rewritten_shard_or_other_views_build_a_new_cache(
     assert len([p for p in (tmp_path / "runs" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]) == 4
 
 
+def test_an_edited_csv_or_an_image_downloaded_again_names_another_cache(tmp_path, teacher_checkpoint):
+    """A CSV set is keyed by what its samples are: the table's bytes and each image file. Before, by the table's
+    path alone: a cached run read teacher rows of other pixels after either change, silently."""
+    from PIL import Image
+
+    from harness.data.builtin import load_builtin
+
+    digits = load_builtin("digits", "train")
+    rows = []
+    for i in range(8):
+        Image.fromarray(digits.images[i]).save(tmp_path / f"{i}.png")
+        rows.append(f"{tmp_path / f'{i}.png'}\t{digits.captions[i]}")
+    table = tmp_path / "train.tsv"
+    table.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    config = kd_config(tmp_path, teacher_checkpoint, "cached", data={"dataset": "csv", "path": str(table)})
+    keys = [teacher_cache.cache_dir(config).name]
+    Image.fromarray(digits.images[9]).save(tmp_path / "3.png")  # image 3 downloaded again: other pixels
+    keys.append(teacher_cache.cache_dir(config).name)
+    table.write_text(table.read_text().replace(digits.captions[5], digits.captions[5].upper()))  # same rows
+    keys.append(teacher_cache.cache_dir(config).name)
+    assert len(set(keys)) == 3, keys
+
+
+def test_a_cache_written_before_parts_is_read_as_before(tmp_path, teacher_checkpoint):
+    """A map-style cache is built as each rank's own files (parts/); one built before, a single array per kind by
+    sample index, still reads the same rows."""
+    config = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=2, data={"subset": 200})
+    folder = teacher_cache.ensure(config, CPU)
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("image", "text", "boxes"):
+        np.save(old / f"{name}.npy", stored_rows(folder, name))
+    meta = teacher_cache.read_meta(folder)
+    del meta["parts"]
+    (old / teacher_cache.META).write_text(json.dumps(meta))
+    samples, views = np.arange(200)[::-3], np.arange(200)[::-3] % 2
+    for new, before in zip(teacher_cache.CachedRows(folder).lookup(samples, views),
+                           teacher_cache.CachedRows(old).lookup(samples, views)):
+        assert torch.equal(new, before)
+
+
 def test_cache_info_reports_bytes_per_sample(tmp_path, teacher_checkpoint):
     config = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=2)
     folder = teacher_cache.ensure(config, CPU)
     out = run_clipkd("cache", "info", str(folder), "--json", cwd=tmp_path).stdout
     facts = json.loads(out)
-    arrays = sum(p.stat().st_size for p in folder.glob("*.npy"))
+    arrays = sum(p.stat().st_size for p in folder.rglob("*.npy"))
     assert facts["bytes"] == arrays and facts["samples"] == 1257 and facts["views"] == 2
     # per sample: 2 views + 1 caption of 96 float32, and 2 boxes of 4 int32 (plus the arrays' headers)
     assert (2 + 1) * 96 * 4 + 2 * 4 * 4 <= facts["bytes_per_sample"] < (2 + 1) * 96 * 4 + 2 * 4 * 4 + 1

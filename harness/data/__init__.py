@@ -14,6 +14,7 @@ an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,18 +78,42 @@ def build_source(spec, student_model: str, tokenizer: Callable, augmentation: Au
                            tokenizer)
     if spec.dataset == "csv":
         table = CaptionTable(spec.path, spec.image_key, spec.caption_key, spec.separator)
-        checked = csv_checked_file(Path(index_root) / INDEX_DIR, spec.path)
+        checked = csv_checked_file(Path(index_root) / INDEX_DIR, spec)
         known_bad = {int(row): reason for row, reason in json.loads(checked.read_text()).items()} if checked.is_file() else {}
         return CsvSource(table.first(spec.subset) if spec.subset else table, view, augmentation, tokenizer, known_bad)
     split = load_builtin(spec.dataset, "train")
     return InMemorySource.of(split.first(spec.subset) if spec.subset else split, tokenizer, view, augmentation)
 
 
-def csv_checked_file(folder: Path, csv: str) -> Path:
-    """Where ``clipkd data check`` leaves a CSV's bad rows (row index -> reason), keyed by its path, size and time."""
-    stat = Path(csv).stat()
-    identity = f"{Path(csv).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    return folder / f"csv-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.bad.json"
+def csv_checked_file(folder: Path, spec) -> Path:
+    """Where ``clipkd data check`` leaves a CSV's bad rows (row index -> reason), keyed by what its samples are."""
+    return folder / f"csv-{csv_identity(spec)[:20]}.bad.json"
+
+
+def csv_identity(spec) -> str:
+    """A digest of what a CSV set's samples are (``spec``: a config's ``data``): the table's bytes, and each image
+    file's path, size and time (a missing one as missing). A table edited, or its images downloaded again with the
+    same rows, is another set: a teacher cache keyed by it is not read for it. A stat a row each time (seconds for
+    a million rows on a local disk); the table is read once per process and state of the file."""
+    stat = Path(spec.path).stat()
+    table, images = _csv_images(str(Path(spec.path).resolve()), stat.st_size, stat.st_mtime_ns, spec.image_key,
+                                spec.caption_key, spec.separator)
+    digest = hashlib.sha256(table)
+    for image in images:
+        try:
+            found = os.stat(image)
+            digest.update(f"{image}\0{found.st_size}\0{found.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{image}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _csv_images(path: str, size: int, mtime_ns: int, image_key: str, caption_key: str, separator: str
+                ) -> tuple[bytes, list[str]]:
+    """A table's digest and its image paths, for one state of its file (``size``, ``mtime_ns``)."""
+    return (hashlib.sha256(Path(path).read_bytes()).digest(),
+            CaptionTable(path, image_key, caption_key, separator).images)
 
 
 def build_train_data(spec, source, batch_size: int, seed: int, rank: int, world_size: int, teacher_rows=None,

@@ -82,9 +82,10 @@ def decode_replacing(source, ids: np.ndarray) -> Decoded:
     """Each sample's image and caption, a bad one replaced by the next good sample (``source.after``); samples a
     data check found bad (``source.known_bad``) are replaced without being decoded again."""
     images, captions, resolved, bad = [None] * len(ids), [None] * len(ids), np.array(ids, dtype=np.int64), []
+    tries = min(MAX_IN_A_ROW, len(source))  # past the set's size the search would come round to its start again
     for slot in source.read_order(ids):
         sample = int(ids[slot])
-        for _ in range(MAX_IN_A_ROW):
+        for _ in range(tries):
             try:
                 if sample in source.known_bad:
                     raise Unusable(source.known_bad[sample])
@@ -94,8 +95,10 @@ def decode_replacing(source, ids: np.ndarray) -> Decoded:
                 bad.append(BadSample(sample, source.where(sample), problem.reason))
                 sample = source.after(sample)
         else:
-            raise BadSampleError(f"{MAX_IN_A_ROW} bad samples in a row from {bad[-MAX_IN_A_ROW].where}: is this the "
-                                 f"data you meant? (e.g. {bad[-1].describe()})")
+            raise BadSampleError(
+                (f"all {tries} samples of the set are bad" if tries == len(source) else
+                 f"{tries} bad samples in a row from {bad[-tries].where}") +
+                f": is this the data you meant? (e.g. {bad[-1].describe()})")
         resolved[slot] = sample
     return Decoded(images, captions, resolved, bad)
 
@@ -110,13 +113,16 @@ class BadSampleLog:
         self.max_fraction, self.dataset_size = max_fraction, dataset_size
         self.seen: set[int] = set()
 
-    def add(self, found: list[dict]) -> None:
+    def add(self, found: list[dict]) -> BadSampleError | None:
+        """Logs the block's bad samples; returns the error that stops the run (under ``error``, or past the bound),
+        which the caller raises on every rank at once (harness/distributed.py StepVote): a rank that raised it
+        alone would leave the others waiting in the step's collectives."""
         fresh = [BadSample(**entry) for entry in found if entry["sample"] not in self.seen]
         if not fresh:
-            return
+            return None
         if self.policy == "error":
-            raise BadSampleError(f"bad sample {fresh[0].describe()} (data.bad_samples: error; with skip a bad sample "
-                                 "is replaced by the next good one and logged)")
+            return BadSampleError(f"bad sample {fresh[0].describe()} (data.bad_samples: error; with skip a bad "
+                                  "sample is replaced by the next good one and logged)")
         with self.path.open("a+") as log:
             fcntl.flock(log, fcntl.LOCK_EX)
             log.seek(0)
@@ -128,10 +134,11 @@ class BadSampleLog:
         everyone = logged + new
         if len(everyone) > self.bound:
             shown = "; ".join(entry.describe() for entry in everyone[:SHOWN])
-            raise BadSampleError(
+            return BadSampleError(
                 f"{len(everyone)} bad samples, more than {self.setting}.max_bad_fraction {self.max_fraction:g} of the "
                 f"{self.dataset_size:,} samples: {shown}{' …' if len(everyone) > SHOWN else ''} (all in {self.path}; "
                 f"raise {self.setting}.max_bad_fraction or fix the data: `clipkd data check` lists them)")
+        return None
 
 
 def count_logged(run_dir: Path) -> int:

@@ -86,7 +86,7 @@ def check(spec, student_model: str, tokenizer, index_root: Path, loader_workers:
                 by_part[str(source.index.shards[shard])] = len(mine)
     else:
         (Path(index_root) / INDEX_DIR).mkdir(parents=True, exist_ok=True)
-        csv_checked_file(Path(index_root) / INDEX_DIR, spec.path).write_text(
+        csv_checked_file(Path(index_root) / INDEX_DIR, spec).write_text(
             json.dumps({str(e.sample): e.reason for e in bad}))
         if bad:
             by_part[spec.path] = len(bad)

@@ -1,0 +1,6 @@
+"""The evaluation's own error: a benchmark that cannot be read, named with what would be accepted."""
+from harness.errors import ClipkdError
+
+
+class EvalDatasetError(ClipkdError, ValueError):
+    pass
