@@ -31,12 +31,13 @@ def _png(array) -> bytes:
     return buffer.getvalue()
 
 
-def export_clip_benchmark_wds(dataset: str, out: Path, shards: int = 1) -> tuple[Path, Path]:
-    """The test split as two clip_benchmark wds datasets: OUT/classification and OUT/retrieval (PNG, lossless), each
-    in ``shards`` shards of consecutive samples."""
+def export_clip_benchmark_wds(dataset: str, out: Path, shards: int = 1, limit: int | None = None) -> tuple[Path, Path]:
+    """The test split (its first ``limit`` images) as two clip_benchmark wds datasets: OUT/classification and
+    OUT/retrieval (PNG, lossless), each in ``shards`` shards of consecutive samples."""
     import webdataset as wds
 
     split = load_builtin(dataset, "test")
+    split = split.first(limit) if limit else split
     folders = {task: out / task for task in ("classification", "retrieval")}
     for task, folder in folders.items():
         images = split if task == "classification" else retrieval_gallery(split)

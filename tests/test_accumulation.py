@@ -150,3 +150,57 @@ def test_batchnorm_running_statistics_count_each_micro_batch_once():
     torch.testing.assert_close(norm.running_mean, expected.running_mean, rtol=0, atol=1e-15)
     torch.testing.assert_close(norm.running_var, expected.running_var, rtol=0, atol=1e-15)
     assert model[0].weight.grad is not None  # the second pass did run, back-propagating the cached gradients
+
+
+def test_each_micro_batch_is_embedded_again_with_the_random_masks_of_its_first_pass():
+    """A student that draws random numbers in its forward (dropout in both towers, patch dropout): the gradients
+    of an accumulated step (4 micro-batches, float64) equal those of the same forward passes run with gradients
+    in one go, from the same random state, so the second pass replays each micro-batch's masks. A replay from
+    the wrong state draws other masks: its gradients miss by far more than float64 rounding."""
+    import open_clip
+
+    from harness.accumulation import accumulated_step, micro_batches
+    from harness.data import Batch
+    from harness.models import create_clip
+    from harness.train import Objective, losses_from_embeddings, student_embeddings
+
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                              "patch_size": 8, "patch_dropout": 0.5},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**config).double()
+    for module in model.modules():  # dropout in every attention block's residual paths
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.3
+    model.train()
+    assert changes_weights(model) is not None  # the model does draw random masks
+    objective = Objective({}, 32, None).double()
+    tokens = create_clip("clipkd-tiny").tokenizer([f"a digit {i}" for i in range(12)])
+    batch = Batch(torch.randn(12, 3, 32, 32, dtype=torch.float64), tokens, torch.arange(12))
+
+    def embed(part, noise):
+        return student_embeddings(model, part, noise, None)
+
+    def losses(block, embeddings):
+        return losses_from_embeddings(model, None, objective, block, embeddings)
+
+    def gradients(run, seed: int = 5) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(seed)
+        run()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    def in_one_go():
+        parts = [embed(part, None) for part, _ in micro_batches(batch, None, 4)]
+        objective.total(losses(batch, [torch.cat(column) for column in zip(*[p[:2] for p in parts])] + [None])).backward()
+
+    def backward(terms):
+        objective.total(terms).backward()
+
+    reference = gradients(in_one_go)
+    accumulated = gradients(lambda: accumulated_step(model, embed, batch, None, 4, losses, backward))
+    assert reference.keys() == accumulated.keys()
+    for name, grad in reference.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    other = gradients(in_one_go, seed=6)  # the check can fail: other masks give other gradients
+    assert max(float((other[n] - reference[n]).abs().max()) for n in reference) > 1e-6

@@ -11,6 +11,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -389,3 +390,34 @@ def test_an_error_on_one_rank_reaches_the_other_in_its_words(tmp_path):
     assert said[1]["raised"] == "RuntimeError: CUDA out of memory (simulated on rank 1)", said
     assert said[0]["raised"].startswith("RankFailed: rank 1: RuntimeError: CUDA out of memory (simulated on rank 1)")
     assert said[0]["seconds"] < 45, said
+
+
+def test_a_bad_sample_is_replaced_by_the_next_good_one_across_a_shards_end_and_the_sets(tmp_path):
+    """Each bad sample's slot holds the next good sample in the shards' own order, its id and its very pixels and
+    tokens: within a shard, from a shard's last sample to the next shard's first, and from the set's last sample
+    round to its first (runs of bad samples skipped)."""
+    import open_clip
+    import webdataset as wds
+
+    from harness.config import DataSpec
+    from harness.data import build_source
+    from harness.data.batch import make_block
+    from harness.data.views import Augmentation
+
+    bad = {(0, 5), (1, 2), (1, 3), (1, 5)}  # shard 0's last, two in a row, the set's last
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"s-{shard}.tar")) as sink:
+            for position in range(6):
+                i = 6 * shard + position
+                sink.write({"__key__": f"{i:04d}", "png": CORRUPT if (shard, position) in bad else png(i),
+                            "txt": DIGITS.captions[i]})
+    spec = DataSpec(dataset="webdataset", path=str(tmp_path / "s-{0..1}.tar"), num_samples=12)
+    source = build_source(spec, "clipkd-tiny", open_clip.get_tokenizer("clipkd-tiny"), Augmentation("none"), tmp_path)
+    ident = lambda shard, position: (shard << 32) | position  # noqa: E731
+    asked = [ident(0, 5), ident(1, 2), ident(1, 3), ident(1, 5), ident(0, 1)]
+    replaced = make_block(source, None, 0, np.array(asked, dtype=np.int64))
+    expected = [ident(1, 0), ident(1, 4), ident(1, 4), ident(0, 0), ident(0, 1)]
+    assert replaced.samples.tolist() == expected
+    direct = make_block(source, None, 0, np.array(expected, dtype=np.int64))
+    assert torch.equal(replaced.images, direct.images) and torch.equal(replaced.texts, direct.texts)
+    assert {entry["sample"] for entry in replaced.bad} == {ident(*where) for where in bad}

@@ -246,6 +246,57 @@ def test_a_view_is_open_clips_bicubic_crop_to_a_level_or_two_and_the_same_bits_o
     assert differing < 0.01 * sum(view.numel() for view in this_cpu["views"])
 
 
+def test_normalising_pixels_where_they_are_used_is_torchvisions_to_tensor_and_normalize_to_the_bit():
+    """batch.normalize (uint8 pixels made floats on the training device) against open_clip's transform tail,
+    torchvision's to_tensor then normalize of the same pixels, for OpenAI's statistics and SigLIP's 0.5."""
+    import torchvision.transforms.functional as TF
+
+    from harness.data.batch import normalize
+
+    pixels = torch.randint(0, 256, (4, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for mean, std in (((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                      ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))):
+        theirs = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(p.permute(1, 2, 0).numpy())), mean, std)
+                              for p in pixels])
+        assert torch.equal(normalize(pixels, mean, std), theirs)
+
+
+def test_a_jpeg_decoded_at_draft_scale_gives_open_clips_view_of_the_full_decode_to_resampling(tmp_path):
+    """A 1280 x 854 JPEG for a 224 px student is decoded at half size by the decoder (PIL's draft, a DCT scaling)
+    and its view cut there; open_clip decodes it whole and resamples the same crop. The gap is resampling's: the
+    DCT scaling and PIL's own box reduce (Image.reduce, what PIL's resize does with reducing_gap) decimate by the
+    same factor, so by the triangle through the full-resolution resample the draft path is at most twice PIL's
+    reduce path away from it, plus the gap of torch's bicubic kernel to PIL's on the same pixels. A crop one pixel
+    off misses that bound several times over (measured: 3.9 and 7.7 levels on average against 0.4 and 0.6)."""
+    import torchvision.transforms.functional as TF
+    from sklearn.datasets import load_sample_images
+
+    from harness.data.bad import open_image
+    from harness.data.views import ViewSpec
+
+    spec = ViewSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    for photo in load_sample_images().images:
+        jpeg = tmp_path / "photo.jpg"
+        Image.fromarray(photo).resize((1280, 854), Image.BICUBIC).save(jpeg, quality=90)
+        drafted = open_image(jpeg, spec)  # uint8 (C, H, W), as a loader worker decodes it
+        full = Image.open(jpeg).convert("RGB")
+        factor = full.height // drafted.shape[1]
+        assert factor == 2 and drafted.shape[1:] == (427, 640)
+        box = (21, 64, 384, 384)  # in the drafted image; open_clip's is the same crop of the whole one
+        ours = spec.cut(drafted, box).int()
+        whole = TF.pil_to_tensor(TF.resized_crop(full, *(v * factor for v in box), [224, 224],
+                                                 interpolation=TF.InterpolationMode.BICUBIC)).int()
+        reduced = TF.pil_to_tensor(TF.resized_crop(full.reduce(factor), *box, [224, 224],
+                                                   interpolation=TF.InterpolationMode.BICUBIC)).int()
+        kernel = TF.pil_to_tensor(TF.resized_crop(Image.fromarray(drafted.permute(1, 2, 0).numpy()), *box, [224, 224],
+                                                  interpolation=TF.InterpolationMode.BICUBIC)).int()
+        gap, pil_gap, kernel_gap = ((a - b).abs().float() for a, b in ((ours, whole), (reduced, whole), (ours, kernel)))
+        assert gap.mean() <= 2 * pil_gap.mean() + kernel_gap.mean()
+        assert gap.quantile(0.99) <= 2 * pil_gap.quantile(0.99) + kernel_gap.max()
+        off = (spec.cut(drafted, (box[0] + 1, *box[1:])).int() - whole).abs().float()
+        assert off.mean() > 3 * (2 * pil_gap.mean() + kernel_gap.mean())  # the bound can see a wrong crop
+
+
 @pytest.mark.parametrize("model_name", ["clipkd-tiny", "timm-resnet18"])
 def test_mfd_masked_embedding_differs_from_unmasked(model_name):
     torch.manual_seed(0)

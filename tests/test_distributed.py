@@ -77,8 +77,11 @@ def _join(rank, world_size, meeting):
 
 def _worker(rank, world_size, meeting, out_dir):
     env, images, texts = _join(rank, world_size, meeting)
+    reduced, all_reduce = [], dist.all_reduce
+    dist.all_reduce = lambda tensor, *args, **kwargs: reduced.append(tensor.numel()) or all_reduce(tensor, *args, **kwargs)
     result = _losses_and_grads(env, images, texts)
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.all_reduce = all_reduce
+    torch.save((*result, reduced), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -92,7 +95,11 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     with rendezvous() as meeting:
         mp.spawn(_worker, args=(2, meeting, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        terms, grads = torch.load(tmp_path / f"rank{rank}.pt")
+        terms, grads, reduced = torch.load(tmp_path / f"rank{rank}.pt")
+        # DDP's own all-reduce of the gradients is its reducer's; the embeddings' gather sends nothing back: each
+        # rank's gradient for its rows is world_size x its slice of the gathered gradient, every rank computing the
+        # same loss (before: an all-reduce of each whole gathered gradient, image, text and masked image)
+        assert reduced == [], reduced
         assert terms.keys() == single_terms.keys()
         for name, value in single_terms.items():
             assert abs(terms[name] - value) <= RTOL * abs(value) + ATOL, (rank, name, terms[name], value)
@@ -192,3 +199,27 @@ def test_bf16_gradient_compression_rounds_each_ranks_share_as_torchs_hook_on_bot
         assert ((expected - exact).abs() <= 2 ** -8 * (1 + 2 ** -8) * (x0.abs() + x1.abs()) + 1e-37).all(), name
         rounded_anywhere |= not torch.equal(expected, exact)
     assert rounded_anywhere
+
+
+def test_the_trainer_hands_grad_compression_to_ddp_and_to_the_accumulation_average(tmp_path, monkeypatch):
+    """train.grad_compression: bf16 reaches both places that average gradients across ranks, through the Trainer
+    as a run builds it: DistributedDataParallel's hook (accum_freq 1) and average_gradients after an accumulated
+    step. (The rounding each applies is the test above's; a Trainer that dropped the setting trained uncompressed
+    without a word.)"""
+    from harness import train as train_module
+    from harness.config import parse_config
+    from harness.distributed import DistEnv
+
+    handed = []
+    monkeypatch.setattr(train_module, "data_parallel", lambda module, device, compression: handed.append(
+        ("ddp", compression)) or module)
+    monkeypatch.setattr(train_module, "average_gradients", lambda parameters, compression: handed.append(
+        ("average", compression)))
+    monkeypatch.setattr(train_module, "broadcast_from_main", lambda module: None)  # no group in this process
+    for accum in (1, 2):
+        config = parse_config({"name": f"bf16-{accum}", "output_dir": str(tmp_path), "student": {"model": "clipkd-tiny"},
+                               "data": {"dataset": "digits", "workers": 0},
+                               "train": {"batch_size": 8, "steps": 1, "accum_freq": accum, "grad_compression": "bf16"}})
+        trainer = train_module.Trainer(config, DistEnv(rank=0, world_size=2), torch.device("cpu"))  # rank 0 of 2
+        trainer.train_step(next(iter(trainer.data.batches(0, 1))).to(torch.device("cpu")))
+    assert handed == [("ddp", "bf16"), ("average", "bf16")]

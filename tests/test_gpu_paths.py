@@ -11,7 +11,6 @@
 - bf16: the cache's teacher runs in the run's precision, as the live teacher does.
 """
 import contextlib
-import datetime
 import fcntl
 import json
 import os
@@ -127,7 +126,7 @@ SLOW_CHUNK_S = 1.5  # rank 0's share: 3 chunks, 4.5 s, past the timeout
 def _build_rank(rank: int, meeting: dict, config: dict, log: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", **meeting)
     torch.set_num_threads(1)
-    env = init_distributed(timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    env = init_distributed(timeout_s=GROUP_TIMEOUT_S)
     create = teacher_cache.create_teacher
 
     def teacher_slow_on_rank0(*args, **kwargs):
@@ -258,3 +257,68 @@ def test_under_bf16_the_cache_holds_what_the_live_teacher_computes(tmp_path, tea
     for name, value in live_terms.items():
         assert abs(float(cached_terms[name]) - float(value)) <= BF16_ROUNDING * abs(float(value)), name
 
+
+
+# -- resuming on another binding, or where a node's view of the files lags ----------------------------------------
+def test_a_checkpoint_from_eight_visible_gpus_resumes_where_each_task_sees_one(monkeypatch):
+    """A checkpoint keeps the CUDA stream of the saving process's own device and resumes it onto the resuming
+    process's device, whatever each saw. Checkpoints written before kept every visible GPU's state, and
+    ``set_rng_state_all`` of 8 states where a task is bound to one GPU fails as CUDA does (device 1 does not
+    exist); such a checkpoint now resumes from its first state (rank 0's device)."""
+    from harness import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((8,), 7, dtype=torch.uint8))
+
+    def set_rng_state(state, device):
+        if torch.device(device).index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored.append((state, torch.device(device)))
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(s, i) for i, s in enumerate(states)])
+    saved = checkpoint.rng_state(torch.device("cuda", 0))
+    assert torch.equal(saved["cuda"], torch.full((8,), 7, dtype=torch.uint8))  # one device's stream
+    checkpoint.set_rng_state(saved, torch.device("cuda", 0))
+    eight = {**saved, "cuda": [torch.full((8,), k, dtype=torch.uint8) for k in range(8)]}  # an older checkpoint
+    checkpoint.set_rng_state(eight, torch.device("cuda", 0))
+    assert [(int(state[0]), device) for state, device in restored] == [(7, torch.device("cuda", 0)),
+                                                                      (0, torch.device("cuda", 0))]
+
+
+def _resuming_rank(rank: int, meeting: dict, resolved: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), **meeting)
+    torch.set_num_threads(1)
+    if rank == 1:  # this node's view of the shared filesystem lags: it sees no checkpoint yet
+        exists = Path.exists
+        Path.exists = lambda self: False if self.name == "latest.pt" else exists(self)
+    from harness.train import train
+
+    try:
+        train(parse_config(resolved), resume=True)
+        said = "finished"
+    except Exception as error:  # noqa: BLE001 (what each rank did is the test's subject)
+        said = f"{type(error).__name__}: {error}"
+    Path(out, f"rank{rank}.txt").write_text(said)
+
+
+def test_rank_0_decides_for_every_rank_whether_to_resume(tmp_path):
+    """A run stopped after its last step (latest.pt at step 4 of 4) resumed by 2 processes, the second of which
+    cannot see the checkpoint yet: both resume it and finish with its weights. Before, each rank asked the
+    filesystem itself: rank 1 started from step 0 and trained alone into collectives rank 0 never joined."""
+    from harness.train import train
+
+    resolved = {"name": "lagging", "seed": 1, "output_dir": str(tmp_path / "runs"), "student": {"model": "clipkd-tiny"},
+                "data": {"dataset": "digits", "workers": 0}, "optim": {"warmup_steps": 1},
+                "train": {"batch_size": 32, "steps": 4, "collective_timeout_s": 60}}
+    checkpoints = train(parse_config(resolved)) / "checkpoints"
+    (checkpoints / "final.pt").rename(checkpoints / "latest.pt")
+    stopped = torch.load(checkpoints / "latest.pt", weights_only=False)
+    with rendezvous() as meeting:
+        torch.multiprocessing.spawn(_resuming_rank, args=(meeting, resolved, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["finished", "finished"]
+    final = torch.load(checkpoints / "final.pt", weights_only=False)
+    assert final["step"] == 4
+    assert all(torch.equal(tensor, final["state_dict"][name]) for name, tensor in stopped["state_dict"].items())

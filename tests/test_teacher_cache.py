@@ -266,10 +266,21 @@ def shard_config(tmp_path: Path, teacher: Path, embeddings: str, shards: str, wo
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shard_cache_replays_views_like_the_live_teacher(tmp_path, teacher_checkpoint, workers):
-    """With loader workers, each reads the cached rows of the samples it yields (in its own process)."""
+    """With loader workers, each reads the cached rows of the samples it yields (in its own process): the first
+    batch's losses and gradients, then every batch of two epochs (with 2 workers, worker 1 makes every other
+    batch, which the first batch alone never shows) — the same samples and pixels, and teacher rows equal to the
+    live teacher's embeddings of them."""
     shards = write_shards(tmp_path / "shards", [40, 60])
     live, cached = assert_cached_equals_live(shard_config(tmp_path, teacher_checkpoint, "live", shards, workers),
                                              shard_config(tmp_path, teacher_checkpoint, "cached", shards, workers))
+    pairs = zip(live.data.batches(0, 6), cached.data.batches(0, 6), strict=True)
+    with torch.no_grad():
+        for step, (live_batch, cached_batch) in enumerate(pairs):
+            live_batch, cached_batch = live_batch.to(CPU, torch.float64), cached_batch.to(CPU, torch.float64)
+            assert torch.equal(live_batch.samples, cached_batch.samples), step
+            assert torch.equal(live_batch.images, cached_batch.images), step
+            for embedded, stored in zip(live.teacher.members[0](live_batch), cached.teacher.members[0](cached_batch)):
+                torch.testing.assert_close(stored, embedded, rtol=2 * FLOAT32_ROUNDING, atol=1e-30, msg=f"step {step}")
     folder = teacher_cache.cache_dir(shard_config(tmp_path, teacher_checkpoint, "cached", shards))
     meta = json.loads((folder / "meta.json").read_text())
     assert [s["samples"] for s in meta["shards"]] == [40, 60] and meta["spec"]["views"] == 3
