@@ -105,6 +105,12 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
     return env
 
 
+def grouped() -> bool:
+    """Whether this process is in a process group: then every collective below runs, even in a group of one
+    (benchmarks/gpu_check.py runs NCCL's and gloo's paths so on one GPU); alone, each is its one-process result."""
+    return dist.is_initialized()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` (equal row counts), concatenated in rank order. Every rank computes the same loss from
     the same gathered rows, so the sum over ranks of their output gradients for this rank's rows is world_size
@@ -115,7 +121,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     accumulated steps with it aborted with a corrupted heap in 2 of 6 runs (``malloc(): unaligned tcache chunk``,
     ``tests/test_accumulation.py``), none in 26 with these synchronous collectives; ``torch.distributed.nn``'s
     gather is deprecated and on gloo runs a scatter per rank in its backward."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not grouped():
         return x
     return _Gather.apply(x)
 
@@ -134,7 +140,7 @@ class _Gather(torch.autograd.Function):
 
 @torch.no_grad()
 def gather(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not grouped():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -144,7 +150,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def my_share(count: int) -> range:
     """This rank's contiguous share of ``count`` items (sizes differ by one at most; empty for some ranks when
     there are fewer items than ranks: ``gather_rows`` takes an empty share as None)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not grouped():
         return range(count)
     rank, world = dist.get_rank(), dist.get_world_size()
     return range(count * rank // world, count * (rank + 1) // world)
@@ -162,7 +168,7 @@ def gather_rows(x: torch.Tensor | None, device: torch.device | None = None) -> t
     dtype from the others, so no rank has to run a library on an empty list to learn them. The shapes cross as a
     small CPU tensor (over gloo in a ``cpu:gloo,cuda:nccl`` group: no wait on a GPU); the rows on ``x``'s device
     (``device`` where ``x`` is None)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not grouped():
         if x is None:
             raise ValueError("gather_rows: nothing to gather in one process")
         return x
@@ -208,7 +214,7 @@ def average_gradients(parameters: list[torch.nn.Parameter], grad_compression: st
     """DistributedDataParallel's average of the ranks' gradients, for a step whose backward passes ran outside it
     (train.accum_freq): one all-reduce per dtype of every gradient flattened, after the step's last backward;
     with ``grad_compression`` "bf16", rounded as ``bf16_compress_hook`` rounds them (cast, divide, sum, cast back)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not grouped():
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in parameters:
@@ -254,7 +260,7 @@ class StepVote:
 
     def __call__(self, stop: bool, failure: Exception | None = None, settle: bool = False) -> Decision:
         self._failure = self._failure or failure
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if not grouped():
             return Decision(stop, _every_rank(self._failure))
         flags = torch.tensor([int(stop), int(self._failure is not None)])
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
@@ -308,7 +314,7 @@ def failures_shared() -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        alone = dist.is_initialized() and dist.get_world_size() > 1 and not getattr(error, "every_rank", False)
+        alone = grouped() and not getattr(error, "every_rank", False)
         store = _group_store() if alone else None
         if store is None:
             raise
@@ -324,7 +330,7 @@ def failures_shared() -> Iterator[None]:
 
 def from_main(value):
     """Rank 0's ``value`` on every rank (over the group's CPU backend: it never waits for a GPU)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not grouped():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)

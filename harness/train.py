@@ -155,15 +155,14 @@ class CachedTeacher:
     They reach the losses in the dtype the live teacher's would have (bf16 under bf16 autocast). In an ensemble
     its rows are the batch's ``columns`` of the caches' side-by-side rows (teacher_cache.EnsembleRows)."""
 
-    def __init__(self, rows: CachedRows, columns: slice = slice(None)):
-        self.logit_scale, self.dtype, self.columns = rows.logit_scale, rows.embedding_dtype, columns
-        self._scale: torch.Tensor | None = None  # made once on the run's device: no copy from the host per step
+    def __init__(self, rows: CachedRows, device: torch.device, dtype: torch.dtype, columns: slice = slice(None)):
+        self.dtype, self.columns = rows.embedding_dtype, columns
+        # made here, before any step: a copy from the host inside a step would wait for the device
+        self.logit_scale = torch.tensor(rows.logit_scale, device=device, dtype=dtype)
 
     def __call__(self, batch: Batch):
-        if self._scale is None:
-            self._scale = torch.tensor(self.logit_scale, device=batch.images.device, dtype=batch.images.dtype)
         image, text = batch.teacher_image[:, self.columns], batch.teacher_text[:, self.columns]
-        return image.to(self.dtype), text.to(self.dtype), self._scale
+        return image.to(self.dtype), text.to(self.dtype), self.logit_scale
 
 
 class Teachers:
@@ -406,7 +405,7 @@ class Trainer:
         for spec in self.config.teachers:
             if spec.embeddings == "cached":
                 rows = CachedRows(teacher_cache.ensure(self.config.with_teacher(spec), self.device, self.env))
-                members.append(CachedTeacher(rows, slice(columns, columns + rows.embed_dim)))
+                members.append(CachedTeacher(rows, self.device, self.dtype, slice(columns, columns + rows.embed_dim)))
                 columns, dims = columns + rows.embed_dim, dims + [rows.embed_dim]
                 self.caches.append(rows)
             else:
