@@ -98,36 +98,48 @@ def _delta_by_seed(table: pd.DataFrame, frame: pd.DataFrame, row: np.ndarray, va
 def _item_intervals(table: pd.DataFrame, frame: pd.DataFrame, store: Store, confidence: float,
                     item_deltas: set[str] | None) -> None:
     """Bootstrap intervals over test items where every run of a row has them: a single seed's mean, and every Δ
-    whose two sides have items (where seeds are paired too, only for the metrics in ``item_deltas``)."""
+    whose two sides have items (where seeds are paired too, only for the metrics in ``item_deltas``). Bits are read
+    packed; a single seed against a single seed is compared on them by popcounts, without unpacking."""
     with_items = store.runs_with_items(frame["benchmark"].unique().tolist(), frame["metric"].unique().tolist())
     frame = frame[frame["run_id"].isin(with_items)]
     if frame.empty:
         return
-    runs_of = frame.groupby("row")["run_id"].agg(list)
-    complete = {i for i, ids in runs_of.items() if len(ids) == table.at[i, "seeds"]}  # every seed has items
-    wanted = {i for i in complete if table.at[i, "seeds"] == 1 or item_deltas is None
-              or table.at[i, "metric"] in item_deltas}
+    order = np.argsort(frame["row"].to_numpy(), kind="stable")
+    rows, starts = np.unique(frame["row"].to_numpy()[order], return_index=True)
+    runs_of = dict(zip(rows.tolist(), np.split(frame["run_id"].to_numpy()[order], starts[1:])))
+    seeds, methods, metrics = (table[column].to_numpy() for column in ("seeds", "method", "metric"))
+    complete = {i for i, ids in runs_of.items() if len(ids) == seeds[i]}  # every seed has items
+    wanted = {i for i in complete if seeds[i] == 1 or item_deltas is None or metrics[i] in item_deltas}
     base = _baseline_rows(table)
     complete = wanted | {int(base[i]) for i in wanted if base[i] >= 0 and int(base[i]) in complete}
     singles, deltas = {}, {}
-    for (benchmark, metric), rows in table.loc[sorted(complete)].groupby(["benchmark", "metric"]).groups.items():
-        found = store.items({r for i in rows for r in runs_of[i]}, benchmark, metric)
-        bits = {i: [found[r] for r in runs_of[i]] for i in rows if all(r in found for r in runs_of[i])}
+    for (benchmark, metric), group in table.loc[sorted(complete)].groupby(["benchmark", "metric"]).groups.items():
+        found = store.packed_items({r for i in group for r in runs_of[i]}, benchmark, metric)
+        bits = {i: [found[r] for r in runs_of[i]] for i in group if all(r in found for r in runs_of[i])}
         for i, mine in bits.items():
             if len(mine) == 1:
-                singles[i] = stats.bootstrap_accuracy(mine[0], confidence)
+                count, packed = mine[0]
+                singles[i] = (int(np.bitwise_count(np.frombuffer(packed, dtype=np.uint8)).sum()), count)
             theirs = bits.get(base[i])
-            if (theirs is None or i not in wanted or table.at[i, "method"] == "baseline"
-                    or len({len(x) for x in mine + theirs}) != 1):
+            if (theirs is None or i not in wanted or methods[i] == "baseline"
+                    or len({count for count, _ in mine + theirs}) != 1):
                 continue
-            deltas[i] = stats.paired_bootstrap(np.stack(mine), np.stack(theirs), confidence)
+            if len(mine) == len(theirs) == 1:
+                item_table = stats.packed_item_table(mine[0][1], theirs[0][1], mine[0][0])
+            else:
+                item_table = stats.item_table(*(np.stack([stats.unpack(b, n) for n, b in side]) for side in (mine, theirs)))
+            deltas[i] = item_table
     if singles:
-        table.loc[list(singles), ["low", "high", "interval"]] = [
-            (interval.low, interval.high, "bootstrap over items") for interval in singles.values()]
+        hits, counts = np.array(list(singles.values())).T
+        low, high = stats.accuracy_intervals(hits, counts, confidence)
+        table.loc[list(singles), ["low", "high", "interval"]] = np.column_stack(
+            [low, high, np.full(len(low), "bootstrap over items", dtype=object)])
     if deltas:
+        deltas = dict(zip(deltas, stats.paired_from_tables(list(deltas.values()), confidence)))
         table.loc[list(deltas), ["delta_items_low", "delta_items_high", "p_items"]] = [
             (delta.low, delta.high, p) for delta, p in deltas.values()]
-        unpaired = [i for i in deltas if not table.at[i, "test"]]  # no seeds to pair: the items are the comparison
+        tests = table["test"].to_numpy()
+        unpaired = [i for i in deltas if not tests[i]]  # no seeds to pair: the items are the comparison
         if unpaired:
             table.loc[unpaired, ["delta", "delta_low", "delta_high", "p", "test"]] = [
                 (d.estimate, d.low, d.high, p, f"paired bootstrap over {d.n} items") for d, p in map(deltas.get, unpaired)]

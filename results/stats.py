@@ -3,9 +3,11 @@
 - Over seeds: the mean and a Student-t interval (``scipy.stats.t``).
 - One seed: a bootstrap over the test items. Item correctness is a bit, so resampling items only redraws how many
   items fall in each category: the bootstrap distribution of an accuracy is Binomial(n, p)/n and that of a paired
-  difference a Multinomial over the 2×2 (or, pooled over S seeds, (S+1)×(S+1)) table of per-item outcomes. Drawing
-  those counts is the same distribution as resampling the items (tests compare it with ``scipy.stats.bootstrap``)
-  at O(resamples) instead of O(resamples × items).
+  difference a Multinomial over the 2×2 (or, pooled over S seeds, (S+1)×(S+1)) table of per-item outcomes (tests
+  compare both with ``scipy.stats.bootstrap``). An accuracy's interval is read off the binomial's quantiles
+  (exact); a difference's off its exact moments where enough items differ (within the Monte Carlo error of
+  10,000 resamples), else from drawn counts: no item is resampled, and a lab's leaderboard of thousands of
+  single-seed rows takes milliseconds.
 - Δ against the baseline, paired: by seed where both methods have the same seeds (a t-interval of the per-seed
   differences, ``scipy.stats.ttest_rel``'s test), and a paired bootstrap over the test items of the two runs.
 """
@@ -77,13 +79,22 @@ def _percentile(draws: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_accuracy(correct: np.ndarray, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
-                       seed: int = SEED) -> Interval:
+def accuracy_intervals(hits: np.ndarray, n: np.ndarray, confidence: float = CONFIDENCE
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Each accuracy's percentile bootstrap interval over its test items, for many at once: resampling the items
+    draws Binomial(n, hits/n)/n, so the interval's ends are that distribution's quantiles — the bootstrap's at
+    infinitely many resamples, exact, with no Monte Carlo error."""
+    tail, n = (1 - confidence) / 2, np.asarray(n, dtype=float)
+    p = np.asarray(hits, dtype=float) / n
+    return stats.binom.ppf(tail, n, p) / n, stats.binom.ppf(1 - tail, n, p) / n
+
+
+def bootstrap_accuracy(correct: np.ndarray, confidence: float = CONFIDENCE) -> Interval:
     """Percentile bootstrap over test items of one run's accuracy (``correct``: a bit per item)."""
     correct = np.asarray(correct, dtype=bool)
     n, hits = len(correct), int(correct.sum())
-    draws = np.random.default_rng(seed).binomial(n, hits / n, size=resamples) / n
-    return Interval(hits / n, *_percentile(draws, confidence), "bootstrap", n)
+    low, high = accuracy_intervals(hits, n, confidence)
+    return Interval(hits / n, float(low), float(high), "bootstrap", n)
 
 
 def item_table(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,16 +108,55 @@ def item_table(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return counts, i / seeds_a - j / seeds_b
 
 
+ONE_SEED_EACH = np.array([0.0, -1.0, 1.0, 0.0])  # the Δ of item outcomes (a, b) = 00, 01, 10, 11
+
+
+def packed_item_table(a: bytes, b: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``item_table`` of one seed against one over ``count`` items, from the two runs' packed bits (``pack``):
+    three popcounts of their bytes, no unpacking (a lab's leaderboard makes thousands of these on 50,000 items
+    each). The last byte's padding bits are 0 on both sides, so they fall in no count but 00's, which is the rest."""
+    a, b = np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)
+    both, only_a, only_b = (int(np.bitwise_count(x).sum()) for x in (a & b, a & ~b, ~a & b))
+    return np.array([count - both - only_a - only_b, only_b, only_a, both]), ONE_SEED_EACH
+
+
+MOMENTS_FROM = 50  # discordant items from which a paired bootstrap is read off its exact moments
+
+
+def paired_from_tables(tables: list[tuple[np.ndarray, np.ndarray]], confidence: float = CONFIDENCE,
+                       resamples: int = RESAMPLES, seed: int = SEED) -> list[tuple[Interval, float]]:
+    """For each item table (``item_table``): Δ of mean accuracy with its percentile bootstrap interval over the
+    items and the two-sided bootstrap p-value (twice the smaller tail mass beyond zero). Resampling the items
+    draws the table's counts from a multinomial, so Δ* is a sum of them: with at least MOMENTS_FROM discordant
+    items its interval and p are those of the normal distribution of Δ*'s exact mean and variance (10,000
+    resamples land within their own Monte Carlo error of it: tests/test_stats.py), for thousands of tables at
+    once; with fewer, the counts are drawn."""
+    n = np.array([counts.sum() for counts, _ in tables], dtype=float)
+    first = np.array([float(counts @ delta) for counts, delta in tables]) / n
+    second = np.array([float(counts @ delta**2) for counts, delta in tables]) / n
+    discordant = np.array([counts[delta != 0].sum() for counts, delta in tables])
+    sd = np.sqrt(np.maximum(second - first**2, 0.0) / n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low, high = stats.norm.interval(confidence, first, sd)
+        p = np.where(sd > 0, 2 * stats.norm.sf(np.abs(first) / sd), (first == 0).astype(float))
+    found = []
+    for k, (counts, delta) in enumerate(tables):
+        if discordant[k] >= MOMENTS_FROM:
+            found.append((Interval(float(first[k]), float(low[k]), float(high[k]), "bootstrap", int(n[k])),
+                          float(min(1.0, p[k]))))
+            continue
+        draws = np.random.default_rng(seed).multinomial(int(n[k]), counts / n[k], size=resamples) @ delta / n[k]
+        tail = min(np.mean(draws <= 0), np.mean(draws >= 0))
+        found.append((Interval(float(first[k]), *_percentile(draws, confidence), "bootstrap", int(n[k])),
+                      float(min(1.0, 2 * tail))))
+    return found
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
                      seed: int = SEED) -> tuple[Interval, float]:
-    """Δ of mean accuracy (A − B, each averaged over its seeds) with a percentile bootstrap over the test items the
-    runs share, and a two-sided bootstrap p-value (twice the smaller tail mass beyond zero)."""
-    counts, delta = item_table(a, b)
-    n = int(counts.sum())
-    estimate = float(counts @ delta / n)
-    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples) @ delta / n
-    tail = min(np.mean(draws <= 0), np.mean(draws >= 0))
-    return Interval(estimate, *_percentile(draws, confidence), "bootstrap", n), float(min(1.0, 2 * tail))
+    """Δ of mean accuracy (A − B, each averaged over its seeds) over the test items the runs share, with its
+    bootstrap interval and p-value (``paired_from_tables``)."""
+    return paired_from_tables([item_table(a, b)], confidence, resamples, seed)[0]
 
 
 def paired_t_power(difference: float, differences_sd: float, seeds: int, confidence: float = CONFIDENCE) -> float:

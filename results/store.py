@@ -400,10 +400,15 @@ class Store:
 
     def items(self, run_ids: Iterable[str], benchmark: str, metric: str) -> dict[str, np.ndarray]:
         """Each run's per-item bits for ``metric`` on ``benchmark``, for the runs that have them."""
+        return {run_id: unpack(bits, count) for run_id, (count, bits) in self.packed_items(run_ids, benchmark,
+                                                                                            metric).items()}
+
+    def packed_items(self, run_ids: Iterable[str], benchmark: str, metric: str) -> dict[str, tuple[int, bytes]]:
+        """Each run's per-item results for ``metric`` on ``benchmark`` as stored: (items, packed bits)."""
         query = select(ItemResult.run_id, ItemResult.count, ItemResult.bits).where(
             ItemResult.run_id.in_(list(run_ids)), ItemResult.benchmark == benchmark, ItemResult.metric == metric)
         with self.engine.connect() as connection:
-            return {run_id: unpack(bits, count) for run_id, count, bits in connection.execute(query)}
+            return {run_id: (count, bytes(bits)) for run_id, count, bits in connection.execute(query)}
 
     def runs_with_items(self, benchmarks: Iterable[str], metrics: Iterable[str]) -> set[str]:
         """The runs that stored per-item results for any of these benchmarks and metrics."""
