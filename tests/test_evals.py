@@ -348,13 +348,13 @@ def _evaluating_rank(rank: int, world: int, meeting: dict, weights: str, roots: 
 
 
 def test_three_ranks_evaluate_streamed_sets_and_a_two_class_set_as_one_process(trained_run, tmp_path):
-    """3 gloo processes evaluate a wds classification set in 4 shards (split by shards), its retrieval set in one
-    shard (split by items) and a 2-class set (fewer classes than ranks: a rank embeds no prompt): the numbers and
-    per-item bits of one process, which are clip_benchmark's own (its library, in one process) on the 2-class set.
+    """3 gloo processes evaluate a wds classification and a retrieval set in 4 shards each (split by shards) and a
+    2-class set in one (split by items; fewer classes than ranks: a rank embeds no prompt): the numbers and
+    per-item bits of one process, which are clip_benchmark's own (its library, on its own datasets of the sets).
     Before, the first two raised on the stream's missing length and the third crashed one rank, hanging the rest."""
     import torch.multiprocessing as mp
-    from clip_benchmark.datasets.builder import build_dataset
-    from clip_benchmark.metrics import zeroshot_classification
+    from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn
+    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
     from conftest import rendezvous
 
     from harness.models import create_clip
@@ -369,9 +369,20 @@ def test_three_ranks_evaluate_streamed_sets_and_a_two_class_set_as_one_process(t
         mp.spawn(_evaluating_rank, args=(3, meeting, weights, roots, str(tmp_path / "ranks.json")), nprocs=3, join=True)
     assert json.loads((tmp_path / "ranks.json").read_text()) == alone
 
-    bundle = create_clip("clipkd-tiny", weights)  # clip_benchmark's evaluate() on its own dataset of the set
-    two = build_dataset("wds/digits", root=roots["two classes"], transform=bundle.preprocess_eval, split="test")
-    theirs = zeroshot_classification.evaluate(bundle.model.eval(), torch.utils.data.DataLoader(two, batch_size=64),
-                                              bundle.tokenizer, two.classes, two.templates, "cpu", amp=False)
-    assert alone["two classes"][0]["acc1"] == theirs["acc1"]
-    assert alone["two classes"][0]["mean_per_class_recall"] == theirs["mean_per_class_recall"]
+    bundle = create_clip("clipkd-tiny", weights)  # clip_benchmark's evaluate() on its own dataset of each set
+    model = bundle.model.eval()
+    for name in ("classification", "two classes"):
+        theirs_set = build_dataset("wds/digits", root=roots[name], transform=bundle.preprocess_eval, split="test")
+        theirs = zeroshot_classification.evaluate(model, torch.utils.data.DataLoader(theirs_set, batch_size=64),
+                                                  bundle.tokenizer, theirs_set.classes, theirs_set.templates, "cpu",
+                                                  amp=False)
+        for metric in ("acc1", "acc5", "mean_per_class_recall") if name == "classification" else ("acc1",
+                                                                                                   "mean_per_class_recall"):
+            assert alone[name][0][metric] == pytest.approx(theirs[metric], abs=1e-12), (name, metric)
+    pairs = build_dataset("wds/digits", root=roots["retrieval"], transform=bundle.preprocess_eval, split="test",
+                          task="zeroshot_retrieval")
+    theirs = zeroshot_retrieval.evaluate(model, torch.utils.data.DataLoader(pairs, batch_size=64,
+                                                                            collate_fn=image_captions_collate_fn),
+                                         bundle.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    for metric, value in theirs.items():
+        assert alone["retrieval"][0][metric] == pytest.approx(value, abs=1e-12), metric

@@ -322,3 +322,31 @@ def test_rank_0_decides_for_every_rank_whether_to_resume(tmp_path):
     final = torch.load(checkpoints / "final.pt", weights_only=False)
     assert final["step"] == 4
     assert all(torch.equal(tensor, final["state_dict"][name]) for name, tensor in stopped["state_dict"].items())
+
+
+def test_a_step_makes_no_tensor_from_host_values(tmp_path, teacher_checkpoint, monkeypatch):
+    """On a GPU a tensor made from host values inside a step is a copy that waits for the device
+    (benchmarks/gpu_check.py runs the steps under set_sync_debug_mode("error")): a cached-teacher KD step with
+    MFD makes none in clipkd's code, from its first step on (AdamW's step counters are host tensors only off the
+    fused path a GPU run takes). Before, the cached teacher made its logit scale at the first step."""
+    import sys
+
+    from harness.train import Trainer
+
+    config = kd_config(tmp_path, teacher_checkpoint, "cached", data={"workers": 0}, steps=3)
+    config = parse_config({**config.resolved(), "distill": {"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1}})
+    trainer = Trainer(config, distributed.DistEnv(), CPU)
+    batches = [batch.to(CPU, trainer.dtype) for batch in trainer.data.batches(0, 3)]
+    made, inside = [], [False]
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        def making(*args, _original=getattr(torch, name), _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if inside[0] and caller.startswith(str(ROOT)) and "site-packages" not in caller:
+                made.append((_name, caller))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(torch, name, making)
+    for batch in batches:
+        inside[0] = True
+        trainer.train_step(batch)
+        inside[0] = False
+    assert made == []
