@@ -60,11 +60,11 @@ def _checkpoint_model(checkpoint: Path, model: str | None) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
+    """One benchmark or a suite; under torchrun every rank embeds its share and rank 0 prints (and records)."""
     from evals.datasets import load_eval_set
     from evals.zeroshot import zero_shot_metrics
     from harness.data import workers
+    from harness.distributed import init_distributed
     from harness.models import FINAL_CHECKPOINT, create_clip
 
     if args.checkpoint:
@@ -82,12 +82,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give --dataset (one benchmark) or --suite (a named suite of them)")
     staged = _staged_suite(args) if args.suite is not None else None  # before the model: a missing task is seconds
     bundle = create_clip(model, pretrained)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = init_distributed()
+    device = env.device
     if staged is not None:
-        return _eval_suite(args, *staged, bundle, device)
+        return _eval_suite(args, *staged, bundle, env)
     eval_set = load_eval_set(args.dataset, args.root, bundle.preprocess_eval, args.task)
     result = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device, args.batch_size,
                                workers=workers(args.workers))
+    if not env.is_main:
+        return 0
     print(json.dumps({"benchmark": eval_set.benchmark, "metrics": result.metrics}, indent=2))
     if args.record:
         from evals.cost import gflops_per_sample, images_per_second
@@ -125,21 +128,22 @@ def _staged_suite(args: argparse.Namespace):
     return suite, specs
 
 
-def _eval_suite(args: argparse.Namespace, suite, specs, bundle, device) -> int:
-    """Every task of a named suite, then its averages, printed as JSON ({benchmark: metrics})."""
+def _eval_suite(args: argparse.Namespace, suite, specs, bundle, env) -> int:
+    """Every task of a named suite, then its averages, printed as JSON ({benchmark: metrics}) by rank 0."""
     from evals.datasets import benchmark_name, load_eval_set
     from evals.suites import averages, suite_benchmark
     from evals.zeroshot import zero_shot_metrics
     from harness.data import workers
 
-    metrics = {}
+    device, metrics = env.device, {}
     for spec in specs.values():
         eval_set = load_eval_set(spec.dataset, spec.root, bundle.preprocess_eval, spec.task)
         metrics[eval_set.benchmark] = zero_shot_metrics(bundle.model.to(device), bundle.tokenizer, eval_set, device,
                                                         args.batch_size, workers=workers(args.workers)).metrics
     benchmark_of = {task: benchmark_name(spec.dataset, spec.root) for task, spec in specs.items()}
     metrics[suite_benchmark(suite.name)] = averages(suite, benchmark_of, metrics)
-    print(json.dumps(metrics, indent=2))
+    if env.is_main:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

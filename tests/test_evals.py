@@ -31,15 +31,20 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
     """On the built-in set and on its clip_benchmark wds export (in 3 shards, read as a stream), as a user runs
-    them: `clipkd eval` gives `clip_benchmark eval`'s numbers."""
+    them: `clipkd eval` gives `clip_benchmark eval`'s numbers, in one process and under torchrun on 3 ranks."""
     ours = json.loads(run_clipkd("eval", str(trained_run), "--dataset", "digits", cwd=tmp_path, env=ONE_THREAD).stdout)
     run_clipkd("export", str(trained_run), str(tmp_path / "model"), cwd=tmp_path)
     run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), "--shards", "3", cwd=tmp_path)
-    streamed = {}
+    streamed, on_3_ranks = {}, {}
     for root in ("classification", "retrieval"):
-        out = run_clipkd("eval", str(trained_run), "--dataset", "wds/digits", "--root", str(tmp_path / "wds" / root),
-                         "--workers", "2", cwd=tmp_path, env=ONE_THREAD).stdout
-        streamed.update(json.loads(out)["metrics"])
+        args = ["eval", str(trained_run), "--dataset", "wds/digits", "--root", str(tmp_path / "wds" / root)]
+        streamed.update(json.loads(run_clipkd(*args, "--workers", "2", cwd=tmp_path, env=ONE_THREAD).stdout)["metrics"])
+        launched = subprocess.run(  # every rank its share of the stream (3 shards: one each), rank 0 prints
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m",
+             "harness.cli", *args, "--workers", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD})
+        assert launched.returncode == 0, launched.stderr[-4000:]
+        on_3_ranks.update(json.loads(launched.stdout)["metrics"])
     theirs = {}
     for task, root in (("zeroshot_classification", "classification"), ("zeroshot_retrieval", "retrieval")):
         output = tmp_path / f"{task}.json"
@@ -53,7 +58,7 @@ def test_metrics_equal_clip_benchmarks_own_command_line(trained_run, tmp_path):
         theirs.update(json.loads(output.read_text())["metrics"])
     for metric in ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "text_retrieval_recall@1",
                    "image_retrieval_recall@5", "text_retrieval_recall@10"]:
-        assert ours["metrics"][metric] == theirs[metric] == streamed[metric], metric
+        assert ours["metrics"][metric] == theirs[metric] == streamed[metric] == on_3_ranks[metric], metric
     assert ours["benchmark"] == "digits"
 
 
