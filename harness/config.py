@@ -49,7 +49,7 @@ class ModelSpec(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from harness.models import ModelLoadError, is_config_file, known_model_names, read_config_file
+        from harness.model_names import ModelLoadError, is_config_file, known_model_names, read_config_file
 
         if is_config_file(name):  # the path of an open_clip model-config JSON file
             try:
@@ -361,7 +361,7 @@ class RunConfig(Strict):
     def training_fields(self) -> dict[str, Any]:
         """The resolved config without the fields that cannot change the trained weights; a model given as a
         config file by its content, not its path."""
-        from harness.models import model_identity
+        from harness.model_names import model_identity
 
         resolved = self.resolved()
         neutral = {path for path, value in NEUTRAL_DEFAULTS.items() if _at(resolved, path) == value}
@@ -379,11 +379,11 @@ class RunConfig(Strict):
     def _exact_accumulation(self) -> set[str]:
         """``train.accum_freq`` when it cannot change the weights beyond float rounding (and always at 1, so run ids
         from before it existed stand): then the same cell at another accumulation is the same run."""
-        from harness.accumulation import accumulation_changes_weights
-
-        if self.train.accum_freq == 1 or accumulation_changes_weights(self.student.model) is None:
+        if self.train.accum_freq == 1:
             return {"train.accum_freq"}
-        return set()
+        from harness.accumulation import accumulation_changes_weights  # builds the model (on the meta device)
+
+        return {"train.accum_freq"} if accumulation_changes_weights(self.student.model) is None else set()
 
     @property
     def run_id(self) -> str:

@@ -160,7 +160,7 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
     """A teacher must be loadable without a download: a file, a finished run, or a tag open_clip knows."""
     import open_clip
 
-    from harness.models import is_config_file, known_model_names, names_a_file, resolve_teacher_run
+    from harness.model_names import is_config_file, known_model_names, names_a_file, resolve_teacher_run
 
     if ref.get("run") is not None:  # `run: null`, as a resolved config writes it, is no run
         try:

@@ -1,16 +1,13 @@
 """Building students and teachers with open_clip, including the project's own model configs.
 
-A model is an open_clip name, a config of ``harness/model_configs/`` or of a plugin package (entry-point group
-``clipkd.model_configs``: a package or module whose folder holds open_clip model-config JSON files), or the path
-of such a JSON file. A file is registered with open_clip under its stem and a hash of its content, so two files of
+What names a model (and validates one) is ``harness/model_names.py``, which imports neither torch nor
+open_clip. A config file is registered with open_clip under its stem and a hash of its content, so two files of
 one name never collide, and a run's id follows the file's content, not its path (harness/config.py).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -18,66 +15,33 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import open_clip
 import torch
 from torch import nn
 
-from harness.errors import ClipkdError
-
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-FINAL_CHECKPOINT = Path("checkpoints") / "final.pt"
-
-
-class ModelLoadError(ClipkdError, RuntimeError):
-    """A model or its weights could not be built; the message names the model and the file."""
-
-
-MODEL_CONFIG_ENTRY_POINTS = "clipkd.model_configs"
-CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+from harness.model_names import (  # noqa: F401  (re-exported: what names a model is model_names.py's)
+    CONFIG_KEYS,
+    FINAL_CHECKPOINT,
+    MODEL_CONFIG_DIR,
+    ModelLoadError,
+    is_config_file,
+    known_model_names,
+    model_config_folders,
+    model_identity,
+    names_a_file,
+    read_config_file,
+    resolve_teacher_run,
+    teacher_run_dir,
+)
 
 
 @functools.cache
 def register_model_configs() -> None:
     """open_clip keeps added configs per process, so every process (and every job) registers them once: the
     project's and those plugin packages ship."""
-    open_clip.add_model_config(MODEL_CONFIG_DIR)
-    for entry_point in importlib.metadata.entry_points(group=MODEL_CONFIG_ENTRY_POINTS):
-        package = entry_point.dist.name if entry_point.dist else "an unknown package"
-        try:
-            module = entry_point.load()
-            folder = Path(module.__file__).parent
-        except Exception as error:
-            raise ModelLoadError(f"entry point {entry_point.name!r} = {entry_point.value!r} of {package} (group "
-                                 f"{MODEL_CONFIG_ENTRY_POINTS}) is not an importable module with a folder of model "
-                                 f"configs: {type(error).__name__}: {error}") from None
+    for folder in model_config_folders():
         open_clip.add_model_config(folder)
-
-
-def known_model_names() -> list[str]:
-    register_model_configs()
-    return open_clip.list_models()
-
-
-def is_config_file(model: str) -> bool:
-    return model.endswith(".json")
-
-
-def read_config_file(model: str) -> tuple[dict[str, Any], str]:
-    """An open_clip model-config JSON file's content and the hash that names it; errors name the file."""
-    path = Path(model)
-    try:
-        text = path.read_text()
-        config = json.loads(text)
-    except OSError as error:
-        raise ModelLoadError(f"model config {model!r} cannot be read ({error.strerror})") from None
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"model config {model!r} is not valid JSON: {error}") from None
-    missing = [key for key in CONFIG_KEYS if key not in (config if isinstance(config, dict) else {})]
-    if missing:
-        raise ModelLoadError(f"model config {model!r} is not an open_clip model config: no {', '.join(missing)}")
-    return config, hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def model_name(model: str) -> str:
@@ -100,23 +64,12 @@ def model_name(model: str) -> str:
     return name
 
 
-def model_identity(model: str) -> str:
-    """What a run id records of a model: its name, or a config file's content hash (a moved file is the same
-    model, an edited one another)."""
-    return f"json:{read_config_file(model)[1]}" if is_config_file(model) else model
-
-
 @dataclass
 class ClipBundle:
     model: nn.Module
     preprocess_eval: Callable  # training views come from harness/data/views.py
     tokenizer: Callable
     embed_dim: int
-
-
-def names_a_file(pretrained: str) -> bool:
-    """Whether a ``pretrained`` value is a weights file's path rather than an open_clip tag."""
-    return "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 
 
 def _describe_load_failure(model_name: str, pretrained: str, error: Exception) -> str:
@@ -233,26 +186,6 @@ def create_clip(model: str, pretrained: str | None = None, device: str | torch.d
     clip.to(dtype)
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     return ClipBundle(clip, preprocess_eval, open_clip.get_tokenizer(name), embed_dim)
-
-
-def teacher_run_dir(run: str) -> Path:
-    """A teacher given as a run directory, or as the YAML config of that run."""
-    from harness.config import load_config
-
-    path = Path(run)
-    return load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
-
-
-def resolve_teacher_run(run: str) -> tuple[str, str]:
-    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
-    run_dir = teacher_run_dir(run)
-    config_file, checkpoint = run_dir / "config.json", run_dir / FINAL_CHECKPOINT
-    if not config_file.is_file():
-        raise ModelLoadError(f"teacher run {run!r}: {config_file} not found; is it a run directory of this project?")
-    if not checkpoint.is_file():
-        raise ModelLoadError(f"teacher run {run!r} has not finished training: {checkpoint} not found")
-    resolved: dict[str, Any] = json.loads(config_file.read_text())
-    return resolved["student"]["model"], str(checkpoint)
 
 
 def create_teacher(spec, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:

@@ -1,8 +1,7 @@
 import torch
-from open_clip.loss import ClipLoss
 from torch import nn
 
-from methods.base import DistillBatch, DistillMethod, LogitScale, normalize, projection
+from methods.base import DistillBatch, DistillMethod, LogitScale, normalize, open_clip_loss, projection
 from methods.registry import register
 
 
@@ -21,9 +20,8 @@ class AugmentedFeatureDistillation(DistillMethod):
         self.fuse_image = nn.Linear(2 * teacher_dim, teacher_dim)
         self.fuse_text = nn.Linear(2 * teacher_dim, teacher_dim)
         self.logit_scale = LogitScale(init_temperature)
-        self.clip_loss = ClipLoss()
 
     def forward(self, batch: DistillBatch):
         fused_image = self.fuse_image(torch.cat([normalize(self.project(batch.student_image)), batch.teacher_image], 1))
         fused_text = self.fuse_text(torch.cat([normalize(self.project(batch.student_text)), batch.teacher_text], 1))
-        return self.clip_loss(normalize(fused_image), normalize(fused_text), self.logit_scale())
+        return open_clip_loss("ClipLoss")(normalize(fused_image), normalize(fused_text), self.logit_scale())

@@ -1,6 +1,7 @@
 """What every distillation method shares: the batch it sees, its base class, and the paper's building blocks."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -100,6 +101,15 @@ class ProjectedContrastive(DistillMethod):
         super().__init__(student_dim, teacher_dim)
         self.project = projection(student_dim, teacher_dim)
         self.logit_scale = LogitScale(init_temperature)
+
+
+@functools.cache
+def open_clip_loss(name: str) -> nn.Module:
+    """One of open_clip's loss modules (``ClipLoss``, ``DistillClipLoss``: no parameters, so one is shared),
+    imported on first use: importing open_clip takes seconds, and listing the methods needs none of it."""
+    import open_clip.loss
+
+    return getattr(open_clip.loss, name)()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,4 @@
-from open_clip.loss import DistillClipLoss
-
-from methods.base import DistillBatch, DistillMethod, normalize
+from methods.base import DistillBatch, DistillMethod, normalize, open_clip_loss
 from methods.registry import register
 
 
@@ -12,12 +10,8 @@ class OpenClipDistill(DistillMethod):
     ``distill_loss`` is returned):  L = ½ Σ_{dir ∈ {I→T, T→I}} −mean_i Σ_j softmax(z_T)_ij log softmax(z_S)_ij.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int):
-        super().__init__(student_dim, teacher_dim)
-        self.loss = DistillClipLoss()
-
     def forward(self, batch: DistillBatch):
-        return self.loss(
+        return open_clip_loss("DistillClipLoss")(
             normalize(batch.student_image),
             normalize(batch.student_text),
             batch.student_logit_scale,

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.xdist_group("benchmark_scripts")  # pyproject.toml: one
     ("cache_size.py", ["--views", "2", "--batches", "1"], "GB float16"),
     ("eval.py", ["--dataset", "digits", "--repeats", "1", "--skip-command-line"], "numbers identical"),
     ("gpu_check.py", [], "There is no CUDA here"),
+    ("commands.py", ["--repeats", "1"], "clipkd grid status"),
     ("accumulation.py", ["--batch", "16", "--steps", "1"], "peak memory of the step"),  # and every part ran: a crash exits 1
     ("cache_build.py", ["--samples", "128", "--shards", "2", "--size", "512"], "1.00 per sample"),
 ])

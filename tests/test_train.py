@@ -449,6 +449,23 @@ def test_a_model_config_file_is_a_model_named_by_its_content(tmp_path):
     assert result.returncode == 2 and "missing.json' cannot be read" in result.stderr
 
 
+def test_the_known_model_names_are_open_clips_read_without_importing_it():
+    """Validating a config needs the model names open_clip knows once clipkd's configs are added; they are read
+    from the config files (harness/model_names.py), so a config, a grid's plan or status, imports no open_clip
+    (seconds), and they are open_clip's list exactly."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-c", "import sys; from harness.model_names import known_model_names; "
+         "names = known_model_names(); assert 'open_clip' not in sys.modules and 'torch' not in sys.modules; "
+         "import open_clip; from harness.models import register_model_configs; register_model_configs(); "
+         "print(sorted(names) == sorted(open_clip.list_models()), len(names))"],
+        capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    same, count = listed.stdout.split()
+    assert same == "True" and int(count) > 100
+
+
 def test_smoke_configs_train_teacher_then_student_and_rerun_is_a_no_op(project):
     run_clipkd("run", "configs/smoke_teacher.yaml", cwd=project)
     result = run_clipkd("run", "configs/smoke_kd.yaml", cwd=project)

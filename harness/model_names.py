@@ -1,0 +1,109 @@
+"""What names a model, without building one: the model configs clipkd knows, a config file's content hash, a
+teacher run's folder. Import-light (no torch, no open_clip: importing open_clip takes seconds), so validating a
+config, planning a grid and reading its status stay quick; ``harness/models.py`` builds the models.
+
+A model is an open_clip name, a config of ``harness/model_configs/`` or of a plugin package (entry-point group
+``clipkd.model_configs``: a package or module whose folder holds open_clip model-config JSON files), or the path
+of such a JSON file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ClipkdError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_ENTRY_POINTS = "clipkd.model_configs"
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip asks of a model config
+FINAL_CHECKPOINT = Path("checkpoints") / "final.pt"
+
+
+class ModelLoadError(ClipkdError, RuntimeError):
+    """A model or its weights could not be built; the message names the model and the file."""
+
+
+@functools.cache
+def model_config_folders() -> tuple[Path, ...]:
+    """The folders of model configs clipkd adds to open_clip's own: the project's, and those plugin packages ship."""
+    folders = [MODEL_CONFIG_DIR]
+    for entry_point in importlib.metadata.entry_points(group=MODEL_CONFIG_ENTRY_POINTS):
+        package = entry_point.dist.name if entry_point.dist else "an unknown package"
+        try:
+            folders.append(Path(entry_point.load().__file__).parent)
+        except Exception as error:
+            raise ModelLoadError(f"entry point {entry_point.name!r} = {entry_point.value!r} of {package} (group "
+                                 f"{MODEL_CONFIG_ENTRY_POINTS}) is not an importable module with a folder of model "
+                                 f"configs: {type(error).__name__}: {error}") from None
+    return tuple(folders)
+
+
+@functools.cache
+def known_model_names() -> list[str]:
+    """The names ``open_clip.list_models()`` gives once clipkd's folders are added, read as open_clip reads them
+    (each JSON file of its own ``model_configs`` and of ours that has the config keys, by its stem) from the
+    files themselves: open_clip is found, not imported (tests/test_train.py checks the two lists agree)."""
+    open_clip_folder = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
+    names = []
+    for folder in (open_clip_folder, *model_config_folders()):
+        for path in sorted(folder.glob("*.json")):
+            config = json.loads(path.read_text())
+            if all(key in config for key in CONFIG_KEYS):
+                names.append(path.stem)
+    return list(dict.fromkeys(names))
+
+
+def is_config_file(model: str) -> bool:
+    return model.endswith(".json")
+
+
+def read_config_file(model: str) -> tuple[dict[str, Any], str]:
+    """An open_clip model-config JSON file's content and the hash that names it; errors name the file."""
+    path = Path(model)
+    try:
+        text = path.read_text()
+        config = json.loads(text)
+    except OSError as error:
+        raise ModelLoadError(f"model config {model!r} cannot be read ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"model config {model!r} is not valid JSON: {error}") from None
+    missing = [key for key in CONFIG_KEYS if key not in (config if isinstance(config, dict) else {})]
+    if missing:
+        raise ModelLoadError(f"model config {model!r} is not an open_clip model config: no {', '.join(missing)}")
+    return config, hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_identity(model: str) -> str:
+    """What a run id records of a model: its name, or a config file's content hash (a moved file is the same
+    model, an edited one another)."""
+    return f"json:{read_config_file(model)[1]}" if is_config_file(model) else model
+
+
+def names_a_file(pretrained: str) -> bool:
+    """Whether a ``pretrained`` value is a weights file's path rather than an open_clip tag."""
+    return "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
+
+
+def teacher_run_dir(run: str) -> Path:
+    """A teacher given as a run directory, or as the YAML config of that run."""
+    from harness.config import load_config
+
+    path = Path(run)
+    return load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
+
+
+def resolve_teacher_run(run: str) -> tuple[str, str]:
+    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
+    run_dir = teacher_run_dir(run)
+    config_file, checkpoint = run_dir / "config.json", run_dir / FINAL_CHECKPOINT
+    if not config_file.is_file():
+        raise ModelLoadError(f"teacher run {run!r}: {config_file} not found; is it a run directory of this project?")
+    if not checkpoint.is_file():
+        raise ModelLoadError(f"teacher run {run!r} has not finished training: {checkpoint} not found")
+    resolved: dict[str, Any] = json.loads(config_file.read_text())
+    return resolved["student"]["model"], str(checkpoint)
