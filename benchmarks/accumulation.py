@@ -23,8 +23,8 @@ from pathlib import Path
 import open_clip
 import torch
 
+from core.distributed import DistEnv
 from harness.config import parse_config
-from harness.distributed import DistEnv
 from harness.models import create_clip
 from harness.train import Trainer
 

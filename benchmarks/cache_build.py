@@ -28,12 +28,12 @@ sys.path.insert(0, str(HERE))
 
 from jpeg_shards import write_jpeg_shards  # noqa: E402
 
+from core.distributed import DistEnv  # noqa: E402
 from harness import teacher_cache  # noqa: E402
 from harness.config import parse_config  # noqa: E402
 from harness.data.bad import open_image  # noqa: E402
 from harness.data.batch import normalize  # noqa: E402
 from harness.data.views import ViewSpec, centre_boxes  # noqa: E402
-from harness.distributed import DistEnv  # noqa: E402
 from harness.models import create_clip  # noqa: E402
 
 MODEL = "bench-tiny-224"

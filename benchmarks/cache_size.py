@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from core.distributed import DistEnv
 from harness import teacher_cache
 from harness.config import parse_config
-from harness.distributed import DistEnv
 from harness.grid import load_grid
 from harness.models import create_clip
 from harness.train import Trainer, compute_losses

@@ -213,8 +213,8 @@ def open_clip_kd_epoch(args, pattern: str, folder: Path, teacher: Path, distill:
 
 def in_memory_share(steps: int, dataset: str = "fashion-mnist") -> dict:
     """The demo student's loader and step, each timed alone (median ms per batch)."""
+    from core.distributed import DistEnv
     from harness.config import parse_config
-    from harness.distributed import DistEnv
     from harness.train import Trainer
 
     torch.set_num_threads(2)

@@ -240,7 +240,7 @@ def open_clip_train_step(scale: Scale, teacher_file: Path, distill: bool):
 def time_clipkd_mode(scale: Scale, folder: Path, teacher_file: Path, name: str, embeddings: str | None,
                      compile_backend: str | None = None) -> tuple[float, str, list]:
     """Seconds per clipkd step of one mode (a cached one builds its cache first, untimed), and its batches."""
-    from harness.distributed import DistEnv
+    from core.distributed import DistEnv
     from harness.train import Trainer
 
     config = clipkd_config(scale, folder, teacher_file, embeddings, {"dataset": "digits", "augment": False},
@@ -282,7 +282,7 @@ def part_step(scale: Scale, folder: Path, teacher_file: Path, report: Report) ->
 
 # -- 2. host syncs -----------------------------------------------------------------------------------------------
 def part_syncs(scale: Scale, folder: Path, teacher_file: Path, report: Report) -> None:
-    from harness.distributed import DistEnv
+    from core.distributed import DistEnv
     from harness.train import Trainer
 
     config = clipkd_config(scale, folder, teacher_file, "cached", {"dataset": "digits", "augment": False},
@@ -350,7 +350,7 @@ def part_group(scale: Scale, folder: Path, teacher_file: Path, report: Report) -
     functions skip none in a group, even of one), NCCL for CUDA tensors and gloo for the control messages."""
     import torch.distributed as dist
 
-    from harness.distributed import DistEnv, StepVote, from_main, gather_rows, gather_with_grad, plan_process_group
+    from core.distributed import DistEnv, StepVote, from_main, gather_rows, gather_with_grad, plan_process_group
     from harness.models import create_clip
 
     device, cuda = scale.device, scale.device.type == "cuda"
@@ -400,8 +400,8 @@ def part_group(scale: Scale, folder: Path, teacher_file: Path, report: Report) -
 def _ddp_bf16(folder: Path, teacher_file: Path, device: torch.device, env) -> tuple[str, bool]:
     """A step's gradients through DistributedDataParallel with the bf16 hook: in a group of one, each gradient
     is its own value rounded to bf16, and back."""
+    from core.distributed import data_parallel
     from harness.data import Batch
-    from harness.distributed import data_parallel
     from harness.train import StepModule, Trainer
 
     grads = []
@@ -479,8 +479,8 @@ def _rank(rank: int, port: int, config: dict) -> None:
 
 
 def part_two_ranks(scale: Scale, folder: Path, teacher_file: Path, report: Report) -> None:
+    from core.distributed import plan_process_group
     from harness.config import parse_config
-    from harness.distributed import plan_process_group
     from harness.models import create_clip
     from harness.train import train
 
@@ -513,9 +513,9 @@ def part_two_ranks(scale: Scale, folder: Path, teacher_file: Path, report: Repor
 def part_shards(scale: Scale, folder: Path, teacher_file: Path, report: Report) -> None:
     from jpeg_shards import write_jpeg_shards
 
+    from core.distributed import DistEnv
     from harness import teacher_cache
     from harness.data import workers
-    from harness.distributed import DistEnv
     from harness.train import Trainer
 
     started = time.perf_counter()

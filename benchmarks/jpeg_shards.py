@@ -15,7 +15,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from harness.data.builtin import DatasetUnavailableError, load_builtin
+from core.builtin import DatasetUnavailableError, load_builtin
 
 
 def shard_sizes(samples: int, shards: int, seed: int = 0) -> list[int]:

@@ -25,8 +25,8 @@ import open_clip
 import torch
 from jpeg_shards import write_jpeg_shards
 
+from core.distributed import DistEnv
 from harness.config import parse_config
-from harness.distributed import DistEnv
 from harness.models import create_clip
 from harness.train import Trainer
 

@@ -9,7 +9,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.models import autocast
+from core.precision import autocast
 
 THROUGHPUT_REPEATS = 3
 

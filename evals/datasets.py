@@ -17,9 +17,9 @@ from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_t
 from PIL import Image
 from torch.utils.data import Dataset
 
+from core.builtin import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
 from evals.errors import EvalDatasetError
 from evals.streams import StreamedBenchmark
-from harness.data.builtin import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
 
 LOCAL_KINDS = ("imagefolder", "csv")
 

@@ -1,5 +1,5 @@
 """The evaluation's own error: a benchmark that cannot be read, named with what would be accepted."""
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 
 
 class EvalDatasetError(ClipkdError, ValueError):

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import worker_errors_unwrapped
+from core.precision import autocast
 from evals.datasets import EvalSet, retrieval_collate
 from evals.zeroshot import RankShare, RetrievalEmbeddings, evaluating
-from harness.errors import worker_errors_unwrapped
-from harness.models import autocast
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -28,11 +28,10 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.dataloader import default_collate
 
+from core.distributed import gather_rows, my_share
+from core.errors import worker_errors_unwrapped
 from evals.datasets import EvalSet, retrieval_collate
 from evals.streams import StreamedBenchmark, Tagged
-from harness.distributed import gather_rows, my_share
-from harness.errors import worker_errors_unwrapped
-from harness.models import buffers_kept
 
 RECALL_K = (1, 5, 10)
 
@@ -40,6 +39,20 @@ RECALL_K = (1, 5, 10)
 def use_amp(device: torch.device) -> bool:
     """Mixed precision on GPUs only: on the CPU clip_benchmark's amp means bf16, and CPU numbers must be exact."""
     return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def buffers_kept(model: torch.nn.Module):
+    """``model``'s buffers as they were before, whatever a forward in between wrote to them (an evaluation must
+    leave a training run as it found it). Only for passes whose backward, if any, runs inside: a restored buffer
+    is a changed input to the autograd graph of a pass that read it."""
+    kept = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
 
 
 @contextlib.contextmanager

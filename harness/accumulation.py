@@ -18,7 +18,6 @@ undo (``accumulation_changes_weights``); its running statistics are updated once
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -80,39 +79,3 @@ def accumulated_step(model: nn.Module, embed: EmbedFn, batch: Batch, noise: torc
             torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
     _set_rng_state(after_first_pass, device)
     return terms
-
-
-def _random_rate(layer: nn.Module) -> float:
-    """A layer's drop probability: nn.Dropout*, timm's DropPath, open_clip's PatchDropout, attention dropout."""
-    if isinstance(layer, nn.MultiheadAttention):
-        return layer.dropout
-    if "drop" not in type(layer).__name__.lower():
-        return 0.0
-    return next((float(getattr(layer, a)) for a in ("p", "drop_prob", "prob")
-                 if isinstance(getattr(layer, a, None), (int, float))), 0.0)
-
-
-def changes_weights(model: nn.Module) -> str | None:
-    """Why accumulation can change this model's trained weights beyond float rounding, or None."""
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            return f"BatchNorm ({name}): each micro-batch is normalised by its own statistics"
-        if _random_rate(layer) > 0:
-            return f"{type(layer).__name__} ({name}): micro-batches draw other random masks than the whole batch"
-    return None
-
-
-@functools.cache
-def accumulation_changes_weights(model: str) -> str | None:
-    """Why ``train.accum_freq`` can change a student's trained weights beyond float rounding, or None. The model is
-    built on the meta device (no memory, no weights); one that cannot be built so is taken to change them."""
-    import open_clip
-
-    from harness.models import model_name, no_random_init_notice
-
-    try:
-        with no_random_init_notice():
-            built = open_clip.create_model(model_name(model), device="meta")
-    except Exception as error:  # conservative: accum_freq stays in the run id
-        return f"the model could not be inspected ({type(error).__name__}: {error})"
-    return changes_weights(built)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import braceexpand
 
+from core.builtin import BUILTIN_DATASETS, FASHION_MNIST_DIR
 from harness.config import BenchmarkSpec, DataSpec, RunConfig
-from harness.data.builtin import BUILTIN_DATASETS, FASHION_MNIST_DIR
 
 
 def _builtin(name: str) -> str | None:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 from results import FORMATS
 
 
@@ -61,10 +61,10 @@ def _checkpoint_model(checkpoint: Path, model: str | None) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """One benchmark or a suite; under torchrun every rank embeds its share and rank 0 prints (and records)."""
+    from core.distributed import init_distributed
     from evals.datasets import load_eval_set
     from evals.zeroshot import zero_shot_metrics
     from harness.data import workers
-    from harness.distributed import init_distributed
     from harness.models import FINAL_CHECKPOINT, create_clip
 
     if args.checkpoint:
@@ -173,7 +173,7 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from evals.export import export_open_clip_dir
+    from harness.export import export_open_clip_dir
     from harness.models import FINAL_CHECKPOINT
 
     path = Path(args.checkpoint)
@@ -184,7 +184,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_dataset(args: argparse.Namespace) -> int:
-    from evals.export import export_clip_benchmark_wds
+    from harness.export import export_clip_benchmark_wds
 
     classification, retrieval = export_clip_benchmark_wds(args.dataset, Path(args.out), args.shards)
     print(f"clip_benchmark datasets: --dataset wds/{args.dataset} --dataset_root {classification} "

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
+from harness.model_names import (
+    FINAL_CHECKPOINT,
+    ModelLoadError,
+    is_config_file,
+    known_model_names,
+    model_identity,
+    read_config_file,
+)
 
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
@@ -49,8 +57,6 @@ class ModelSpec(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from harness.model_names import ModelLoadError, is_config_file, known_model_names, read_config_file
-
         if is_config_file(name):  # the path of an open_clip model-config JSON file
             try:
                 read_config_file(name)
@@ -125,7 +131,7 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _source(self) -> DataSpec:
-        from harness.data.builtin import BUILTIN_DATASETS
+        from core.builtin import BUILTIN_DATASETS
 
         accepted = [*BUILTIN_DATASETS, "csv", "webdataset"]
         if self.dataset not in accepted:
@@ -361,8 +367,6 @@ class RunConfig(Strict):
     def training_fields(self) -> dict[str, Any]:
         """The resolved config without the fields that cannot change the trained weights; a model given as a
         config file by its content, not its path."""
-        from harness.model_names import model_identity
-
         resolved = self.resolved()
         neutral = {path for path, value in NEUTRAL_DEFAULTS.items() if _at(resolved, path) == value}
         fields = _without(resolved, NON_TRAINING_FIELDS | neutral | self._exact_accumulation())
@@ -381,7 +385,7 @@ class RunConfig(Strict):
         from before it existed stand): then the same cell at another accumulation is the same run."""
         if self.train.accum_freq == 1:
             return {"train.accum_freq"}
-        from harness.accumulation import accumulation_changes_weights  # builds the model (on the meta device)
+        from harness.models import accumulation_changes_weights  # builds the model (on the meta device)
 
         return {"train.accum_freq"} if accumulation_changes_weights(self.student.model) is None else set()
 
@@ -399,7 +403,7 @@ class RunConfig(Strict):
         return "+".join(sorted(self.distill)) or "baseline"
 
     def benchmarks(self) -> list[BenchmarkSpec]:
-        from harness.data.builtin import BUILTIN_DATASETS
+        from core.builtin import BUILTIN_DATASETS
 
         if self.eval.benchmarks is not None:
             listed = list(self.eval.benchmarks)
@@ -467,3 +471,21 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     return parse_config(data, str(path))
+
+
+def teacher_run_dir(run: str) -> Path:
+    """A teacher given as a run directory, or as the YAML config of that run."""
+    path = Path(run)
+    return load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
+
+
+def resolve_teacher_run(run: str) -> tuple[str, str]:
+    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
+    run_dir = teacher_run_dir(run)
+    config_file, checkpoint = run_dir / "config.json", run_dir / FINAL_CHECKPOINT
+    if not config_file.is_file():
+        raise ModelLoadError(f"teacher run {run!r}: {config_file} not found; is it a run directory of this project?")
+    if not checkpoint.is_file():
+        raise ModelLoadError(f"teacher run {run!r} has not finished training: {checkpoint} not found")
+    resolved: dict[str, Any] = json.loads(config_file.read_text())
+    return resolved["student"]["model"], str(checkpoint)

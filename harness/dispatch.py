@@ -21,7 +21,7 @@ from typing import Any
 
 import submitit
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 from harness.grid import RUN, TEACHER_CACHE, Cell, Grid, SlurmSpec
 from harness.processes import pid_alive
 from results.records import ingest, read_record
@@ -74,7 +74,7 @@ def export_task_environment(environ=os.environ) -> list[str]:
     and MASTER_ADDR (the job's first node) overwrite any a site's ``setup:`` line or module already exported, since
     a stale RANK would join another rank's place; a preset MASTER_PORT is the site's choice of port and is kept
     (submitit reads it too). submitit's own ``export()`` raises when any of them is set. CUDA_VISIBLE_DEVICES is
-    left as SLURM set it: the device is chosen from what the task sees (harness/distributed.py). Returns a line
+    left as SLURM set it: the device is chosen from what the task sees (core/distributed.py). Returns a line
     per value replaced, for the job's log."""
     task = submitit.helpers.TorchDistributedEnvironment()
     values = {"MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port), "RANK": str(task.rank),
@@ -91,8 +91,8 @@ class CacheJob(CellJob):
     starts the build again; a failure leaves its reason beside the cache folder for ``grid status``."""
 
     def work(self, config) -> str:
+        from core.distributed import init_distributed
         from harness import teacher_cache
-        from harness.distributed import init_distributed
 
         failed = teacher_cache.failure_file(config)
         failed.unlink(missing_ok=True)
@@ -180,7 +180,7 @@ def executor_parameters(spec: SlurmSpec, kind: str, grid_name: str) -> dict[str,
              "slurm_setup": list(spec.setup) or None,
              "slurm_additional_parameters": {"kill-on-invalid-dep": "yes", **spec.additional},
              # one task that exits with an error ends its job's other tasks at once, instead of leaving them in a
-             # collective until its timeout (a rank's failure also reaches them: harness/distributed.py)
+             # collective until its timeout (a rank's failure also reaches them: core/distributed.py)
              "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     return {**common, **{k: v for k, v in slurm.items() if v is not None}}
 

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.errors import ClipkdError
 from harness.config import ConfigError, DistillTerm, RunConfig, _format_validation_error, parse_config
-from harness.errors import ClipkdError
 
 AXES = ("teachers", "students", "methods", "datasets", "seeds")
 
@@ -160,7 +160,8 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
     """A teacher must be loadable without a download: a file, a finished run, or a tag open_clip knows."""
     import open_clip
 
-    from harness.model_names import is_config_file, known_model_names, names_a_file, resolve_teacher_run
+    from harness.config import resolve_teacher_run
+    from harness.model_names import is_config_file, known_model_names, names_a_file
 
     if ref.get("run") is not None:  # `run: null`, as a resolved config writes it, is no run
         try:

@@ -1,5 +1,5 @@
 """What names a model, without building one: the model configs clipkd knows, a config file's content hash, a
-teacher run's folder. Import-light (no torch, no open_clip: importing open_clip takes seconds), so validating a
+ Import-light (no torch, no open_clip: importing open_clip takes seconds), so validating a
 config, planning a grid and reading its status stay quick; ``harness/models.py`` builds the models.
 
 A model is an open_clip name, a config of ``harness/model_configs/`` or of a plugin package (entry-point group
@@ -13,10 +13,11 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 MODEL_CONFIG_ENTRY_POINTS = "clipkd.model_configs"
@@ -44,10 +45,28 @@ def model_config_folders() -> tuple[Path, ...]:
 
 
 @functools.cache
+def register_model_configs() -> None:
+    """open_clip keeps added configs per process, so every process (and every job) registers them once, before
+    it builds a model: the project's and those plugin packages ship."""
+    import open_clip
+
+    for folder in model_config_folders():
+        open_clip.add_model_config(folder)
+
+
 def known_model_names() -> list[str]:
-    """The names ``open_clip.list_models()`` gives once clipkd's folders are added, read as open_clip reads them
-    (each JSON file of its own ``model_configs`` and of ours that has the config keys, by its stem) from the
-    files themselves: open_clip is found, not imported (tests/test_train.py checks the two lists agree)."""
+    """The names ``open_clip.list_models()`` gives once clipkd's folders are added. Where open_clip is imported
+    already, its list (a script may have added configs of its own: benchmarks/ does); else read from the config
+    files as open_clip reads them (each JSON file of its own ``model_configs`` and of ours that has the config
+    keys, by its stem), open_clip found and not imported (tests/test_train.py checks the two lists agree)."""
+    if "open_clip" in sys.modules:
+        register_model_configs()
+        return sys.modules["open_clip"].list_models()
+    return _names_in_config_files()
+
+
+@functools.cache
+def _names_in_config_files() -> list[str]:
     open_clip_folder = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
     names = []
     for folder in (open_clip_folder, *model_config_folders()):
@@ -87,23 +106,3 @@ def model_identity(model: str) -> str:
 def names_a_file(pretrained: str) -> bool:
     """Whether a ``pretrained`` value is a weights file's path rather than an open_clip tag."""
     return "/" in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
-
-
-def teacher_run_dir(run: str) -> Path:
-    """A teacher given as a run directory, or as the YAML config of that run."""
-    from harness.config import load_config
-
-    path = Path(run)
-    return load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
-
-
-def resolve_teacher_run(run: str) -> tuple[str, str]:
-    """A run directory, or the YAML config of a run, as (model name, path of its final checkpoint)."""
-    run_dir = teacher_run_dir(run)
-    config_file, checkpoint = run_dir / "config.json", run_dir / FINAL_CHECKPOINT
-    if not config_file.is_file():
-        raise ModelLoadError(f"teacher run {run!r}: {config_file} not found; is it a run directory of this project?")
-    if not checkpoint.is_file():
-        raise ModelLoadError(f"teacher run {run!r} has not finished training: {checkpoint} not found")
-    resolved: dict[str, Any] = json.loads(config_file.read_text())
-    return resolved["student"]["model"], str(checkpoint)

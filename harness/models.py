@@ -31,17 +31,8 @@ from harness.model_names import (  # noqa: F401  (re-exported: what names a mode
     model_identity,
     names_a_file,
     read_config_file,
-    resolve_teacher_run,
-    teacher_run_dir,
+    register_model_configs,
 )
-
-
-@functools.cache
-def register_model_configs() -> None:
-    """open_clip keeps added configs per process, so every process (and every job) registers them once: the
-    project's and those plugin packages ship."""
-    for folder in model_config_folders():
-        open_clip.add_model_config(folder)
 
 
 def model_name(model: str) -> str:
@@ -81,40 +72,6 @@ def _describe_load_failure(model_name: str, pretrained: str, error: Exception) -
     if mismatch:
         return f"weights in {pretrained!r} could not be loaded into model {model_name!r}: another architecture ({reason})"
     return f"checkpoint file {pretrained!r} is not a readable checkpoint ({reason})"
-
-
-def parameter_dtype(precision: str) -> torch.dtype:
-    """The dtype a run keeps its models in: float64 for ``fp64``; mixed precision autocasts float32 weights."""
-    return torch.float64 if precision == "fp64" else torch.float32
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """A run's mixed precision (``train.precision`` bf16 or fp16) for every model pass that stands for the run:
-    training, the teacher cache's build, the teacher's evaluation pass, the student's measured throughput."""
-    dtype = AUTOCAST_DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def output_dtype(precision: str) -> torch.dtype:
-    """The dtype of a model's embeddings in a run of this precision (autocast's, under mixed precision)."""
-    return AUTOCAST_DTYPES.get(precision, parameter_dtype(precision))
-
-
-@contextlib.contextmanager
-def buffers_kept(model: nn.Module):
-    """``model``'s buffers as they were before, whatever a forward in between wrote to them (an evaluation must
-    leave a training run as it found it). Only for passes whose backward, if any, runs inside: a restored buffer
-    is a changed input to the autograd graph of a pass that read it."""
-    kept = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in kept:
-                buffer.copy_(value)
 
 
 @contextlib.contextmanager
@@ -188,13 +145,33 @@ def create_clip(model: str, pretrained: str | None = None, device: str | torch.d
     return ClipBundle(clip, preprocess_eval, open_clip.get_tokenizer(name), embed_dim)
 
 
-def create_teacher(spec, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:
-    """The frozen teacher: eval mode, no grad, from a tag, a checkpoint file, or an earlier run, its weights in the
-    run's parameter dtype. Under mixed precision they stay float32 and autocast casts them on each forward, as it
-    does the student's: storing them in bf16 once (open_clip's ``convert_weights_to_lp``) moved embeddings by a
-    bf16 ulp here, and the cast is about 1 % of a ViT-B/16 forward at batch 256 (86 M weights, read and written
-    once, against ~10 TFLOP)."""
-    model_name, pretrained = resolve_teacher_run(spec.run) if spec.run else (spec.model, spec.pretrained)
-    bundle = create_clip(model_name, pretrained, device, parameter_dtype(precision))
-    bundle.model.eval().requires_grad_(False)
-    return bundle
+def _random_rate(layer: nn.Module) -> float:
+    """A layer's drop probability: nn.Dropout*, timm's DropPath, open_clip's PatchDropout, attention dropout."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return layer.dropout
+    if "drop" not in type(layer).__name__.lower():
+        return 0.0
+    return next((float(getattr(layer, a)) for a in ("p", "drop_prob", "prob")
+                 if isinstance(getattr(layer, a, None), (int, float))), 0.0)
+
+
+def changes_weights(model: nn.Module) -> str | None:
+    """Why accumulation can change this model's trained weights beyond float rounding, or None."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            return f"BatchNorm ({name}): each micro-batch is normalised by its own statistics"
+        if _random_rate(layer) > 0:
+            return f"{type(layer).__name__} ({name}): micro-batches draw other random masks than the whole batch"
+    return None
+
+
+@functools.cache
+def accumulation_changes_weights(model: str) -> str | None:
+    """Why ``train.accum_freq`` can change a student's trained weights beyond float rounding, or None. The model is
+    built on the meta device (no memory, no weights); one that cannot be built so is taken to change them."""
+    try:
+        with no_random_init_notice():
+            built = open_clip.create_model(model_name(model), device="meta")
+    except Exception as error:  # conservative: accum_freq stays in the run id
+        return f"the model could not be inspected ({type(error).__name__}: {error})"
+    return changes_weights(built)

@@ -17,26 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.distributed import failures_shared, from_main, init_distributed
 from evals.cost import gflops_per_sample, images_per_second
 from evals.datasets import benchmark_name, load_eval_set
 from evals.similarity import feature_similarity
 from evals.suites import averages, suite_benchmark
 from evals.zeroshot import Classifiers, zero_shot_metrics
 from harness import checkpoint
-from harness.config import RunConfig, parse_config
+from harness.config import RunConfig, parse_config, teacher_run_dir
 from harness.data import workers
 from harness.data.bad import count_logged
-from harness.distributed import failures_shared, from_main, init_distributed
 from harness.models import (
     FINAL_CHECKPOINT,
     ClipBundle,
     create_clip,
-    create_teacher,
     model_identity,
     model_name,
-    teacher_run_dir,
 )
 from harness.reporting import LiveProgress, Reporters
+from harness.teachers import create_teacher
 from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, progress_term, train
 from results.queries import REFERENCE
 from results.records import ingest, read_record, write_record
@@ -220,7 +219,7 @@ class _Publisher:
 
 def run_notes(config: RunConfig) -> str | None:
     """What a reader of a run's numbers should know that its config does not say outright."""
-    from harness.accumulation import accumulation_changes_weights
+    from harness.models import accumulation_changes_weights
 
     if config.train.accum_freq > 1 and (why := accumulation_changes_weights(config.student.model)):
         return f"train.accum_freq {config.train.accum_freq}: {why}; not the whole batch's (README, accumulation)"

@@ -46,24 +46,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from harness.config import RunConfig
+from core.distributed import DistEnv, from_main, init_distributed
+from core.errors import ClipkdError, worker_errors_unwrapped
+from core.precision import autocast, output_dtype, parameter_dtype
+from harness.config import RunConfig, teacher_run_dir
 from harness.data import build_source, csv_identity, workers
 from harness.data.bad import decode_replacing
 from harness.data.batch import Batch, crop_views, decodes_to_report
 from harness.data.shards import ShardSource
 from harness.data.views import Augmentation, ViewSpec
-from harness.distributed import DistEnv, from_main, init_distributed
-from harness.errors import ClipkdError, worker_errors_unwrapped
-from harness.models import (
-    autocast,
-    create_teacher,
-    model_identity,
-    model_name,
-    output_dtype,
-    parameter_dtype,
-    teacher_run_dir,
-)
+from harness.models import model_identity, model_name
 from harness.processes import pid_alive
+from harness.teachers import create_teacher
 from methods import normalize
 
 CACHE_DIR = ".teacher-embeddings"

@@ -21,13 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 import methods
-from harness import checkpoint, teacher_cache
-from harness.accumulation import accumulated_step
-from harness.config import RunConfig
-from harness.data import Batch, build_source, build_train_data, workers
-from harness.data.bad import BadSampleLog
-from harness.data.views import Augmentation
-from harness.distributed import (
+from core.distributed import (
     DistEnv,
     StepVote,
     average_gradients,
@@ -39,11 +33,19 @@ from harness.distributed import (
     gather_with_grad,
     init_distributed,
 )
-from harness.errors import ClipkdError, worker_errors_unwrapped
+from core.errors import ClipkdError, worker_errors_unwrapped
+from core.precision import autocast, parameter_dtype
+from harness import checkpoint, teacher_cache
+from harness.accumulation import accumulated_step
+from harness.config import RunConfig
+from harness.data import Batch, build_source, build_train_data, workers
+from harness.data.bad import BadSampleLog
+from harness.data.views import Augmentation
 from harness.masking import masked_image_features, patch_grid
-from harness.models import ClipBundle, autocast, compile_repeated_blocks, create_clip, create_teacher, parameter_dtype
+from harness.models import ClipBundle, compile_repeated_blocks, create_clip
 from harness.processes import started_at
 from harness.teacher_cache import CachedRows
+from harness.teachers import create_teacher
 from results.queries import PROGRESS_TERM
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
@@ -63,7 +65,7 @@ class NonFiniteLossError(TrainingError):
 class TrainingInterrupted(TrainingError):
     """A stop signal arrived; a checkpoint of the last completed step was written."""
 
-    every_rank = True  # the ranks stop together (harness/distributed.py StepVote)
+    every_rank = True  # the ranks stop together (core/distributed.py StepVote)
 
     def __init__(self, step: int, signum: int):
         super().__init__(f"interrupted by signal {signum} after step {step}; checkpoint saved, continue with --resume")

@@ -13,7 +13,7 @@ import pandas as pd
 from sqlalchemy import and_, case, func, literal, select, union
 from sqlalchemy.orm import aliased
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 from results import FORMATS
 from results.compare import summarize
 from results.store import STATUSES, VALUE_RECORD, CurvePoint, GridCell, Metric, Run, RunValues, Store, value_key

@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import QueuePool
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 from results.stats import pack, unpack
 
 SCHEMA_VERSION = 7

@@ -143,7 +143,7 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: 
     import webdataset as wds
     from PIL import Image
 
-    from harness.data.builtin import load_builtin
+    from core.builtin import load_builtin
 
     data = load_builtin("digits", "train")
     folder.mkdir(parents=True, exist_ok=True)

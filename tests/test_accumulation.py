@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import rendezvous
 
-from harness.accumulation import accumulation_changes_weights, changes_weights
 from harness.config import parse_config
+from harness.models import accumulation_changes_weights, changes_weights
 from harness.train import train
 
 VARIANTS = {

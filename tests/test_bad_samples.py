@@ -20,9 +20,9 @@ from conftest import run_clipkd
 from PIL import Image
 from test_teacher_cache import CPU, assert_close_at_scale, kd_config
 
+from core.builtin import load_builtin
+from core.distributed import DistEnv
 from harness.config import parse_config
-from harness.data.builtin import load_builtin
-from harness.distributed import DistEnv
 from harness.train import Trainer, compute_losses, train
 
 DIGITS = load_builtin("digits", "train")

@@ -11,7 +11,7 @@ from conftest import ROOT, require, run_clipkd, write_shards
 from PIL import Image
 from test_train import write_config
 
-from harness.data.builtin import FASHION_MNIST_DIR, DatasetUnavailableError, load_builtin
+from core.builtin import FASHION_MNIST_DIR, DatasetUnavailableError, load_builtin
 from harness.masking import masked_image_features, patch_grid
 from harness.models import create_clip
 
@@ -50,7 +50,7 @@ def test_fashion_mnist_from_debian_package():
 
 
 def test_fashion_mnist_absent_names_the_package(monkeypatch, tmp_path):
-    import harness.data.builtin as builtin
+    import core.builtin as builtin
 
     monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", tmp_path / "nowhere")
     builtin._fashion_mnist.cache_clear()

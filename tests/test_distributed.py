@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import rendezvous
 
+from core.builtin import load_builtin
+from core.distributed import average_gradients, data_parallel, init_distributed
 from harness.data import Batch
-from harness.data.builtin import load_builtin
 from harness.data.memory import InMemorySource
 from harness.data.views import Augmentation, ViewSpec
-from harness.distributed import average_gradients, data_parallel, init_distributed
 from harness.masking import patch_grid
 from harness.models import create_clip
 from harness.train import LiveTeacher, Objective, StepModule, Teachers, mask_noise
@@ -86,7 +86,7 @@ def _worker(rank, world_size, meeting, out_dir):
 
 
 def test_two_process_gloo_equals_single_process(tmp_path):
-    from harness.distributed import DistEnv
+    from core.distributed import DistEnv
 
     torch.set_num_threads(1)
     _, _, _, images, texts = _setup()
@@ -206,9 +206,9 @@ def test_the_trainer_hands_grad_compression_to_ddp_and_to_the_accumulation_avera
     as a run builds it: DistributedDataParallel's hook (accum_freq 1) and average_gradients after an accumulated
     step. (The rounding each applies is the test above's; a Trainer that dropped the setting trained uncompressed
     without a word.)"""
+    from core.distributed import DistEnv
     from harness import train as train_module
     from harness.config import parse_config
-    from harness.distributed import DistEnv
 
     handed = []
     monkeypatch.setattr(train_module, "data_parallel", lambda module, device, compression: handed.append(

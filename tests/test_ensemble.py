@@ -8,9 +8,9 @@ import torch
 from conftest import run_clipkd
 
 import methods
+from core.distributed import DistEnv
 from harness import teacher_cache
 from harness.config import ConfigError, parse_config
-from harness.distributed import DistEnv
 from harness.models import create_clip
 from harness.pipeline import run
 from harness.train import Trainer, compute_losses

@@ -194,8 +194,8 @@ def test_an_image_folder_with_loader_workers_gives_clip_benchmarks_numbers(train
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
+    from core.builtin import DIGIT_NAMES, load_builtin
     from evals.datasets import _imagenet_templates
-    from harness.data.builtin import DIGIT_NAMES, load_builtin
 
     test = load_builtin("digits", "test")
     folder = tmp_path / "folder"
@@ -308,7 +308,7 @@ def _two_class_wds(folder: Path) -> Path:
     import webdataset as wds
     from PIL import Image
 
-    from harness.data.builtin import DIGIT_NAMES, load_builtin
+    from core.builtin import DIGIT_NAMES, load_builtin
 
     test = load_builtin("digits", "test")
     (folder / "test").mkdir(parents=True)
@@ -343,7 +343,7 @@ def _evaluating_rank(rank: int, world: int, meeting: dict, weights: str, roots: 
 
     torch.set_num_threads(1)
     os.environ.update(meeting, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from harness.distributed import init_distributed
+    from core.distributed import init_distributed
 
     init_distributed(timeout_s=120)
     found = _evaluate_sets(weights, roots, workers=rank % 2)  # ranks with and without loader workers

@@ -28,10 +28,11 @@ from conftest import ROOT, rendezvous, write_shards
 from test_teacher_cache import first_step, kd_config
 from torch.distributed.distributed_c10d import BackendConfig
 
-from harness import distributed, teacher_cache
+from core import distributed
+from core.distributed import DistributedSetupError, init_distributed, plan_process_group
+from core.precision import autocast
+from harness import teacher_cache
 from harness.config import parse_config
-from harness.distributed import DistributedSetupError, init_distributed, plan_process_group
-from harness.models import autocast
 
 CPU = torch.device("cpu")
 

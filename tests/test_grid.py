@@ -191,7 +191,7 @@ def cached_teacher_grid(workdir: Path) -> Path:
 
 
 def test_a_cached_teacher_grid_builds_the_cache_as_a_step_the_students_wait_for(workdir):
-    from harness.data.builtin import load_builtin
+    from core.builtin import load_builtin
     from harness.grid import load_grid
 
     grid = load_grid(cached_teacher_grid(workdir))

@@ -9,9 +9,9 @@ import yaml
 from conftest import run_clipkd
 from PIL import Image
 
+from core.builtin import load_builtin
 from evals.suites import SUITES, averages, suite_benchmark
 from harness.config import ConfigError, parse_config
-from harness.data.builtin import load_builtin
 from harness.pipeline import run
 from results.store import Store
 
@@ -112,7 +112,7 @@ def test_a_generated_datacomp_suite_in_its_wds_layout_runs_end_to_end(tmp_path):
 
     import torch
 
-    from evals.export import export_clip_benchmark_wds
+    from harness.export import export_clip_benchmark_wds
     from harness.models import create_clip
 
     classification, retrieval = export_clip_benchmark_wds("digits", tmp_path / "digits", limit=40)

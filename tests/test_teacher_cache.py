@@ -20,10 +20,11 @@ import pytest
 import torch
 from conftest import ROOT, rendezvous, run_clipkd, write_shards
 
+from core.distributed import DistEnv
+from core.precision import autocast
 from harness import teacher_cache
 from harness.config import parse_config
-from harness.distributed import DistEnv
-from harness.models import autocast, create_clip
+from harness.models import create_clip
 from harness.train import CachedTeacher, LiveTeacher, Trainer, compute_losses, train
 
 CPU = torch.device("cpu")
@@ -298,7 +299,7 @@ def _rank(rank: int, meeting: dict, config: dict, forbid_teacher: bool) -> None:
         import harness.train
 
         harness.train.create_teacher = harness.teacher_cache.create_teacher = no_teacher
-    from harness.distributed import init_distributed
+    from core.distributed import init_distributed
 
     env = init_distributed()
     config = parse_config(config)
@@ -387,7 +388,7 @@ def test_an_edited_csv_or_an_image_downloaded_again_names_another_cache(tmp_path
     path alone: a cached run read teacher rows of other pixels after either change, silently."""
     from PIL import Image
 
-    from harness.data.builtin import load_builtin
+    from core.builtin import load_builtin
 
     digits = load_builtin("digits", "train")
     rows = []

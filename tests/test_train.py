@@ -105,7 +105,7 @@ def test_the_loop_reads_no_tensor_value_between_log_steps(tmp_path, teacher_chec
     steps (every 4th; checkpoints every 8th), where the losses are written and checked. KD with MFD (its mask
     noise), a live teacher, the in-memory loader in this process. AdamW's step counters are not counted: off the
     fused path they are CPU tensors in a GPU run too (no sync), and the fused AdamW a GPU run uses reads none."""
-    from harness.distributed import DistEnv
+    from core.distributed import DistEnv
     from harness.train import Trainer
 
     path = write_config(tmp_path, "quiet", output_dir=str(tmp_path / "runs"),
@@ -157,7 +157,7 @@ def test_gradient_checkpointing_and_compiled_blocks_train_the_same_weights(tmp_p
     assert len({config.run_id for config in configs.values()}) == 1
     from torch._dynamo.utils import counters
 
-    from harness.distributed import DistEnv
+    from core.distributed import DistEnv
     from harness.train import Trainer
 
     towers = Trainer(configs["recomputed"], DistEnv(), torch.device("cpu")).student.model

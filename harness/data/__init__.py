@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from core.builtin import BUILTIN_DATASETS, load_builtin
 from harness.data.batch import Batch
-from harness.data.builtin import BUILTIN_DATASETS, load_builtin
 from harness.data.mapstyle import BlockReader, CaptionTable, CsvSource, RankBlocks
 from harness.data.memory import InMemoryLoader, InMemorySource
 from harness.data.shards import INDEX_DIR, EpochPlan, ShardIndex, ShardSource, ShardSteps, expand_shards

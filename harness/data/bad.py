@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 
 MAX_IN_A_ROW = 1000  # bad samples in a row before a set is called unusable rather than a few samples bad
 SHOWN = 5  # bad samples a message names
@@ -115,7 +115,7 @@ class BadSampleLog:
 
     def add(self, found: list[dict]) -> BadSampleError | None:
         """Logs the block's bad samples; returns the error that stops the run (under ``error``, or past the bound),
-        which the caller raises on every rank at once (harness/distributed.py StepVote): a rank that raised it
+        which the caller raises on every rank at once (core/distributed.py StepVote): a rank that raised it
         alone would leave the others waiting in the step's collectives."""
         fresh = [BadSample(**entry) for entry in found if entry["sample"] not in self.seen]
         if not fresh:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.builtin import CaptionedImages
 from harness.data.batch import Batch, make_block
-from harness.data.builtin import CaptionedImages
 from harness.data.views import Augmentation, ViewSpec
 
 

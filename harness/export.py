@@ -9,7 +9,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from harness.data.builtin import load_builtin, retrieval_gallery
+from core.builtin import load_builtin, retrieval_gallery
 from harness.models import create_clip
 from harness.models import model_name as registered_name
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 
 CPU_AND_CUDA_BACKENDS = "cpu:gloo,cuda:nccl"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # train.collective_timeout_s's default: a collective that waits longer fails

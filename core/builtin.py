@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.errors import ClipkdError
+from core.errors import ClipkdError
 
 SPLITS = ("train", "val", "test")
 # Retrieval on a built-in set uses the first RETRIEVAL_GALLERY test images: captions describe attributes shared
