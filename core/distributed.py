@@ -156,6 +156,10 @@ def my_share(count: int) -> range:
     return range(count * rank // world, count * (rank + 1) // world)
 
 
+class NothingToGather(ValueError):
+    """No rank had rows for ``gather_rows``: what was to be gathered is empty everywhere."""
+
+
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
            torch.bool)
 _MAX_DIMS = 4
@@ -170,7 +174,7 @@ def gather_rows(x: torch.Tensor | None, device: torch.device | None = None) -> t
     (``device`` where ``x`` is None)."""
     if not grouped():
         if x is None:
-            raise ValueError("gather_rows: nothing to gather in one process")
+            raise NothingToGather("gather_rows: no rows in one process")
         return x
     if x is not None and (x.dim() > _MAX_DIMS or x.dtype not in _DTYPES):
         raise ValueError(f"gather_rows: {x.dim()} dims of {x.dtype}; at most {_MAX_DIMS} of {_DTYPES}")
@@ -182,8 +186,8 @@ def gather_rows(x: torch.Tensor | None, device: torch.device | None = None) -> t
     shapes = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(shapes, mine)
     known = next((s for s in shapes if s[0] >= 0), None)
-    if known is None:
-        raise ValueError("gather_rows: no rank has rows to gather")
+    if known is None:  # every rank sees the same shapes: all raise together
+        raise NothingToGather("gather_rows: no rank has rows to gather")
     dtype, trailing = _DTYPES[int(known[1])], [int(d) for d in known[3:3 + int(known[2]) - 1]]
     sizes = [max(0, int(s[0])) for s in shapes]
     device = x.device if x is not None else device or torch.device("cpu")

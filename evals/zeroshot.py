@@ -28,9 +28,10 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.dataloader import default_collate
 
-from core.distributed import gather_rows, my_share
+from core.distributed import NothingToGather, gather_rows, my_share
 from core.errors import worker_errors_unwrapped
 from evals.datasets import EvalSet, retrieval_collate
+from evals.errors import EvalDatasetError
 from evals.streams import StreamedBenchmark, Tagged
 
 RECALL_K = (1, 5, 10)
@@ -86,12 +87,12 @@ class RankShare:
         self.device, self._tags, self._order = device, [], None
         if isinstance(dataset, StreamedBenchmark):
             stream = dataset.share(rank, world)
-            self.streamed, self.size = True, None
+            self.streamed = True
             self.loader = DataLoader(stream, batch_size=batch_size, num_workers=min(workers, stream.readers),
                                      collate_fn=Tagged(collate_fn or default_collate), pin_memory=device.type == "cuda")
         else:
             share = my_share(len(dataset))
-            self.streamed, self.size = False, len(dataset)
+            self.streamed = False
             self.loader = eval_loader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size,
                                       device, workers, collate_fn) if len(share) else []
 
@@ -112,7 +113,7 @@ class RankShare:
     def gather(self, rows: torch.Tensor | None) -> torch.Tensor:
         """Every rank's ``rows`` (one per item of its share, in its batches' order; None for an empty share) in the
         set's order, on every rank."""
-        gathered = gather_rows(rows, self.device)
+        gathered = _rows_of_every_rank(rows, self.device)
         order = self.order()
         return gathered if order is None else gathered[order.to(gathered.device)]
 
@@ -120,9 +121,16 @@ class RankShare:
         """Where each item of the set sits among the gathered rows (None: they are in order already)."""
         if self.streamed and self._order is None:
             mine = torch.cat(self._tags) if self._tags else None
-            tags = gather_rows(mine, torch.device("cpu")) if mine is not None or dist.is_initialized() else None
-            self._order = torch.argsort(tags) if tags is not None else torch.zeros(0, dtype=torch.long)
+            self._order = torch.argsort(_rows_of_every_rank(mine, torch.device("cpu")))
         return self._order
+
+
+def _rows_of_every_rank(rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``gather_rows``, with a benchmark that has no item at all (on any rank) said as such."""
+    try:
+        return gather_rows(rows, device)
+    except NothingToGather:
+        raise EvalDatasetError("the benchmark has no items: nothing to evaluate (is its root the staged set?)") from None
 
 
 @dataclass
