@@ -1,5 +1,5 @@
 """Peak memory and time of a CLIP-KD step (task + FD + ICL + CRD, live teacher) at train.accum_freq 1, 2 and 4 for
-the same global batch: what exact accumulation (harness/accumulation.py) saves, and what its second pass costs.
+the same global batch: what exact accumulation (harness/training/accumulation.py) saves, and what its second pass costs.
 
     python benchmarks/accumulation.py                                # CPU scale (the defaults)
     python benchmarks/accumulation.py --teacher ViT-B-16 --student ViT-T-16 --batch 512 --precision bf16 \\
@@ -24,9 +24,9 @@ import open_clip
 import torch
 
 from core.distributed import DistEnv
-from harness.config import parse_config
-from harness.models import create_clip
-from harness.train import Trainer
+from harness.config.run_config import parse_config
+from harness.models.build import create_clip
+from harness.training.loop import Trainer
 
 SETTINGS = (1, 2, 4)
 CLIP_KD = {"fd": 2000, "icl": 1, "crd": 1}

@@ -29,12 +29,12 @@ sys.path.insert(0, str(HERE))
 from jpeg_shards import write_jpeg_shards  # noqa: E402
 
 from core.distributed import DistEnv  # noqa: E402
-from harness import teacher_cache  # noqa: E402
-from harness.config import parse_config  # noqa: E402
+from harness.config.run_config import parse_config  # noqa: E402
 from harness.data.bad import open_image  # noqa: E402
 from harness.data.batch import normalize  # noqa: E402
 from harness.data.views import ViewSpec, centre_boxes  # noqa: E402
-from harness.models import create_clip  # noqa: E402
+from harness.models.build import create_clip  # noqa: E402
+from harness.teachers import cache_build, cache_key  # noqa: E402
 
 MODEL = "bench-tiny-224"
 TARGET = 1.3
@@ -47,8 +47,8 @@ def build(folder: Path, teacher: Path, pattern: str, samples: int, views: int) -
         "distill": {"fd": 1}, "data": {"dataset": "webdataset", "path": pattern, "num_samples": samples},
         "train": {"batch_size": 64, "steps": 1}, "eval": {"batch_size": 128}})
     started = time.perf_counter()
-    built = teacher_cache.ensure(config, torch.device("cpu"), DistEnv())
-    return time.perf_counter() - started, teacher_cache.read_meta(built)
+    built = cache_build.ensure(config, torch.device("cpu"), DistEnv())
+    return time.perf_counter() - started, cache_key.read_meta(built)
 
 
 def work_ms(shard: Path, teacher, count: int = 512, batch: int = 128) -> dict[str, float]:

@@ -19,11 +19,13 @@ import torch
 import yaml
 
 from core.distributed import DistEnv
-from harness import teacher_cache
-from harness.config import parse_config
-from harness.grid import load_grid
-from harness.models import create_clip
-from harness.train import Trainer, compute_losses
+from harness.config.run_config import parse_config
+from harness.grids.expansion import load_grid
+from harness.models.build import create_clip
+from harness.teachers import cache_build
+from harness.teachers.cached import info as cache_info
+from harness.training.loop import Trainer
+from harness.training.objective import compute_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_GRIDS = ["paper_ablation", "paper_students", "paper_laion"]
@@ -64,7 +66,7 @@ def main() -> None:
         measured = {}
         for storage in ("float32", "float16"):
             cfg = config(folder, teacher, storage, args.views)
-            facts = teacher_cache.info(teacher_cache.ensure(cfg, torch.device("cpu")))
+            facts = cache_info(cache_build.ensure(cfg, torch.device("cpu")))
             torch.manual_seed(0)
             trainer = Trainer(cfg, DistEnv(), torch.device("cpu"))
             measured[storage] = (facts, loss_terms(trainer, args.batches))

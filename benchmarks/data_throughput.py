@@ -76,14 +76,15 @@ def _join(rank: int, port: int) -> None:
 def _clipkd_epoch(rank: int, port: int, args, pattern: str, index_root: str, out: str) -> None:
     import open_clip
 
-    from harness.config import DataSpec
-    from harness.data import build_source, build_train_data
+    from harness.config.specs import DataSpec
+    from harness.data.loaders import build_source, build_train_data
     from harness.data.views import Augmentation
 
     _join(rank, port)
     open_clip.add_model_config(HERE / "model_configs")
     spec = DataSpec(dataset="webdataset", path=pattern, num_samples=args.samples, workers=args.workers)
-    from harness.models import model_name, register_model_configs
+    from harness.models.build import model_name
+    from harness.models.names import register_model_configs
 
     register_model_configs()
     crop = model_name(args.crop_model)
@@ -102,7 +103,8 @@ def _open_clip_epoch(rank: int, port: int, args, pattern: str, index_root: str, 
 
     _join(rank, port)
     open_clip.add_model_config(HERE / "model_configs")
-    from harness.models import model_name, register_model_configs
+    from harness.models.build import model_name
+    from harness.models.names import register_model_configs
 
     register_model_configs()
     crop = model_name(args.crop_model)
@@ -214,8 +216,8 @@ def open_clip_kd_epoch(args, pattern: str, folder: Path, teacher: Path, distill:
 def in_memory_share(steps: int, dataset: str = "fashion-mnist") -> dict:
     """The demo student's loader and step, each timed alone (median ms per batch)."""
     from core.distributed import DistEnv
-    from harness.config import parse_config
-    from harness.train import Trainer
+    from harness.config.run_config import parse_config
+    from harness.training.loop import Trainer
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as folder:
@@ -265,7 +267,8 @@ def main() -> None:
             teacher = folder / "teacher.pt"
             import open_clip
 
-            from harness.models import create_clip, register_model_configs
+            from harness.models.build import create_clip
+            from harness.models.names import register_model_configs
 
             register_model_configs()
             open_clip.add_model_config(HERE / "model_configs")

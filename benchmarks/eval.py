@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from evals.datasets import load_eval_set, retrieval_collate
 from evals.similarity import embed_pairs
 from evals.zeroshot import RECALL_K, Classifiers, zero_shot_metrics
-from harness.models import create_clip
+from harness.models.build import create_clip
 
 COMPARED = ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "text_retrieval_recall@1"]
 

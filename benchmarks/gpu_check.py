@@ -184,7 +184,7 @@ def timed_steps(step, batches: list, scale: Scale) -> tuple[float, str]:
 # -- 1. the step beside open_clip_train -------------------------------------------------------------------------
 def clipkd_config(scale: Scale, folder: Path, teacher_file: Path | None, embeddings: str | None, data: dict,
                   steps: int, name: str, compile_backend: str | None = None):
-    from harness.config import parse_config
+    from harness.config.run_config import parse_config
 
     return parse_config({
         "name": name, "output_dir": str(folder / "runs"), "seed": 0, "student": {"model": scale.student},
@@ -215,7 +215,7 @@ def open_clip_train_step(scale: Scale, teacher_file: Path, distill: bool):
     from open_clip.loss import ClipLoss, DistillClipLoss
     from open_clip_train.train import train_one_epoch
 
-    from harness.models import model_name
+    from harness.models.build import model_name
 
     device = scale.device
     model = open_clip.create_model(model_name(scale.student), output_dict=True, device=device)
@@ -241,7 +241,7 @@ def time_clipkd_mode(scale: Scale, folder: Path, teacher_file: Path, name: str, 
                      compile_backend: str | None = None) -> tuple[float, str, list]:
     """Seconds per clipkd step of one mode (a cached one builds its cache first, untimed), and its batches."""
     from core.distributed import DistEnv
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     config = clipkd_config(scale, folder, teacher_file, embeddings, {"dataset": "digits", "augment": False},
                            scale.warmup + scale.steps, f"step-{name}", compile_backend)
@@ -283,7 +283,7 @@ def part_step(scale: Scale, folder: Path, teacher_file: Path, report: Report) ->
 # -- 2. host syncs -----------------------------------------------------------------------------------------------
 def part_syncs(scale: Scale, folder: Path, teacher_file: Path, report: Report) -> None:
     from core.distributed import DistEnv
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     config = clipkd_config(scale, folder, teacher_file, "cached", {"dataset": "digits", "augment": False},
                            scale.sync_steps, "syncs")
@@ -335,7 +335,7 @@ def counting_host_reads(current_step, reads: list):
 
 # -- 3. the process group, NCCL included, with this one process ---------------------------------------------------
 def _tiny_config(folder: Path, teacher_file: Path, name: str, precision: str = "fp32", **changes):
-    from harness.config import parse_config
+    from harness.config.run_config import parse_config
 
     train = {"batch_size": 32, "steps": 2, "precision": precision, "log_every": 1, **changes.pop("train", {})}
     return parse_config({
@@ -351,7 +351,7 @@ def part_group(scale: Scale, folder: Path, teacher_file: Path, report: Report) -
     import torch.distributed as dist
 
     from core.distributed import DistEnv, StepVote, from_main, gather_rows, gather_with_grad, plan_process_group
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     device, cuda = scale.device, scale.device.type == "cuda"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -401,8 +401,9 @@ def _ddp_bf16(folder: Path, teacher_file: Path, device: torch.device, env) -> tu
     """A step's gradients through DistributedDataParallel with the bf16 hook: in a group of one, each gradient
     is its own value rounded to bf16, and back."""
     from core.distributed import data_parallel
-    from harness.data import Batch
-    from harness.train import StepModule, Trainer
+    from harness.data.batch import Batch
+    from harness.training.loop import Trainer
+    from harness.training.objective import StepModule
 
     grads = []
     for hooked in (False, True):
@@ -421,7 +422,7 @@ def _ddp_bf16(folder: Path, teacher_file: Path, device: torch.device, env) -> tu
 def _accumulated(folder: Path, teacher_file: Path, device: torch.device, env) -> tuple[str, bool]:
     """One step at accum_freq 2 (micro-batches replayed from their CPU and CUDA RNG states, the gradient averaged
     through the group) against one at accum_freq 1, in float64: the same gradients."""
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     grads = []
     for accum in (1, 2):
@@ -434,7 +435,7 @@ def _accumulated(folder: Path, teacher_file: Path, device: torch.device, env) ->
 
 
 def _runs(folder: Path, teacher_file: Path, device: torch.device, env, what: str, changes: dict) -> tuple[str, bool]:
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     precision = changes.pop("precision", "fp32")
     trainer = Trainer(_tiny_config(folder, teacher_file, what.split()[0].lower(), precision, **changes), env, device)
@@ -447,7 +448,7 @@ def _runs(folder: Path, teacher_file: Path, device: torch.device, env, what: str
 def _evaluates(device: torch.device) -> tuple[str, bool]:
     from evals.datasets import load_eval_set
     from evals.zeroshot import zero_shot_metrics
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     bundle = create_clip("clipkd-tiny", device=device)
     result = zero_shot_metrics(bundle.model, bundle.tokenizer, load_eval_set("digits", None, bundle.preprocess_eval),
@@ -466,8 +467,8 @@ def _free_port() -> int:
 def _rank(rank: int, port: int, config: dict) -> None:
     import torch.distributed as dist
 
-    from harness.config import parse_config
-    from harness.train import train
+    from harness.config.run_config import parse_config
+    from harness.training.loop import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -480,9 +481,9 @@ def _rank(rank: int, port: int, config: dict) -> None:
 
 def part_two_ranks(scale: Scale, folder: Path, teacher_file: Path, report: Report) -> None:
     from core.distributed import plan_process_group
-    from harness.config import parse_config
-    from harness.models import create_clip
-    from harness.train import train
+    from harness.config.run_config import parse_config
+    from harness.models.build import create_clip
+    from harness.training.loop import train
 
     cuda = scale.device.type == "cuda"
     plan = plan_process_group(0, cuda, torch.cuda.device_count() if cuda else 0)
@@ -514,9 +515,9 @@ def part_shards(scale: Scale, folder: Path, teacher_file: Path, report: Report) 
     from jpeg_shards import write_jpeg_shards
 
     from core.distributed import DistEnv
-    from harness import teacher_cache
-    from harness.data import workers
-    from harness.train import Trainer
+    from harness.data.loaders import workers
+    from harness.teachers import cache_build
+    from harness.training.loop import Trainer
 
     started = time.perf_counter()
     shards = write_jpeg_shards(folder / "shards", scale.shard_samples, 8, size=scale.shard_size, dataset="digits")
@@ -525,7 +526,7 @@ def part_shards(scale: Scale, folder: Path, teacher_file: Path, report: Report) 
     data = {"dataset": "webdataset", "path": shards["pattern"], "num_samples": steps * scale.batch}
     config = clipkd_config(scale, folder, teacher_file, "cached", data, steps, "shards")
     started = time.perf_counter()
-    teacher_cache.ensure(config, scale.device, DistEnv(device=scale.device))
+    cache_build.ensure(config, scale.device, DistEnv(device=scale.device))
     built = time.perf_counter() - started
     report.add("5 shards", f"cache build, 2 views, {scale.shard_samples} JPEGs of {scale.shard_size} px",
                f"{built:.1f} s ({2 * scale.shard_samples / built:,.0f} views/s); shards written in {written:.1f} s")
@@ -579,7 +580,8 @@ def main() -> int:
     args = parser.parse_args()
     import open_clip
 
-    from harness.models import create_clip, register_model_configs
+    from harness.models.build import create_clip
+    from harness.models.names import register_model_configs
 
     register_model_configs()
     open_clip.add_model_config(HERE / "model_configs")

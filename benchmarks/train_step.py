@@ -26,9 +26,9 @@ import torch
 from jpeg_shards import write_jpeg_shards
 
 from core.distributed import DistEnv
-from harness.config import parse_config
-from harness.models import create_clip
-from harness.train import Trainer
+from harness.config.run_config import parse_config
+from harness.models.build import create_clip
+from harness.training.loop import Trainer
 
 TARGET = 1.05  # issue 20: with the sync-free loop
 CLIP_KD = {"fd": 2000, "icl": 1, "crd": 1}

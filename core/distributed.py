@@ -12,7 +12,7 @@ type cpu"); moving each control message to the GPU instead would make it a devic
 GPU's queue, where over gloo it never touches the GPU.
 
 No collective waits on one rank's long work: the teacher cache's ranks meet only after they all embedded their
-shares (teacher_cache.py), and evaluation during training is sharded over the ranks (evals/zeroshot.py). The
+shares (harness/teachers/), and evaluation during training is sharded over the ranks (evals/zeroshot.py). The
 group's timeout is set explicitly (``train.collective_timeout_s``, 10 minutes by default): torch's own default for
 a ``cpu:gloo,cuda:nccl`` group is gloo's 30 minutes, not NCCL's 10.
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from core.builtin import load_builtin, retrieval_gallery
-from harness.models import create_clip
-from harness.models import model_name as registered_name
+from harness.models.build import create_clip
+from harness.models.build import model_name as registered_name
 
 
 def export_open_clip_dir(model_name: str, checkpoint: Path, out: Path) -> Path:

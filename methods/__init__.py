@@ -3,38 +3,58 @@
     import methods
     loss_fn = methods.get("fd")(student_dim=256, teacher_dim=512)
     loss = loss_fn(methods.DistillBatch(...))
+
+``import methods`` imports no torch: the built-in methods, the registry and the batch types are imported on first
+use (PEP 562), so that a config's validation (``clipkd grid status``) reads the method names without them.
 """
-from methods.base import DistillBatch, DistillMethod, LogitScale, TeacherEmbeddings, normalize, projection
-from methods.registry import (
-    ENTRY_POINT_GROUP,
-    MethodPluginError,
-    UnknownMethodError,
-    available,
-    describe,
-    get,
-    image_mask_ratio,
-    register,
-    student_projection,
-)
+import ast
+import importlib
+import importlib.metadata
+import sys
+from pathlib import Path
 
-# Built-ins register themselves on import.
-from methods import afd, crd, fd, gd, icl, mfd, open_clip_distill, tinyclip  # noqa: E402,F401  isort: skip
-from methods import hrd, vrd, xrd, clip_rd, mobileclip_dr  # noqa: E402,F401  isort: skip
+# Each built-in registers itself under its name when its module is imported (``@register``).
+BUILTIN = ("afd", "clip_rd", "crd", "fd", "gd", "hrd", "icl", "mfd", "mobileclip_dr", "open_clip_distill", "tinyclip",
+           "vrd", "xrd")
+ENTRY_POINT_GROUP = "clipkd.methods"
+_HOME = {
+    **dict.fromkeys(("DistillBatch", "DistillMethod", "LogitScale", "TeacherEmbeddings", "normalize", "projection"),
+                    "methods.base"),
+    **dict.fromkeys(("MethodPluginError", "UnknownMethodError", "available", "describe", "get", "image_mask_ratio",
+                     "register", "student_projection"), "methods.registry"),
+}
 
-__all__ = [
-    "DistillBatch",
-    "DistillMethod",
-    "ENTRY_POINT_GROUP",
-    "LogitScale",
-    "TeacherEmbeddings",
-    "MethodPluginError",
-    "UnknownMethodError",
-    "available",
-    "describe",
-    "get",
-    "image_mask_ratio",
-    "normalize",
-    "projection",
-    "register",
-    "student_projection",
-]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "descriptions", "names", *_HOME]
+
+
+def names() -> list[str]:
+    """The names ``available()`` lists, read without importing a method where no plugin package is installed:
+    the built-ins and those registered in this process; with plugin packages, their imports decide."""
+    if importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        return list(importlib.import_module("methods.registry").available())
+    registry = sys.modules.get("methods.registry")
+    return sorted({*BUILTIN, *(registry.registered() if registry else ())})
+
+
+def descriptions() -> dict[str, str]:
+    """``available()``, read from the built-ins' files where no plugin package is installed and nothing else is
+    registered (``clipkd methods`` in a fraction of torch's import; tests/test_methods.py checks the two agree):
+    each method's class decorated ``@register(name)``, its docstring's first line, else its class name."""
+    registry = sys.modules.get("methods.registry")
+    if importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) or (registry and set(registry.registered()) - {*BUILTIN}):
+        return importlib.import_module("methods.registry").available()
+    found = {}
+    for name in BUILTIN:
+        for node in ast.parse((Path(__file__).parent / f"{name}.py").read_text()).body:
+            registered = [d for d in getattr(node, "decorator_list", []) if isinstance(d, ast.Call)
+                          and getattr(d.func, "id", None) == "register" and d.args[0].value == name]
+            if registered:
+                found[name] = (ast.get_docstring(node) or node.name).strip().splitlines()[0]
+    return dict(sorted(found.items()))
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = globals()[name] = getattr(importlib.import_module(_HOME[name]), name)  # looked up once
+        return value
+    raise AttributeError(f"module 'methods' has no attribute {name!r}")

@@ -5,29 +5,32 @@ and called with a ``methods.DistillBatch``, returning its unweighted scalar loss
 student's embedding of a masked image) and ``student_projection()`` (the learned map P into the teacher's space)
 are optional, with ``DistillMethod``'s defaults; subclassing ``DistillMethod`` is a convenience, not a condition.
 
-Built-in methods register on import of :mod:`methods`; third-party packages add methods through the
+Built-in methods register on first lookup (their modules' imports); third-party packages add methods through the
 ``clipkd.methods`` entry-point group, loaded on first lookup. An entry point may name a module (whose import calls
 ``@register``) or a method class (registered under the entry point's name); anything else is an error that names
 the entry point, its package and what is wrong with it.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable
 from types import ModuleType
 from typing import TypeVar
 
+import torch
 from torch import nn
 
+from methods import BUILTIN, ENTRY_POINT_GROUP
 from methods.base import DistillMethod
 
-ENTRY_POINT_GROUP = "clipkd.methods"
 CONTRACT = ("a method is a torch.nn.Module class built as Method(student_dim, teacher_dim, **options) and called "
             "with a methods.DistillBatch")
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 _entry_points_loaded = False
+_builtins_loaded = False
 
 M = TypeVar("M", bound=type[nn.Module])
 
@@ -49,8 +52,11 @@ def contract_problem(cls: object) -> str | None:
         return "is not a torch.nn.Module subclass"
     if cls.forward is nn.Module.forward:
         return "defines no forward(batch)"
-    try:  # built once with small dims: a signature can accept (*args) and the build still refuse them
-        cls(8, 16)
+    # built once with small dims (a signature can accept (*args) and the build still refuse them), on a forked
+    # random stream: a method registered while a run sets up (on first lookup) leaves its initialisation alone
+    try:
+        with torch.random.fork_rng(devices=[]):
+            cls(8, 16)
     except Exception as error:
         return f"cannot be built as {cls.__name__}(student_dim, teacher_dim): {type(error).__name__}: {error}"
     return None
@@ -60,6 +66,7 @@ def register(name: str) -> Callable[[M], M]:
     """Class decorator: make ``cls`` available as ``methods.get(name)``."""
 
     def decorator(cls: M) -> M:
+        _load_builtins()  # a built-in's name is taken, whichever registers first
         problem = contract_problem(cls)
         if problem:
             raise TypeError(f"@register({name!r}): {cls!r} {problem}; {CONTRACT}")
@@ -79,8 +86,22 @@ def _where(entry_point: importlib.metadata.EntryPoint) -> str:
     return f"entry point {entry_point.name!r} = {entry_point.value!r} of {source} (group {ENTRY_POINT_GROUP})"
 
 
+def registered() -> list[str]:
+    """The names registered in this process so far (no import)."""
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for name in BUILTIN:
+            importlib.import_module(f"methods.{name}")
+
+
 def _load_entry_points() -> None:
     global _entry_points_loaded
+    _load_builtins()  # first: a plugin's name that a built-in holds is refused, as when the built-ins loaded eagerly
     if _entry_points_loaded:
         return
     _entry_points_loaded = True

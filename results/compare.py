@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from results import stats
+from results.bits import unpack
 from results.store import Store
 
 GROUP = ["setting_id", "teacher", "method", "benchmark", "metric"]  # a setting fixes the student and the data
@@ -127,7 +128,7 @@ def _item_intervals(table: pd.DataFrame, frame: pd.DataFrame, store: Store, conf
             if len(mine) == len(theirs) == 1:
                 item_table = stats.packed_item_table(mine[0][1], theirs[0][1], mine[0][0])
             else:
-                item_table = stats.item_table(*(np.stack([stats.unpack(b, n) for n, b in side]) for side in (mine, theirs)))
+                item_table = stats.item_table(*(np.stack([unpack(b, n) for n, b in side]) for side in (mine, theirs)))
             deltas[i] = item_table
     if singles:
         hits, counts = np.array(list(singles.values())).T

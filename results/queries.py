@@ -288,7 +288,7 @@ RUNNING_COLUMNS = ["id", "name", "grid", "step", "total_steps", "samples seen", 
 
 
 def running_runs(store: Store) -> pd.DataFrame:
-    """The runs training now, with their progress as their jobs last published it (harness/reporting.py)."""
+    """The runs training now, with their progress as their jobs last published it (harness/training/trackers.py)."""
     query = (select(Run.id, Run.name, Run.grid, Run.step, Run.total_steps, Run.samples_per_second, Run.eta_seconds,
                     Run.updated_at, Run.config).where(Run.status == "running").order_by(Run.grid, Run.name))
     with store.engine.connect() as connection:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from results.stats import pack, unpack
+from results.bits import pack, unpack
 from results.store import Store, now
 
 RECORD = "record.json"

@@ -193,11 +193,3 @@ def correlation(x, y, confidence: float = CONFIDENCE) -> tuple[Interval, float] 
     interval = result.confidence_interval(confidence)
     return Interval(float(result.statistic), float(interval.low), float(interval.high), "Fisher z", len(x)), float(
         result.pvalue)
-
-
-def pack(bits: np.ndarray) -> bytes:
-    return np.packbits(np.asarray(bits, dtype=bool)).tobytes()
-
-
-def unpack(data: bytes, count: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count).astype(bool)

@@ -42,7 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import QueuePool
 
 from core.errors import ClipkdError
-from results.stats import pack, unpack
+from results.bits import pack, unpack
 
 SCHEMA_VERSION = 7
 DEFAULT_URL = "sqlite:///results/clipkd.db"
@@ -346,6 +346,8 @@ class Store:
 
     def _put(self, connection, run, metrics, curves, items=None) -> None:
         existing = connection.execute(select(Run.__table__).where(Run.id == run["id"])).mappings().first()
+        if existing and run.get("updated_at") and existing["updated_at"] > run["updated_at"]:
+            return  # a state as of an earlier time (a grid's "queued") never replaces a later one (the job's "done")
         row = {**(dict(existing) if existing else {}), **run}
         row["updated_at"] = run.get("updated_at") or now()  # an ingested record keeps its own time
         _upsert(connection, Run.__table__, [row])

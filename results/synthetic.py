@@ -86,7 +86,7 @@ def fill_lab(store: Store, runs: int = 10_000, seed: int = 0) -> int:
     settings each, a second seed for the first variant's, per-item bits for every metric of LAB_ITEMS (a run's
     metric is the mean of its bits; runs of one setting get the same items right mostly, as models do), the
     unfinished ones on top. Written in bulk, a transaction per thousand runs."""
-    from results.stats import pack
+    from results.bits import pack
 
     rng = random.Random(seed)
     settings = [(d, s, v) for d, s in product(DATASETS, STUDENTS) for v in range(LAB_VARIANTS)]

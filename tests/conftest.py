@@ -109,7 +109,7 @@ def smoke_grid(tmp_path_factory) -> tuple[Path, str]:
     the grid's first submission. Several test modules read its store."""
     import torch
 
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     workdir = tmp_path_factory.mktemp("smoke_grid")
     shutil.copytree(ROOT / "grids", workdir / "grids")
@@ -127,7 +127,7 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     """A teacher as a plain checkpoint file in open_clip's {"state_dict": ...} layout."""
     import torch
 
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""Exact gradient accumulation (train.accum_freq, harness/accumulation.py): a step in micro-batches is the step.
+"""Exact gradient accumulation (train.accum_freq, harness/training/accumulation.py): a step in micro-batches is the step.
 
 In float64 (train.precision: fp64) so that it is the same math on any CPU: splitting the block reorders sums by
 about n·2⁻⁵³ of their magnitudes, far below the tolerance, while averaging micro-batch gradients (a batch-wide loss
@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import rendezvous
 
-from harness.config import parse_config
-from harness.models import accumulation_changes_weights, changes_weights
-from harness.train import train
+from harness.config.run_config import parse_config
+from harness.models.build import accumulation_changes_weights, changes_weights
+from harness.training.loop import train
 
 VARIANTS = {
     "task": {},
@@ -72,14 +72,15 @@ def test_accumulated_steps_equal_whole_batch_steps_on_one_and_two_processes(tmp_
 
 def test_micro_batch_average_is_not_the_objective(tmp_path, teacher_checkpoint, monkeypatch):
     """What the equality above rules out: averaging micro-batch gradients of InfoNCE ends elsewhere."""
-    from harness import train as train_module
+    from harness.training import loop
+    from harness.training.objective import compute_losses
 
     def naive(self, batch, noise):  # each micro-batch's own loss, averaged: what plain accumulation would do
-        from harness.accumulation import micro_batches
+        from harness.training.accumulation import micro_batches
 
         count, terms = self.config.train.accum_freq, None
         for part, part_noise in micro_batches(batch, noise, count):
-            part_terms = train_module.compute_losses(self.student.model, self.teacher, self.objective, part, part_noise)
+            part_terms = compute_losses(self.student.model, self.teacher, self.objective, part, part_noise)
             (self.objective.total(part_terms) / count).backward()
             terms = part_terms
         return terms
@@ -87,7 +88,7 @@ def test_micro_batch_average_is_not_the_objective(tmp_path, teacher_checkpoint, 
     torch.set_num_threads(1)
     teacher = str(teacher_checkpoint)
     whole = _weights(train(_config(tmp_path, "task", 1, teacher, "accum1")))
-    monkeypatch.setattr(train_module.Trainer, "_accumulated", naive)
+    monkeypatch.setattr(loop.Trainer, "_accumulated", naive)
     averaged = _weights(train(_config(tmp_path, "task", 4, teacher, "naive")))
     assert max(float((whole[n] - averaged[n]).abs().max()) for n in whole) > 1e-4
 
@@ -100,7 +101,7 @@ def test_accumulation_in_the_run_id_only_where_it_changes_the_weights(tmp_path):
         return parse_config({**base, "student": {"model": model},
                              "train": {**base["train"], "accum_freq": accum}}).run_id
 
-    from harness.pipeline import run_notes
+    from harness.run import run_notes
 
     assert run_id("clipkd-tiny", 4) == run_id("clipkd-tiny", 1)  # a ViT without dropout: the same weights
     assert run_id("timm-resnet18", 4) != run_id("timm-resnet18", 1)  # BatchNorm: micro-batch statistics
@@ -116,7 +117,7 @@ def test_accumulation_in_the_run_id_only_where_it_changes_the_weights(tmp_path):
 
 
 def test_more_micro_batches_than_samples_is_refused_before_training(tmp_path):
-    from harness.train import TrainingError
+    from harness.training.stops import TrainingError
 
     config = parse_config({"name": "too-many", "output_dir": str(tmp_path), "student": {"model": "clipkd-tiny"},
                            "data": {"dataset": "digits", "workers": 0},
@@ -130,8 +131,8 @@ def test_more_micro_batches_than_samples_is_refused_before_training(tmp_path):
 def test_batchnorm_running_statistics_count_each_micro_batch_once():
     """The second pass re-embeds every micro-batch for its gradients; BatchNorm's running mean, variance and count
     are those of the first pass alone (each micro-batch once), not of both passes."""
-    from harness.accumulation import accumulated_step, micro_batches
-    from harness.data import Batch
+    from harness.data.batch import Batch
+    from harness.training.accumulation import accumulated_step, micro_batches
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4, momentum=0.3)).double()
@@ -159,10 +160,10 @@ def test_each_micro_batch_is_embedded_again_with_the_random_masks_of_its_first_p
     the wrong state draws other masks: its gradients miss by far more than float64 rounding."""
     import open_clip
 
-    from harness.accumulation import accumulated_step, micro_batches
-    from harness.data import Batch
-    from harness.models import create_clip
-    from harness.train import Objective, losses_from_embeddings, student_embeddings
+    from harness.data.batch import Batch
+    from harness.models.build import create_clip
+    from harness.training.accumulation import accumulated_step, micro_batches
+    from harness.training.objective import Objective, losses_from_embeddings, student_embeddings
 
     config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
                                               "patch_size": 8, "patch_dropout": 0.5},

@@ -97,3 +97,50 @@ def test_the_checks_see_a_circle_and_an_upward_import():
     graph = {"core.a": {"harness.b"}, "harness.b": {"harness.c"}, "harness.c": {"core.a"}, "harness.d": set()}
     assert circles(graph) == [["core.a", "harness.b", "harness.c"]]
     assert upward_imports(graph) == [("core.a", "harness.b")]
+
+
+def test_a_package_is_its_folder_and_its_docstring():
+    """A package's ``__init__`` imports nothing (``harness.cli``'s entry point aside): importing a package costs
+    nothing, so a command pays only for the modules it uses (``clipkd --help``, ``grid status``)."""
+    heavy = []
+    for package in LAYERS:
+        for init in (ROOT / package).rglob("__init__.py"):
+            if init.parent.name in {"cli", "methods", "results", "migrations", "app", "views"}:
+                continue  # the CLI's parser; methods' lazy names (PEP 562); results' formats; not packages of code
+            tree = ast.parse(init.read_text())
+            if any(isinstance(node, (ast.Import, ast.ImportFrom)) for node in tree.body):
+                heavy.append(str(init.relative_to(ROOT)))
+    assert heavy == []
+
+
+MAX_LINES = 440  # "about 400": a module past it holds more than one concern
+
+
+def test_no_module_outgrows_one_concern():
+    long = {str(path.relative_to(ROOT)): n for package in LAYERS for path in (ROOT / package).rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_every_built_in_method_file_is_listed_and_registers_its_name():
+    """``methods.BUILTIN`` is how ``import methods`` knows the built-ins without importing them: each file that
+    registers a method is listed under the name it registers."""
+    import methods
+
+    registering = {}
+    for path in (ROOT / "methods").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args \
+                    and isinstance(node.args[0], ast.Constant):
+                registering[node.args[0].value] = path.stem
+    assert sorted(registering) == sorted(methods.BUILTIN)
+    assert all(registering[name] == name for name in methods.BUILTIN)
+    assert set(methods.BUILTIN) <= set(methods.available())  # a worker's tests may register more
+
+
+def test_every_folder_of_code_is_a_package():
+    """A folder without ``__init__.py`` imports from a checkout but is left out of a built wheel (setuptools finds
+    packages by it). Streamlit's pages and Alembic's migrations are scripts those tools load by path."""
+    scripts = {"app/views", "results/migrations", "results/migrations/versions"}
+    folders = {str(path.parent.relative_to(ROOT)) for package in LAYERS for path in (ROOT / package).rglob("*.py")}
+    assert sorted(f for f in folders - scripts if not (ROOT / f / "__init__.py").is_file()) == []

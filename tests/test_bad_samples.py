@@ -22,8 +22,9 @@ from test_teacher_cache import CPU, assert_close_at_scale, kd_config
 
 from core.builtin import load_builtin
 from core.distributed import DistEnv
-from harness.config import parse_config
-from harness.train import Trainer, compute_losses, train
+from harness.config.run_config import parse_config
+from harness.training.loop import Trainer, train
+from harness.training.objective import compute_losses
 
 DIGITS = load_builtin("digits", "train")
 
@@ -149,7 +150,7 @@ def test_resumed_run_with_bad_samples_ends_as_the_uninterrupted_one(tmp_path, te
         return result
 
     monkeypatch.setattr(Trainer, "train_step", stop_after_step_3)
-    from harness.train import TrainingInterrupted
+    from harness.training.stops import TrainingInterrupted
 
     with pytest.raises(TrainingInterrupted):
         train(stopped)
@@ -163,7 +164,7 @@ def test_resumed_run_with_bad_samples_ends_as_the_uninterrupted_one(tmp_path, te
 def test_cached_teacher_replaces_bad_samples_as_the_live_one(tmp_path, teacher_checkpoint):
     """One step takes all 36 samples, the four bad ones among them: the cached run reads the rows of the same
     replacements the live teacher embeds (float64), and the cache's manifest lists the bad samples."""
-    from harness import teacher_cache
+    from harness.teachers import cache_key
 
     def first_terms(embeddings: str, like=None):
         config = parse_config({**shard_run(tmp_path, teacher_checkpoint, embeddings), "train": {
@@ -181,7 +182,7 @@ def test_cached_teacher_replaces_bad_samples_as_the_live_one(tmp_path, teacher_c
     cached_terms, _, config = first_terms("cached", like=live)
     for name, value in live_terms.items():
         assert_close_at_scale(cached_terms[name].detach(), value.detach(), name)
-    meta = teacher_cache.read_meta(teacher_cache.cache_dir(config))
+    meta = cache_key.read_meta(cache_key.cache_dir(config))
     assert len(meta["bad_samples"]) == 4
 
 
@@ -248,9 +249,9 @@ def test_a_finished_runs_record_counts_its_bad_samples(tmp_path, teacher_checkpo
 
 
 def test_data_check_lists_exactly_the_bad_samples_and_the_loaders_read_its_findings(tmp_path, teacher_checkpoint):
-    from harness.data import build_source
+    from harness.data.loaders import build_source
     from harness.data.views import Augmentation
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     for resolved, expected in ((shard_run(tmp_path, teacher_checkpoint), 4), (csv_run(tmp_path, teacher_checkpoint), 5)):
         config_file = tmp_path / "check.yaml"
@@ -279,7 +280,7 @@ def test_a_bad_benchmark_image_is_one_message_naming_the_file(tmp_path):
 
 
 def _weights(folder: Path) -> Path:
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     path = folder / "student.pt"
     torch.manual_seed(0)
@@ -315,7 +316,7 @@ def _refusing_rank(rank: int, world: int, meeting: dict, resolved: dict, out: st
     third step (as an out-of-memory on one GPU would), outside any vote."""
     import time
 
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     torch.set_num_threads(1)
     os.environ.update(meeting, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -399,9 +400,9 @@ def test_a_bad_sample_is_replaced_by_the_next_good_one_across_a_shards_end_and_t
     import open_clip
     import webdataset as wds
 
-    from harness.config import DataSpec
-    from harness.data import build_source
+    from harness.config.specs import DataSpec
     from harness.data.batch import make_block
+    from harness.data.loaders import build_source
     from harness.data.views import Augmentation
 
     bad = {(0, 5), (1, 2), (1, 3), (1, 5)}  # shard 0's last, two in a row, the set's last

@@ -12,8 +12,8 @@ from PIL import Image
 from test_train import write_config
 
 from core.builtin import FASHION_MNIST_DIR, DatasetUnavailableError, load_builtin
-from harness.masking import masked_image_features, patch_grid
-from harness.models import create_clip
+from harness.models.build import create_clip
+from harness.training.masking import masked_image_features, patch_grid
 
 
 def test_digits_splits_are_deterministic_disjoint_and_cover_the_data():
@@ -88,18 +88,18 @@ def test_webdataset_shards_train_with_one_loader_for_every_epoch(tmp_path, monke
     once) and read on into the second epoch, instead of starting again, and waiting, at each epoch's start."""
     import yaml
 
-    import harness.data
-    from harness.config import parse_config
-    from harness.train import train
+    from harness.config.run_config import parse_config
+    from harness.data import loaders
+    from harness.training.loop import train
 
     started = []
 
-    class CountedLoader(harness.data.DataLoader):
+    class CountedLoader(loaders.DataLoader):
         def __iter__(self):
             started.append(self.num_workers)
             return super().__iter__()
 
-    monkeypatch.setattr(harness.data, "DataLoader", CountedLoader)
+    monkeypatch.setattr(loaders, "DataLoader", CountedLoader)
     shards = write_shards(tmp_path, [48, 48])
     # its own output_dir: under the checkout's runs/ a second session's same tmp path made it a finished run
     config = write_config(tmp_path, "wds", output_dir=str(tmp_path / "runs"),
@@ -115,10 +115,10 @@ def _shard_epochs(rank: int, shards: str, index_root: str, runs: list[tuple[int,
     """Rank ``rank`` of 2, for each (loader workers, first step) of ``runs``: the sample ids of each step from that
     step of the run to the end of its epoch 1 (10 steps an epoch), and the images it decoded (one process for all:
     a process's start is most of the time)."""
-    from harness.config import DataSpec
-    from harness.data import build_source, build_train_data
+    from harness.config.specs import DataSpec
+    from harness.data.loaders import build_source, build_train_data
     from harness.data.views import Augmentation
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     torch.set_num_threads(1)
     epochs = []
@@ -370,7 +370,7 @@ def test_the_masked_pass_leaves_batchnorms_running_statistics_alone():
     ({"SLURM_CPUS_PER_TASK": "4"}, 3),
 ])
 def test_loader_workers_share_a_tasks_cpus_among_its_processes(monkeypatch, environment, expected):
-    from harness.data import default_workers
+    from harness.data.loaders import default_workers
 
     for name in ("SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

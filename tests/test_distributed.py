@@ -17,12 +17,14 @@ from conftest import rendezvous
 
 from core.builtin import load_builtin
 from core.distributed import average_gradients, data_parallel, init_distributed
-from harness.data import Batch
+from harness.data.batch import Batch
 from harness.data.memory import InMemorySource
 from harness.data.views import Augmentation, ViewSpec
-from harness.masking import patch_grid
-from harness.models import create_clip
-from harness.train import LiveTeacher, Objective, StepModule, Teachers, mask_noise
+from harness.models.build import create_clip
+from harness.teachers.ensemble import Teachers
+from harness.teachers.live import LiveTeacher
+from harness.training.masking import mask_noise, patch_grid
+from harness.training.objective import Objective, StepModule
 
 TERMS = {name: (1.0, {}) for name in ["fd", "mfd", "gd", "icl", "afd", "crd", "open_clip_distill", "tinyclip", "hrd",
                                       "vrd", "xrd", "clip_rd", "mobileclip_dr"]}
@@ -145,7 +147,7 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     for name, value in metrics[0].items():  # float32 embeddings of the same images, in batches of other shapes
         assert metrics[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert records[0]["items"] == records[1]["items"]
-    from harness.pipeline import training_cost
+    from harness.run import training_cost
 
     cost = training_cost(run_two)  # two processes: twice the wall time in device-hours
     assert cost["world_size"] == 2 and cost["device_hours"] == pytest.approx(2 * cost["train_seconds"] / 3600)
@@ -207,8 +209,8 @@ def test_the_trainer_hands_grad_compression_to_ddp_and_to_the_accumulation_avera
     step. (The rounding each applies is the test above's; a Trainer that dropped the setting trained uncompressed
     without a word.)"""
     from core.distributed import DistEnv
-    from harness import train as train_module
-    from harness.config import parse_config
+    from harness.config.run_config import parse_config
+    from harness.training import loop as train_module
 
     handed = []
     monkeypatch.setattr(train_module, "data_parallel", lambda module, device, compression: handed.append(

@@ -9,11 +9,13 @@ from conftest import run_clipkd
 
 import methods
 from core.distributed import DistEnv
-from harness import teacher_cache
-from harness.config import ConfigError, parse_config
-from harness.models import create_clip
-from harness.pipeline import run
-from harness.train import Trainer, compute_losses
+from harness.config.run_config import parse_config
+from harness.config.specs import ConfigError
+from harness.models.build import create_clip
+from harness.run import run
+from harness.teachers import cache_key
+from harness.training.loop import Trainer
+from harness.training.objective import compute_losses
 from results.store import Store
 
 CPU = torch.device("cpu")
@@ -55,7 +57,7 @@ def test_two_cached_teachers_train_evaluate_and_are_named(tmp_path, two_teachers
     config = _config(tmp_path, two_teachers)
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     assert run(config, store) == "done"
-    caches = sorted((tmp_path / "runs" / teacher_cache.CACHE_DIR).glob("*/meta.json"))
+    caches = sorted((tmp_path / "runs" / cache_key.CACHE_DIR).glob("*/meta.json"))
     assert len(caches) == 2  # one cache per teacher
     row = store.get_run(config.run_id)
     assert row["teacher"] == "clipkd-tiny-teacher@teacher-7.pt + clipkd-tiny-teacher@teacher-8.pt"

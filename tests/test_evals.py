@@ -155,7 +155,7 @@ def test_feature_cosine_goes_through_the_learned_projection():
     from evals.datasets import load_eval_set
     from evals.similarity import feature_similarity
     from evals.zeroshot import zero_shot_metrics
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -267,7 +267,7 @@ def _transformer_flops(tokens: int, width: int, layers: int) -> int:
     return layers * 2 * (4 * tokens * width**2 + 8 * tokens * width**2 + 2 * tokens**2 * width)
 
 
-# clipkd-tiny (harness/model_configs): 32 px images in 8 px patches (16 and a class token), width 64, 2 layers,
+# clipkd-tiny (harness/models/configs): 32 px images in 8 px patches (16 and a class token), width 64, 2 layers,
 # embed 64; 16 text tokens, width 64, 2 layers. The image's patch embedding is a 3·8·8 → 64 product per patch;
 # each tower ends in a 64 → 64 projection of one token.
 CLIPKD_TINY_IMAGE_FLOPS = 2 * 16 * 3 * 8 * 8 * 64 + _transformer_flops(17, 64, 2) + 2 * 64 * 64
@@ -277,7 +277,7 @@ CLIPKD_TINY_TEXT_FLOPS = _transformer_flops(16, 64, 2) + 2 * 64 * 64
 def test_a_public_model_is_recorded_as_a_reference_and_shown_apart(tmp_path):
     """`clipkd eval --model NAME --pretrained FILE --record`, offline: a reference row (no teacher, no method, its
     weights named) that the leaderboard lists apart from the runs trained here."""
-    from harness.models import create_clip
+    from harness.models.build import create_clip
     from results.queries import list_runs
     from results.store import Store
 
@@ -327,7 +327,7 @@ def _evaluate_sets(weights: str, roots: dict[str, str], workers: int) -> dict:
     """Every set's metrics and per-item bits, in this process's group (if any)."""
     from evals.datasets import load_eval_set
     from evals.zeroshot import zero_shot_metrics
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     bundle = create_clip("clipkd-tiny", weights)
     found = {}
@@ -362,7 +362,7 @@ def test_three_ranks_evaluate_streamed_sets_and_a_two_class_set_as_one_process(t
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
     from conftest import rendezvous
 
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     run_clipkd("export-dataset", "digits", str(tmp_path / "wds"), "--shards", "4", cwd=tmp_path)
     roots = {"classification": str(tmp_path / "wds" / "classification"), "retrieval": str(tmp_path / "wds" / "retrieval"),

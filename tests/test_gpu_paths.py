@@ -31,8 +31,9 @@ from torch.distributed.distributed_c10d import BackendConfig
 from core import distributed
 from core.distributed import DistributedSetupError, init_distributed, plan_process_group
 from core.precision import autocast
-from harness import teacher_cache
-from harness.config import parse_config
+from harness.config.run_config import parse_config
+from harness.teachers import cache_build, cache_key
+from harness.teachers.cached import CachedRows, OpenArrays
 
 CPU = torch.device("cpu")
 
@@ -99,7 +100,7 @@ def _train_rank(rank: int, meeting: dict, config: dict) -> None:
     dist.init_process_group = lambda backend, **kwargs: init(gloo_standing_in_for(backend), **kwargs)
     with cuda_visible(1):  # one GPU per task
         init_distributed()
-    from harness.train import train
+    from harness.training.loop import train
 
     train(parse_config(config))  # in the group joined above, on the CPU
 
@@ -110,7 +111,7 @@ def test_two_ranks_train_on_the_group_planned_for_cuda(tmp_path, teacher_checkpo
     config = kd_config(tmp_path / "two", teacher_checkpoint, "cached", data={"workers": 0})
     with rendezvous() as meeting:
         torch.multiprocessing.spawn(_train_rank, args=(meeting, config.resolved()), nprocs=2)
-    from harness.train import train
+    from harness.training.loop import train
 
     one = kd_config(tmp_path / "one", teacher_checkpoint, "cached", data={"workers": 0})
     a = torch.load(train(one) / "checkpoints" / "final.pt", weights_only=False)["state_dict"]
@@ -128,7 +129,7 @@ def _build_rank(rank: int, meeting: dict, config: dict, log: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", **meeting)
     torch.set_num_threads(1)
     env = init_distributed(timeout_s=GROUP_TIMEOUT_S)
-    create = teacher_cache.create_teacher
+    create = cache_build.create_teacher
 
     def teacher_slow_on_rank0(*args, **kwargs):
         bundle = create(*args, **kwargs)
@@ -142,8 +143,8 @@ def _build_rank(rank: int, meeting: dict, config: dict, log: str) -> None:
         bundle.model.encode_image = encode_image
         return bundle
 
-    teacher_cache.create_teacher = teacher_slow_on_rank0
-    embed = teacher_cache._Builder.embed
+    cache_build.create_teacher = teacher_slow_on_rank0
+    embed = cache_build._Builder.embed
 
     def timed_embed(self, folder, share):
         began = time.time()
@@ -151,8 +152,8 @@ def _build_rank(rank: int, meeting: dict, config: dict, log: str) -> None:
         with open(log, "a") as out:
             out.write(json.dumps({"rank": rank, "began": began, "ended": time.time()}) + "\n")
 
-    teacher_cache._Builder.embed = timed_embed
-    teacher_cache.ensure(parse_config(config), CPU, env)
+    cache_build._Builder.embed = timed_embed
+    cache_build.ensure(parse_config(config), CPU, env)
     dist.destroy_process_group()
 
 
@@ -161,7 +162,7 @@ def test_a_two_rank_cache_build_waits_in_no_collective_past_a_short_group_timeou
     the build completes, and the ranks embed at the same time (each waits for no more than the others' share)."""
     config = kd_config(tmp_path, teacher_checkpoint, "cached", data={"workers": 0})
     config = parse_config({**config.resolved(), "eval": {"batch_size": 256}})
-    lock = teacher_cache.cache_dir(config).with_suffix(".lock")
+    lock = cache_key.cache_dir(config).with_suffix(".lock")
     lock.parent.mkdir(parents=True)
     log = tmp_path / "embedding.jsonl"
     with rendezvous() as meeting:
@@ -172,7 +173,7 @@ def test_a_two_rank_cache_build_waits_in_no_collective_past_a_short_group_timeou
             time.sleep(2 * GROUP_TIMEOUT_S)
             released = time.time()
         ranks.join()
-    assert teacher_cache.is_built(config)
+    assert cache_key.is_built(config)
     spans = {line["rank"]: line for line in map(json.loads, log.read_text().splitlines())}
     assert spans[0]["began"] >= released and spans[1]["began"] >= released
     assert spans[0]["ended"] - spans[0]["began"] > GROUP_TIMEOUT_S  # rank 0's share alone outlasts the timeout
@@ -196,7 +197,7 @@ def test_a_cached_run_over_300_shards_fits_in_256_file_descriptors(tmp_path, tea
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                             preexec_fn=limit_descriptors, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = teacher_cache.CachedRows(teacher_cache.cache_dir(config))
+    rows = CachedRows(cache_key.cache_dir(config))
     assert len(rows.shards) == 300 and (config.run_dir / "checkpoints" / "final.pt").is_file()
     read = {line["step"] for line in map(json.loads, (config.run_dir / "train_log.jsonl").read_text().splitlines())}
     assert read == set(range(1, 7))
@@ -205,7 +206,7 @@ def test_a_cached_run_over_300_shards_fits_in_256_file_descriptors(tmp_path, tea
 def test_open_arrays_stay_under_their_limit(tmp_path):
     for i in range(5):
         np.save(tmp_path / f"{i}.npy", np.full(3, i))
-    arrays = teacher_cache.OpenArrays(tmp_path, limit=2)
+    arrays = OpenArrays(tmp_path, limit=2)
     assert [int(arrays[str(i)][0]) for i in (0, 1, 2, 0, 4)] == [0, 1, 2, 0, 4]
     assert len(arrays._open) == 2
 
@@ -214,7 +215,7 @@ def test_open_arrays_stay_under_their_limit(tmp_path):
 def test_a_site_that_presets_master_port_and_rank(monkeypatch):
     """Task 1 of a 2-task SLURM job whose setup exported MASTER_PORT and a stale RANK and MASTER_ADDR: the port is
     kept (the site's choice), the task's own rank and the job's first node replace the others."""
-    from harness.dispatch import CellJob
+    from harness.grids.dispatch import CellJob
 
     job = {"_TEST_CLUSTER_": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
@@ -266,7 +267,7 @@ def test_a_checkpoint_from_eight_visible_gpus_resumes_where_each_task_sees_one(m
     process's device, whatever each saw. Checkpoints written before kept every visible GPU's state, and
     ``set_rng_state_all`` of 8 states where a task is bound to one GPU fails as CUDA does (device 1 does not
     exist); such a checkpoint now resumes from its first state (rank 0's device)."""
-    from harness import checkpoint
+    from harness.training import checkpoint
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -295,7 +296,7 @@ def _resuming_rank(rank: int, meeting: dict, resolved: dict, out: str) -> None:
     if rank == 1:  # this node's view of the shared filesystem lags: it sees no checkpoint yet
         exists = Path.exists
         Path.exists = lambda self: False if self.name == "latest.pt" else exists(self)
-    from harness.train import train
+    from harness.training.loop import train
 
     try:
         train(parse_config(resolved), resume=True)
@@ -309,7 +310,7 @@ def test_rank_0_decides_for_every_rank_whether_to_resume(tmp_path):
     """A run stopped after its last step (latest.pt at step 4 of 4) resumed by 2 processes, the second of which
     cannot see the checkpoint yet: both resume it and finish with its weights. Before, each rank asked the
     filesystem itself: rank 1 started from step 0 and trained alone into collectives rank 0 never joined."""
-    from harness.train import train
+    from harness.training.loop import train
 
     resolved = {"name": "lagging", "seed": 1, "output_dir": str(tmp_path / "runs"), "student": {"model": "clipkd-tiny"},
                 "data": {"dataset": "digits", "workers": 0}, "optim": {"warmup_steps": 1},
@@ -332,7 +333,7 @@ def test_a_step_makes_no_tensor_from_host_values(tmp_path, teacher_checkpoint, m
     fused path a GPU run takes). Before, the cached teacher made its logit scale at the first step."""
     import sys
 
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     config = kd_config(tmp_path, teacher_checkpoint, "cached", data={"workers": 0}, steps=3)
     config = parse_config({**config.resolved(), "distill": {"fd": 2000, "mfd": 2000, "icl": 1, "crd": 1}})

@@ -36,8 +36,8 @@ def test_plan_lists_the_papers_cells_without_downloading(workdir):
 @pytest.mark.parametrize("name", ["paper_students", "paper_laion", "paper_ensemble", "demo", "demo_field", "smoke"])
 def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, monkeypatch):
     """In this process (the command line is tested above): every shipped grid validates, offline."""
-    from harness import checks
-    from harness.grid import load_grid
+    from harness.grids import checks
+    from harness.grids.expansion import load_grid
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     grid = load_grid(ROOT / "grids" / f"{name}.yaml")
@@ -192,7 +192,7 @@ def cached_teacher_grid(workdir: Path) -> Path:
 
 def test_a_cached_teacher_grid_builds_the_cache_as_a_step_the_students_wait_for(workdir):
     from core.builtin import load_builtin
-    from harness.grid import load_grid
+    from harness.grids.expansion import load_grid
 
     grid = load_grid(cached_teacher_grid(workdir))
     cells = {c.name: c for c in grid.cells}
@@ -271,7 +271,7 @@ def test_retry_failed_reruns_the_failed_cells_and_only_those(workdir):
 
 def test_rules_match_any_of_a_list(workdir):
     """More seeds where the claim is (baseline and CLIP-KD), fewer for the rest: exclude takes lists."""
-    from harness.grid import load_grid
+    from harness.grids.expansion import load_grid
 
     grid = yaml.safe_load((workdir / "grids" / "smoke.yaml").read_text())
     grid["axes"]["seeds"] = [0, 1, 2, 3]
@@ -290,7 +290,7 @@ def test_rules_match_any_of_a_list(workdir):
 def test_local_cells_share_the_cores_this_process_may_use(monkeypatch):
     """Inside a SLURM allocation or under taskset a process may use fewer cores than the machine has: the local
     executor shares those (a 128-core node's count would give each of two cells 64 threads on 8 allowed cores)."""
-    from harness.dispatch import cell_threads
+    from harness.grids.dispatch import cell_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 128)
@@ -298,3 +298,30 @@ def test_local_cells_share_the_cores_this_process_may_use(monkeypatch):
     assert [cell_threads(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice per process
     assert cell_threads(2) == 3
+
+
+def test_a_job_that_finishes_before_its_submitter_marks_it_started_is_done(workdir, clipkd, monkeypatch):
+    """The submitter writes a cell's "running" (local) or "queued" (SLURM) after starting its job; a quick job can
+    write its record first (a submitter that imports less than its job starts it sooner). The mark is as of the
+    time the job was started, so the job's own record, written later, is the one the store keeps."""
+    from harness.grids import dispatch
+
+    grid = {"name": "quick", "output_dir": "runs",
+            "base": {"data": {"dataset": "digits", "workers": 0}, "optim": {"warmup_steps": 1},
+                     "train": {"batch_size": 32, "steps": 2}},
+            "axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"baseline": {}}, "seeds": [0]}}
+    (workdir / "grids" / "quick.yaml").write_text(yaml.safe_dump(grid))
+    save_jobs = dispatch._save_jobs
+
+    def save_then_wait_for_the_record(grid, jobs):  # between starting the job and marking it running
+        save_jobs(grid, jobs)
+        deadline = time.monotonic() + 300
+        while not any(json.loads(r.read_text())["run"]["status"] == "done" for r in workdir.glob("runs/*/record.json")):
+            assert time.monotonic() < deadline, "the job wrote no final record"
+            time.sleep(0.2)
+
+    monkeypatch.setattr(dispatch, "_save_jobs", save_then_wait_for_the_record)
+    result = clipkd("grid", "submit", "grids/quick.yaml", "--executor", "local", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    stored = sqlite3.connect(workdir / "results" / "clipkd.db").execute("select status from runs").fetchall()
+    assert stored == [("done",)]

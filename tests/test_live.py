@@ -12,9 +12,10 @@ import torch
 import yaml
 from conftest import ROOT, require, run_clipkd
 
-from harness.config import ConfigError, parse_config
-from harness.grid import load_grid
-from harness.pipeline import run
+from harness.config.run_config import parse_config
+from harness.config.specs import ConfigError
+from harness.grids.expansion import load_grid
+from harness.run import run
 from results.store import Store
 
 
@@ -122,9 +123,9 @@ def wandb_config_and_summary(path):
 
 
 def test_a_tracker_that_is_not_installed_is_refused_at_plan_time(tmp_path, teacher_checkpoint, monkeypatch):
-    from harness import reporting
+    from harness.training import trackers
 
-    monkeypatch.setitem(reporting.TRACKERS, "wandb", ("clipkd_no_such_module", "clipkd[wandb]"))
+    monkeypatch.setitem(trackers.TRACKERS, "wandb", ("clipkd_no_such_module", "clipkd[wandb]"))
     with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed here: pip install 'clipkd\[wandb\]'"):
         _config(tmp_path, teacher_checkpoint, "refused", report_to=["wandb"])
 

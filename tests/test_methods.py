@@ -248,7 +248,7 @@ def test_under_bf16_autocast_every_term_takes_float32_logits():
     autocast off, on bf16 embeddings near convergence (logits near 100): every term equal to the bit. Before,
     ``scale * v @ uᵀ`` of the task loss, CRD, HRD, TinyCLIP, MobileCLIP's and open_clip's distillation losses was
     stored in bf16 (a spacing of 0.5 at 100) before its softmax, and the terms differed by up to a few percent."""
-    from harness.train import Objective
+    from harness.training.objective import Objective
 
     names = ["crd", "hrd", "tinyclip", "mobileclip_dr", "open_clip_distill", "icl", "fd", "vrd", "xrd", "afd", "gd"]
     objective = Objective({name: (1.0, {}) for name in names}, 64, 96)
@@ -264,3 +264,36 @@ def test_under_bf16_autocast_every_term_takes_float32_logits():
     assert mixed.keys() == exact.keys() == {"task", *names}
     for name, value in exact.items():
         assert value.dtype == mixed[name].dtype == torch.float32 and torch.equal(mixed[name], value), name
+
+
+def test_registering_a_method_leaves_the_random_stream_alone():
+    """The registry builds a method once to check its contract. Built-ins register on first lookup, inside a
+    run's set-up, after its seed: a draw there would move every initialisation after it (a learned projection's)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+
+    @methods.register("test-draws-at-build")
+    class Draws(methods.DistillMethod):
+        def __init__(self, student_dim, teacher_dim):
+            super().__init__(student_dim, teacher_dim)
+            self.project = torch.nn.Linear(student_dim, teacher_dim)
+
+        def forward(self, batch):
+            return self.project(batch.student_image).sum()
+
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_methods_listed_without_importing_them_are_the_registrys():
+    """``clipkd methods`` reads the built-ins' descriptions from their files (no torch); they are the registry's."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys, json, methods; listed = methods.descriptions(); assert 'torch' not in sys.modules; "
+              "print(json.dumps([listed, methods.available()]))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    listed, registered = json.loads(out)
+    assert listed == registered and len(listed) == len(methods.BUILTIN)

@@ -5,6 +5,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from results import stats
+from results.bits import pack, unpack
 from results.compare import summarize
 from results.store import Store
 
@@ -125,7 +126,7 @@ def test_a_paired_bootstrap_read_off_its_moments_is_the_drawn_one_within_monte_c
 def test_one_seed_against_one_is_tabled_from_packed_bits_as_from_bits():
     rng = np.random.default_rng(0)
     a, b = rng.random(1003) < 0.6, rng.random(1003) < 0.5  # 1003 items: the last byte is padded
-    packed = stats.packed_item_table(stats.pack(a), stats.pack(b), 1003)
+    packed = stats.packed_item_table(pack(a), pack(b), 1003)
     counts, delta = stats.item_table(a, b)
     assert packed[0].tolist() == counts.tolist() and packed[1].tolist() == delta.tolist()
 
@@ -158,7 +159,7 @@ def test_minimum_detectable_difference_has_80_percent_power(seeds):
 
 def test_bits_pack_and_unpack():
     bits = np.random.default_rng(0).random(1001) < 0.5
-    assert np.array_equal(stats.unpack(stats.pack(bits), 1001), bits) and len(stats.pack(bits)) == 126
+    assert np.array_equal(unpack(pack(bits), 1001), bits) and len(pack(bits)) == 126
 
 
 def _rows(method, teacher, values, runs=None):

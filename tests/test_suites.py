@@ -11,8 +11,9 @@ from PIL import Image
 
 from core.builtin import load_builtin
 from evals.suites import SUITES, averages, suite_benchmark
-from harness.config import ConfigError, parse_config
-from harness.pipeline import run
+from harness.config.run_config import parse_config
+from harness.config.specs import ConfigError
+from harness.run import run
 from results.store import Store
 
 
@@ -113,7 +114,7 @@ def test_a_generated_datacomp_suite_in_its_wds_layout_runs_end_to_end(tmp_path):
     import torch
 
     from harness.export import export_clip_benchmark_wds
-    from harness.models import create_clip
+    from harness.models.build import create_clip
 
     classification, retrieval = export_clip_benchmark_wds("digits", tmp_path / "digits", limit=40)
     for task in SUITES["datacomp"].tasks:

@@ -22,10 +22,14 @@ from conftest import ROOT, rendezvous, run_clipkd, write_shards
 
 from core.distributed import DistEnv
 from core.precision import autocast
-from harness import teacher_cache
-from harness.config import parse_config
-from harness.models import create_clip
-from harness.train import CachedTeacher, LiveTeacher, Trainer, compute_losses, train
+from harness.config.run_config import parse_config
+from harness.models.build import create_clip
+from harness.teachers import cache_build, cache_key, cache_lock
+from harness.teachers.cached import CachedRows, CachedTeacher
+from harness.teachers.cached import info as cache_info
+from harness.teachers.live import LiveTeacher
+from harness.training.loop import Trainer, train
+from harness.training.objective import compute_losses
 
 CPU = torch.device("cpu")
 FLOAT32_ROUNDING = 2.0**-24  # relative error of storing a float64 value as float32
@@ -100,20 +104,20 @@ def test_stored_augmented_views_replay_exactly(tmp_path, teacher_checkpoint):
     for epoch in (0, 1):
         live, cached = assert_cached_equals_live(config("live"), config("cached"), epoch)
         batch = cached.first_batch
-        stored = stored_rows(teacher_cache.cache_dir(config("cached")), "boxes")
+        stored = stored_rows(cache_key.cache_dir(config("cached")), "boxes")
         np.testing.assert_array_equal(stored[batch.samples.numpy(), batch.views.numpy()], batch.boxes.numpy())
         assert set(batch.views.tolist()) == {0, 1, 2}
         assert (stored[:, 0] != stored[:, 1]).any(axis=1).mean() > 0.5  # the views differ
     choice = Trainer(config("cached"), DistEnv(), CPU).source.augmentation.choose
     samples = np.arange(1257)
     assert (choice(0, samples) != choice(1, samples)).mean() > 0.5  # each epoch draws the views afresh
-    info = teacher_cache.info(teacher_cache.cache_dir(config("cached")))
+    info = cache_info(cache_key.cache_dir(config("cached")))
     assert info["views"] == 3 and info["samples"] == 1257 and info["embed_dim"] == 96
 
 
 def test_cache_holds_the_live_teachers_embeddings_of_the_unaugmented_view(tmp_path, teacher_checkpoint):
     config = kd_config(tmp_path, teacher_checkpoint, "cached")
-    rows = teacher_cache.CachedRows(teacher_cache.ensure(config, CPU))
+    rows = CachedRows(cache_build.ensure(config, CPU))
     trainer = Trainer(kd_config(tmp_path, teacher_checkpoint, "live"), DistEnv(), CPU)
     source = trainer.source  # the in-memory training set, un-augmented (augment: false)
     samples = np.array([0, 5, len(source) - 1])
@@ -129,18 +133,18 @@ def test_cache_holds_the_live_teachers_embeddings_of_the_unaugmented_view(tmp_pa
 
 def _build(output_dir: str, teacher: str, locks_work: bool, hold_until: str | None = None) -> None:
     if not locks_work:  # a filesystem where flock does nothing: both builders run, the rename decides
-        teacher_cache._try_lock = lambda handle: True
+        cache_lock._try_lock = lambda handle: True
     if hold_until:  # stop after creating the partial folder's arrays until the file ``hold_until`` exists
-        embed = teacher_cache._Builder.embed
+        embed = cache_build._Builder.embed
 
         def held_embed(self, folder, share):
             while not Path(hold_until).exists():
                 time.sleep(0.05)
             embed(self, folder, share)
 
-        teacher_cache._Builder.embed = held_embed
+        cache_build._Builder.embed = held_embed
     torch.set_num_threads(1)
-    teacher_cache.ensure(kd_config(Path(output_dir), Path(teacher), "cached", data={"workers": 0}), CPU)
+    cache_build.ensure(kd_config(Path(output_dir), Path(teacher), "cached", data={"workers": 0}), CPU)
 
 
 def _start_builder(output_dir: Path, teacher: Path, locks_work: bool = True, hold_until: Path | None = None):
@@ -168,13 +172,13 @@ def stored_rows(folder: Path, name: str) -> np.ndarray:
 
 
 def assert_one_whole_cache(output_dir: Path, teacher: Path) -> None:
-    root = output_dir / teacher_cache.CACHE_DIR
+    root = output_dir / cache_key.CACHE_DIR
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     config = kd_config(output_dir, teacher, "cached", data={"workers": 0})
-    assert folders == [teacher_cache.cache_dir(config).name]  # no partial folder left behind
+    assert folders == [cache_key.cache_dir(config).name]  # no partial folder left behind
     reference = output_dir / "reference"  # a lone builder, in a process like theirs: the same kernels, the same bits
     _run_builders(reference, teacher=teacher)
-    reference_folder = teacher_cache.cache_dir(kd_config(reference, teacher, "cached", data={"workers": 0}))
+    reference_folder = cache_key.cache_dir(kd_config(reference, teacher, "cached", data={"workers": 0}))
     for name in ("image", "text"):
         np.testing.assert_array_equal(stored_rows(root / folders[0], name), stored_rows(reference_folder, name))
 
@@ -190,7 +194,7 @@ def test_without_a_working_lock_a_late_builder_leaves_a_live_builders_folder_alo
     finds the cache published and drops its copy."""
     go = tmp_path / "go"
     first = _start_builder(tmp_path, teacher_checkpoint, locks_work=False, hold_until=go)
-    root = tmp_path / teacher_cache.CACHE_DIR
+    root = tmp_path / cache_key.CACHE_DIR
     deadline = time.monotonic() + 120
     while not any(root.glob("*.partial-*/parts/0.image.npy")):
         assert first.is_alive() and time.monotonic() < deadline
@@ -209,7 +213,7 @@ def test_a_killed_builders_partial_folder_is_removed_by_the_next_builder(tmp_pat
     config_file.write_text(json.dumps(config.resolved()))
     builder = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", str(config_file)], cwd=tmp_path,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
-    root = tmp_path / teacher_cache.CACHE_DIR
+    root = tmp_path / cache_key.CACHE_DIR
     deadline = time.monotonic() + 120
     while not any(root.glob("*.partial-*/parts/0.image.npy")):
         assert builder.poll() is None and time.monotonic() < deadline, "the builder ended before it could be killed"
@@ -217,22 +221,22 @@ def test_a_killed_builders_partial_folder_is_removed_by_the_next_builder(tmp_pat
     builder.send_signal(signal.SIGKILL)
     builder.wait(timeout=60)
     (partial,) = root.glob("*.partial-*")
-    assert not teacher_cache.is_built(config)
-    folder = teacher_cache.ensure(config, CPU)
-    assert teacher_cache.is_built(config) and not partial.exists()
+    assert not cache_key.is_built(config)
+    folder = cache_build.ensure(config, CPU)
+    assert cache_key.is_built(config) and not partial.exists()
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [folder.name]
 
 
 def test_runs_share_one_cache_and_never_build_the_teacher(tmp_path, teacher_checkpoint, monkeypatch):
     first = kd_config(tmp_path, teacher_checkpoint, "cached", name="first")
-    folder = teacher_cache.ensure(first, CPU)
+    folder = cache_build.ensure(first, CPU)
     built = (folder / "parts" / "0.image.npy").stat().st_mtime_ns
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a cached run built the teacher")
 
-    monkeypatch.setattr("harness.train.create_teacher", no_teacher)
-    monkeypatch.setattr("harness.teacher_cache.create_teacher", no_teacher)
+    monkeypatch.setattr("harness.teachers.ensemble.create_teacher", no_teacher)
+    monkeypatch.setattr("harness.teachers.cache_build.create_teacher", no_teacher)
     for config in (first, kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, name="augmented")):
         assert (train(config) / "checkpoints" / "final.pt").is_file()
     assert (folder / "parts" / "0.image.npy").stat().st_mtime_ns == built
@@ -248,7 +252,7 @@ def test_float16_storage_halves_the_cache_and_moves_losses_as_the_readme_says(tm
     terms, sizes = {}, {}
     for storage in ("float32", "float16"):
         cfg = config(tmp_path, teacher_checkpoint, storage, views=5)
-        sizes[storage] = teacher_cache.info(teacher_cache.ensure(cfg, CPU))["bytes"]
+        sizes[storage] = cache_info(cache_build.ensure(cfg, CPU))["bytes"]
         torch.manual_seed(0)
         terms[storage] = loss_terms(Trainer(cfg, DistEnv(), CPU), batches=5)
     assert 0.45 < sizes["float16"] / sizes["float32"] < 0.6  # the crop boxes stay int32
@@ -282,7 +286,7 @@ def test_shard_cache_replays_views_like_the_live_teacher(tmp_path, teacher_check
             assert torch.equal(live_batch.images, cached_batch.images), step
             for embedded, stored in zip(live.teacher.members[0](live_batch), cached.teacher.members[0](cached_batch)):
                 torch.testing.assert_close(stored, embedded, rtol=2 * FLOAT32_ROUNDING, atol=1e-30, msg=f"step {step}")
-    folder = teacher_cache.cache_dir(shard_config(tmp_path, teacher_checkpoint, "cached", shards))
+    folder = cache_key.cache_dir(shard_config(tmp_path, teacher_checkpoint, "cached", shards))
     meta = json.loads((folder / "meta.json").read_text())
     assert [s["samples"] for s in meta["shards"]] == [40, 60] and meta["spec"]["views"] == 3
     assert np.load(folder / "shards" / "1.image.npy").shape == (60, 3, 96)
@@ -295,10 +299,9 @@ def _rank(rank: int, meeting: dict, config: dict, forbid_teacher: bool) -> None:
         def no_teacher(*args, **kwargs):
             raise AssertionError("training from a cache built the teacher")
 
-        import harness.teacher_cache
-        import harness.train
+        from harness.teachers import ensemble
 
-        harness.train.create_teacher = harness.teacher_cache.create_teacher = no_teacher
+        ensemble.create_teacher = cache_build.create_teacher = no_teacher
     from core.distributed import init_distributed
 
     env = init_distributed()
@@ -306,7 +309,7 @@ def _rank(rank: int, meeting: dict, config: dict, forbid_teacher: bool) -> None:
     if forbid_teacher:
         train(config)
     else:
-        teacher_cache.ensure(config, CPU, env)
+        cache_build.ensure(config, CPU, env)
 
 
 def test_two_processes_build_a_k3_shard_cache_then_two_ranks_train_from_it(tmp_path, teacher_checkpoint):
@@ -315,10 +318,10 @@ def test_two_processes_build_a_k3_shard_cache_then_two_ranks_train_from_it(tmp_p
     for forbid_teacher in (False, True):  # build with two processes, then train two ranks without a teacher
         with rendezvous() as meeting:
             torch.multiprocessing.spawn(_rank, args=(meeting, config.resolved(), forbid_teacher), nprocs=2)
-    folder = teacher_cache.cache_dir(config)
-    assert teacher_cache.read_meta(folder)["embedded_by_rank"] == [40, 60]  # whole shards: rank 0 the first
+    folder = cache_key.cache_dir(config)
+    assert cache_key.read_meta(folder)["embedded_by_rank"] == [40, 60]  # whole shards: rank 0 the first
     one = tmp_path / "one"  # the same cache built by one process
-    single = teacher_cache.ensure(shard_config(one, teacher_checkpoint, "cached", shards, steps=3), CPU)
+    single = cache_build.ensure(shard_config(one, teacher_checkpoint, "cached", shards, steps=3), CPU)
     for shard in (0, 1):
         for name in ("image", "text"):
             np.testing.assert_allclose(np.load(folder / "shards" / f"{shard}.{name}.npy"),
@@ -341,10 +344,10 @@ def test_torchrun_builds_the_cache_with_every_process(tmp_path, teacher_checkpoi
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         check=True, capture_output=True, timeout=600,
     )
-    folders = [p for p in (tmp_path / "two" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]
-    assert [p.name for p in folders] == [teacher_cache.cache_dir(two).name]
-    assert teacher_cache.read_meta(folders[0])["embedded_by_rank"] == [628, 629]  # each rank its half of 1257
-    one = teacher_cache.ensure(kd_config(tmp_path / "one", teacher_checkpoint, "cached"), CPU)
+    folders = [p for p in (tmp_path / "two" / cache_key.CACHE_DIR).iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == [cache_key.cache_dir(two).name]
+    assert cache_key.read_meta(folders[0])["embedded_by_rank"] == [628, 629]  # each rank its half of 1257
+    one = cache_build.ensure(kd_config(tmp_path / "one", teacher_checkpoint, "cached"), CPU)
     # float64 embeddings stored as float32: the two may round a value differing in its last float64 bits apart
     for name in ("image", "text"):
         np.testing.assert_allclose(stored_rows(folders[0], name), stored_rows(one, name),
@@ -360,7 +363,7 @@ def test_new_teacher_weights_a_rewritten_shard_or_other_views_build_a_new_cache(
     teacher.write_bytes(teacher_checkpoint.read_bytes())
 
     def built(**changes) -> Path:
-        return teacher_cache.ensure(shard_config(tmp_path, teacher, "cached", shards, **changes), CPU)
+        return cache_build.ensure(shard_config(tmp_path, teacher, "cached", shards, **changes), CPU)
 
     def embeddings(folder: Path, shard: int = 1) -> np.ndarray:
         return np.load(folder / "shards" / f"{shard}.image.npy")
@@ -380,7 +383,7 @@ def test_new_teacher_weights_a_rewritten_shard_or_other_views_build_a_new_cache(
 
     fewer_views = built(views=2)
     assert fewer_views not in (first, retrained, rewritten) and embeddings(fewer_views).shape[1] == 2
-    assert len([p for p in (tmp_path / "runs" / teacher_cache.CACHE_DIR).iterdir() if p.is_dir()]) == 4
+    assert len([p for p in (tmp_path / "runs" / cache_key.CACHE_DIR).iterdir() if p.is_dir()]) == 4
 
 
 def test_an_edited_csv_or_an_image_downloaded_again_names_another_cache(tmp_path, teacher_checkpoint):
@@ -398,11 +401,11 @@ def test_an_edited_csv_or_an_image_downloaded_again_names_another_cache(tmp_path
     table = tmp_path / "train.tsv"
     table.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
     config = kd_config(tmp_path, teacher_checkpoint, "cached", data={"dataset": "csv", "path": str(table)})
-    keys = [teacher_cache.cache_dir(config).name]
+    keys = [cache_key.cache_dir(config).name]
     Image.fromarray(digits.images[9]).save(tmp_path / "3.png")  # image 3 downloaded again: other pixels
-    keys.append(teacher_cache.cache_dir(config).name)
+    keys.append(cache_key.cache_dir(config).name)
     table.write_text(table.read_text().replace(digits.captions[5], digits.captions[5].upper()))  # same rows
-    keys.append(teacher_cache.cache_dir(config).name)
+    keys.append(cache_key.cache_dir(config).name)
     assert len(set(keys)) == 3, keys
 
 
@@ -410,23 +413,23 @@ def test_a_cache_written_before_parts_is_read_as_before(tmp_path, teacher_checkp
     """A map-style cache is built as each rank's own files (parts/); one built before, a single array per kind by
     sample index, still reads the same rows."""
     config = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=2, data={"subset": 200})
-    folder = teacher_cache.ensure(config, CPU)
+    folder = cache_build.ensure(config, CPU)
     old = tmp_path / "old"
     old.mkdir()
     for name in ("image", "text", "boxes"):
         np.save(old / f"{name}.npy", stored_rows(folder, name))
-    meta = teacher_cache.read_meta(folder)
+    meta = cache_key.read_meta(folder)
     del meta["parts"]
-    (old / teacher_cache.META).write_text(json.dumps(meta))
+    (old / cache_key.META).write_text(json.dumps(meta))
     samples, views = np.arange(200)[::-3], np.arange(200)[::-3] % 2
-    for new, before in zip(teacher_cache.CachedRows(folder).lookup(samples, views),
-                           teacher_cache.CachedRows(old).lookup(samples, views)):
+    for new, before in zip(CachedRows(folder).lookup(samples, views),
+                           CachedRows(old).lookup(samples, views)):
         assert torch.equal(new, before)
 
 
 def test_cache_info_reports_bytes_per_sample(tmp_path, teacher_checkpoint):
     config = kd_config(tmp_path, teacher_checkpoint, "cached", augment=True, views=2)
-    folder = teacher_cache.ensure(config, CPU)
+    folder = cache_build.ensure(config, CPU)
     out = run_clipkd("cache", "info", str(folder), "--json", cwd=tmp_path).stdout
     facts = json.loads(out)
     arrays = sum(p.stat().st_size for p in folder.rglob("*.npy"))
@@ -435,3 +438,19 @@ def test_cache_info_reports_bytes_per_sample(tmp_path, teacher_checkpoint):
     assert (2 + 1) * 96 * 4 + 2 * 4 * 4 <= facts["bytes_per_sample"] < (2 + 1) * 96 * 4 + 2 * 4 * 4 + 1
     bad = run_clipkd("cache", "info", str(tmp_path), cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "is not a finished teacher-embedding cache" in bad.stderr
+
+
+@pytest.mark.parametrize(("config", "run_id", "key"), [
+    ({"student": {"model": "clipkd-tiny"}, "distill": {"fd": 1}, "data": {"dataset": "digits"},
+      "teacher": {"model": "clipkd-tiny-teacher", "pretrained": "openai", "embeddings": "cached"}},
+     "9a2da60daf22", "3727ea9b9a11635c"),
+    ({"student": {"model": "ViT-B-32"}, "distill": {"crd": 1}, "data": {"dataset": "digits", "augment": True},
+      "teacher": {"model": "ViT-L-14-336", "pretrained": "openai", "embeddings": "cached", "views": 2},
+      "train": {"precision": "bf16"}},
+     "2868909944a4", "24fb702da559fa17"),
+])
+def test_caches_and_runs_from_before_the_move_into_packages_are_found(config, run_id, key):
+    """The keys of caches built and the ids of runs trained before issue 30 split the harness into packages (taken
+    at 3f86d8f): the key is now read without open_clip or torch, from the same facts."""
+    config = parse_config({**config, "train": {"batch_size": 8, "steps": 1, **config.get("train", {})}})
+    assert (config.run_id, cache_key.cache_dir(config).name) == (run_id, key)

@@ -14,9 +14,10 @@ import yaml
 from conftest import ROOT, run_clipkd, write_shards
 
 import methods
-from harness.config import parse_config
-from harness.models import create_clip
-from harness.train import NonFiniteLossError, train
+from harness.config.run_config import parse_config
+from harness.models.build import create_clip
+from harness.training.loop import train
+from harness.training.stops import NonFiniteLossError
 
 
 def write_config(directory: Path, name: str, **overrides) -> Path:
@@ -89,7 +90,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, teacher_chec
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 31))  # the log holds each step once, recomputed steps replaced
 
-    from harness.pipeline import training_cost  # what the run's record stores: both attempts, summed
+    from harness.run import training_cost
 
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "stop", "resume", "finish"]
@@ -106,7 +107,7 @@ def test_the_loop_reads_no_tensor_value_between_log_steps(tmp_path, teacher_chec
     noise), a live teacher, the in-memory loader in this process. AdamW's step counters are not counted: off the
     fused path they are CPU tensors in a GPU run too (no sync), and the fused AdamW a GPU run uses reads none."""
     from core.distributed import DistEnv
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     path = write_config(tmp_path, "quiet", output_dir=str(tmp_path / "runs"),
                         teacher={"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)},
@@ -158,11 +159,14 @@ def test_gradient_checkpointing_and_compiled_blocks_train_the_same_weights(tmp_p
     from torch._dynamo.utils import counters
 
     from core.distributed import DistEnv
-    from harness.train import Trainer
+    from harness.training.loop import Trainer
 
     towers = Trainer(configs["recomputed"], DistEnv(), torch.device("cpu")).student.model
     assert towers.visual.transformer.grad_checkpointing and towers.transformer.grad_checkpointing
     a, b = (final_state(train(configs[name]))["state_dict"] for name in ("plain", "recomputed"))
+    # dynamo's caches are per process: blocks another test of this worker compiled would be recompiled here, and
+    # counted; from a clean cache the count is this run's own
+    torch._dynamo.reset()
     counters.clear()
     compiled_by_step = {}
     compiled_run = train(configs["compiled"], observe=lambda kind, record: compiled_by_step.setdefault(
@@ -259,7 +263,7 @@ def test_accuracy_during_training_is_logged_against_samples_seen_and_changes_not
     a ResNet's tensors differed and the accuracy was measured with batch statistics."""
     from evals.datasets import DuringTraining, load_eval_set
     from evals.zeroshot import Classifiers, classification_metrics
-    from harness.pipeline import training_curves
+    from harness.run import training_curves
 
     configs = []
     for name, evaluation in (("plain", {}), ("watched", {"every_steps": 3, "during_items": 100, "workers": 0})):
@@ -425,7 +429,7 @@ def test_an_unusable_plugin_is_one_message_naming_it_and_its_package(tmp_path, t
 def test_a_model_config_file_is_a_model_named_by_its_content(tmp_path):
     """student.model may be the path of an open_clip model-config JSON: the run id follows its content (a copy
     elsewhere is the same run; an edit is another), and a plugin package can ship configs by entry point."""
-    config = json.loads((ROOT / "harness" / "model_configs" / "clipkd-tiny.json").read_text())
+    config = json.loads((ROOT / "harness" / "models" / "configs" / "clipkd-tiny.json").read_text())
     first, moved = tmp_path / "mine" / "my-student.json", tmp_path / "elsewhere" / "copy.json"
     for file in (first, moved):
         file.parent.mkdir()
@@ -450,20 +454,36 @@ def test_a_model_config_file_is_a_model_named_by_its_content(tmp_path):
 
 
 def test_the_known_model_names_are_open_clips_read_without_importing_it():
-    """Validating a config needs the model names open_clip knows once clipkd's configs are added; they are read
-    from the config files (harness/model_names.py), so a config, a grid's plan or status, imports no open_clip
-    (seconds), and they are open_clip's list exactly."""
+    """Validating a config needs the model names open_clip knows once clipkd's configs are added, and a cache key
+    each model's config and image input; they are read from the config files (harness/models/names.py), so a
+    config, a grid's plan or status, imports no open_clip (seconds), and they are open_clip's exactly."""
     import subprocess
     import sys
 
-    listed = subprocess.run(
-        [sys.executable, "-c", "import sys; from harness.model_names import known_model_names; "
-         "names = known_model_names(); assert 'open_clip' not in sys.modules and 'torch' not in sys.modules; "
-         "import open_clip; from harness.models import register_model_configs; register_model_configs(); "
-         "print(sorted(names) == sorted(open_clip.list_models()), len(names))"],
-        capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    same, count = listed.stdout.split()
-    assert same == "True" and int(count) > 100
+    script = """
+import sys, json
+from harness.models import names
+known = names.known_model_names()
+configs = {name: names.model_config(name) for name in known}
+inputs = {name: names.image_input(name) for name in known}
+assert 'open_clip' not in sys.modules and 'torch' not in sys.modules
+import open_clip
+from dataclasses import asdict
+from open_clip.transform import PreprocessCfg
+names.register_model_configs()
+defaults = asdict(PreprocessCfg())
+def open_clips_input(config):
+    preprocess = defaults | config.get('preprocess_cfg', {})
+    size = config['vision_cfg']['image_size']
+    return (size if isinstance(size, int) else size[0], tuple(preprocess['mean']), tuple(preprocess['std']))
+print(sorted(known) == sorted(open_clip.list_models()),
+      all(configs[n] == open_clip.get_model_config(n) for n in known),
+      all(inputs[n] == open_clips_input(open_clip.get_model_config(n)) for n in known), len(known))
+"""
+    listed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    same_names, same_configs, same_inputs, count = listed.stdout.split()
+    assert (same_names, same_configs, same_inputs) == ("True", "True", "True") and int(count) > 100
 
 
 def test_smoke_configs_train_teacher_then_student_and_rerun_is_a_no_op(project):

@@ -14,8 +14,9 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from harness.data import INDEX_DIR, build_source, csv_checked_file, workers
 from harness.data.bad import BadSample, Unusable
+from harness.data.files import INDEX_DIR, csv_checked_file
+from harness.data.loaders import build_source, workers
 from harness.data.shards import SHARD_BITS, ShardSource, checked_file
 from harness.data.views import Augmentation
 
@@ -106,7 +107,7 @@ def check_configs(configs, loader_workers: int | None = None, progress: bool = T
     """Check each distinct training set and print its report; whether every set stays within its bound."""
     import open_clip
 
-    from harness.models import model_name
+    from harness.models.build import model_name
 
     within = True
     for config in training_sets(configs):

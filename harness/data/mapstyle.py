@@ -7,46 +7,19 @@ Blocks follow the sharding-invariant order of in-memory sets (``memory.epoch_ord
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from harness.data.bad import open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
+from harness.data.files import CaptionTable
 from harness.data.memory import rank_blocks
 from harness.data.views import Augmentation, ViewSpec
 
-
-class CaptionTable:
-    """The rows of a CSV/TSV of image paths and captions; every column error names the file and the columns."""
-
-    def __init__(self, path: str, image_key: str, caption_key: str, separator: str):
-        if not Path(path).is_file():
-            raise ValueError(f"data.path: {path!r} does not exist")
-        frame = pd.read_csv(path, sep=separator)
-        for setting, key in (("image_key", image_key), ("caption_key", caption_key)):
-            if key not in frame.columns:
-                raise ValueError(f"data.{setting}: {path} has no column {key!r} (separator {separator!r}); "
-                                 f"columns: {list(frame.columns)}")
-        self.path = str(path)
-        self.images = frame[image_key].astype(str).tolist()
-        captions = frame[caption_key]  # a missing caption stays None (a bad sample), not the text "nan"
-        self.captions = [None if missing else str(text) for text, missing in zip(captions, captions.isna())]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def first(self, count: int) -> CaptionTable:
-        """The first ``count`` rows (a data budget)."""
-        subset = copy.copy(self)
-        subset.images, subset.captions = self.images[:count], self.captions[:count]
-        return subset
 
 @dataclass
 class CsvSource:

@@ -35,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -43,24 +42,11 @@ from webdataset.tariterators import base_plus_ext
 
 from harness.data.bad import Unusable, open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
+from harness.data.files import INDEX_VERSION
 from harness.data.views import Augmentation, ViewSpec, mix
 
-INDEX_DIR = ".shard-index"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_BITS = 32  # a sample id is shard << 32 | position in the shard
-
-
-def expand_shards(pattern: str) -> list[Path]:
-    """The shard files of a brace pattern; an error names a missing one."""
-    urls = list(braceexpand.braceexpand(pattern))
-    streams = [url for url in urls if "://" in url or url.startswith("pipe:")]
-    if streams:
-        raise ValueError(f"data.path: {streams[0]!r} is a stream; clipkd seeks in shards, so they must be files "
-                         "(mount the bucket or copy the shards)")
-    missing = [url for url in urls if not Path(url).is_file()]
-    if missing:
-        raise ValueError(f"data.path: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r}")
-    return [Path(url) for url in urls]
 
 
 def scan_shard(path: Path) -> dict[str, np.ndarray]:
@@ -91,9 +77,6 @@ def scan_shard(path: Path) -> dict[str, np.ndarray]:
         close()
     return {"keys": np.asarray(keys, dtype=str), "starts": np.asarray(starts, dtype=np.int64),
             "ends": np.asarray(ends, dtype=np.int64)}
-
-
-INDEX_VERSION = 2  # 2: samples with an image or a caption (1: both), so that a half sample is found and logged
 
 
 def _index_file(folder: Path, shard: Path) -> Path:

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2.functional import resized_crop
+
+from harness.models.names import image_input
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 ATTEMPTS = 10  # as torchvision: then a centre crop
 VIEW_SEED = 20_240_601  # the fixed pool of K views per sample that a cache stores, whatever a run's seed
@@ -97,24 +98,20 @@ class ViewSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     @classmethod
-    def of(cls, model_name: str) -> ViewSpec:
-        import open_clip
-        from open_clip.transform import PreprocessCfg
-
-        from harness.models import model_name as registered_name
-
-        config = open_clip.get_model_config(registered_name(model_name))
-        preprocess = asdict(PreprocessCfg()) | config.get("preprocess_cfg", {})
-        size = config["vision_cfg"]["image_size"]
-        return cls(size if isinstance(size, int) else size[0], tuple(preprocess["mean"]), tuple(preprocess["std"]))
+    def of(cls, model: str) -> ViewSpec:
+        return cls(*image_input(model))
 
     def describe(self) -> dict:
         return asdict(self)
 
+    # torch and torchvision are imported where pixels are cut: a cache key reads a ViewSpec without them
     def cut(self, pixels: torch.Tensor, box) -> torch.Tensor:
         """open_clip's training transform with the given box (to two levels: the module's docstring says why), on
         an image decoded to uint8 pixels (C, H, W): the bicubic resized crop, as uint8 (C, size, size);
         ``batch.normalize`` does open_clip's to_tensor and normalise where the batch is used."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2.functional import resized_crop
+
         top, left, h, w = (int(v) for v in box)
         return resized_crop(pixels, top, left, h, w, [self.size, self.size],
                             interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -134,6 +131,9 @@ class ViewSpec:
     def tensor(self, images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """The same for a batch of uint8 images (n, H, W) or (n, H, W, C) in one ``grid_sample``: bicubic (torch's
         kernel, a = -0.75, against PIL's -0.5), clamped to the pixel range as PIL's is."""
+        import torch
+        import torch.nn.functional as F
+
         x = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         x = x.float() / 255
         n, _, height, width = x.shape

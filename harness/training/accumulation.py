@@ -24,8 +24,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from harness.data import Batch
-from harness.models import running_statistics_frozen
+from harness.data.batch import Batch
+from harness.models.build import running_statistics_frozen
 
 EmbedFn = Callable[[Batch, "torch.Tensor | None"], tuple[torch.Tensor, ...]]
 

@@ -23,23 +23,22 @@ from evals.datasets import benchmark_name, load_eval_set
 from evals.similarity import feature_similarity
 from evals.suites import averages, suite_benchmark
 from evals.zeroshot import Classifiers, zero_shot_metrics
-from harness import checkpoint
-from harness.config import RunConfig, parse_config, teacher_run_dir
-from harness.data import workers
+from harness.config.run_config import RunConfig, parse_config
 from harness.data.bad import count_logged
-from harness.models import (
-    FINAL_CHECKPOINT,
-    ClipBundle,
-    create_clip,
-    model_identity,
-    model_name,
-)
-from harness.reporting import LiveProgress, Reporters
-from harness.teachers import create_teacher
-from harness.train import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, Objective, TrainingInterrupted, progress_term, train
+from harness.data.loaders import workers
+from harness.models.build import ClipBundle, create_clip, model_name
+from harness.models.names import FINAL_CHECKPOINT, model_identity
+from harness.run_rows import run_record
+from harness.teachers.live import create_teacher
+from harness.training import checkpoint
+from harness.training.loop import EVAL_LOG, EVENTS_LOG, TRAIN_LOG, train
+from harness.training.objective import Objective
+from harness.training.progress import progress_term
+from harness.training.stops import TrainingInterrupted
+from harness.training.trackers import LiveProgress, Reporters
 from results.queries import REFERENCE
 from results.records import ingest, read_record, write_record
-from results.store import Store, now, terms_json
+from results.store import Store, now
 
 MAX_CURVE_POINTS = 500
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -114,19 +113,6 @@ def code_version() -> str:
     return version("clipkd")
 
 
-def teacher_label(config: RunConfig) -> str | None:
-    """How the leaderboard names a run's teacher: ``MODEL@WEIGHTS``; an ensemble's members joined by `` + ``."""
-    return " + ".join(_one_teacher_label(spec) for spec in config.teachers) or None
-
-
-def _one_teacher_label(spec) -> str:
-    if spec.run:  # named by the teacher run's model once it has started (a grid submits it untrained)
-        config_file = teacher_run_dir(spec.run) / "config.json"
-        model = json.loads(config_file.read_text())["student"]["model"] if config_file.is_file() else "run"
-        return f"{model}@run:{Path(spec.run).stem}"
-    return f"{model_name(spec.model)}@{Path(spec.pretrained).name}"
-
-
 def reference_record(model: str, pretrained: str) -> dict[str, Any]:
     """A public model evaluated here but not trained here (``clipkd eval --record``): its row in the store, with
     method and setting "reference" and its source named (an open_clip tag, or a weights file)."""
@@ -144,23 +130,6 @@ def reference_record(model: str, pretrained: str) -> dict[str, Any]:
             "error": None,
             "config": json.dumps({"reference": {"model": model, "pretrained": pretrained, **source}}),
             "run_dir": None, "finished_at": now(), "host": socket.gethostname(), "code_version": code_version()}
-
-
-def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": config.run_id,
-        "setting_id": config.setting_id,
-        "name": config.name,
-        "teacher": teacher_label(config),
-        "student": model_name(config.student.model),
-        "method": config.method_label,
-        "terms": terms_json({name: weight for name, (weight, _) in config.method_terms().items()}),
-        "dataset": config.data.dataset if config.data.dataset in ("digits", "fashion-mnist") else config.data.path,
-        "seed": config.seed,
-        "config": json.dumps(config.resolved(), sort_keys=True),
-        "run_dir": str(config.run_dir.resolve()),
-        **fields,
-    }
 
 
 def training_curves(run_dir: Path) -> list[tuple[str, int, float]]:
@@ -219,7 +188,7 @@ class _Publisher:
 
 def run_notes(config: RunConfig) -> str | None:
     """What a reader of a run's numbers should know that its config does not say outright."""
-    from harness.models import accumulation_changes_weights
+    from harness.models.build import accumulation_changes_weights
 
     if config.train.accum_freq > 1 and (why := accumulation_changes_weights(config.student.model)):
         return f"train.accum_freq {config.train.accum_freq}: {why}; not the whole batch's (README, accumulation)"

@@ -20,7 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ClipkdError
-from harness.config import ConfigError, DistillTerm, RunConfig, _format_validation_error, parse_config
+from harness.config.run_config import RunConfig, parse_config
+from harness.config.specs import ConfigError, DistillTerm
+from harness.config.specs import format_validation_error as _format_validation_error
 
 AXES = ("teachers", "students", "methods", "datasets", "seeds")
 
@@ -113,7 +115,7 @@ class Cell:
         """The run id, or for a cache cell the cache's key (both name the cell's job in the grid's records); read
         in every loop over a grid's cells, so hashed once."""
         if self.kind == TEACHER_CACHE:
-            from harness.teacher_cache import CacheSpec
+            from harness.teachers.cache_key import CacheSpec
 
             return CacheSpec.of(self.config).key
         return self.config.run_id
@@ -160,8 +162,8 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
     """A teacher must be loadable without a download: a file, a finished run, or a tag open_clip knows."""
     import open_clip
 
-    from harness.config import resolve_teacher_run
-    from harness.model_names import is_config_file, known_model_names, names_a_file
+    from harness.config.run_config import resolve_teacher_run
+    from harness.models.names import is_config_file, known_model_names, names_a_file
 
     if ref.get("run") is not None:  # `run: null`, as a resolved config writes it, is no run
         try:

@@ -12,7 +12,8 @@ import contextlib
 import torch
 from torch import nn
 
-from harness.models import running_statistics_frozen
+from core.distributed import DistEnv
+from harness.models.build import running_statistics_frozen
 
 
 class _KeepTokens(nn.Module):
@@ -60,3 +61,14 @@ def masked_image_features(model: nn.Module, images: torch.Tensor, noise: torch.T
     pixel_mask = nn.functional.interpolate(pixel_mask, size=images.shape[-2:], mode="nearest")
     with running_statistics_frozen(model):  # mostly blank images: running statistics stay the real images'
         return model.encode_image(images * pixel_mask)
+
+
+def mask_noise(global_batch: int, patches: int, seed: int, step: int, env: DistEnv,
+               device: torch.device | None = None) -> torch.Tensor:
+    """Per-step patch-selection noise for the global batch, drawn on the run's device (no copy from the host);
+    this rank's rows only."""
+    device = device or torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    noise = torch.rand(global_batch, patches, generator=generator, device=device)
+    block = global_batch // env.world_size
+    return noise[env.rank * block : (env.rank + 1) * block]

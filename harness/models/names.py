@@ -1,13 +1,14 @@
 """What names a model, without building one: the model configs clipkd knows, a config file's content hash, a
  Import-light (no torch, no open_clip: importing open_clip takes seconds), so validating a
-config, planning a grid and reading its status stay quick; ``harness/models.py`` builds the models.
+config, planning a grid and reading its status stay quick; ``harness/models/build.py`` builds the models.
 
-A model is an open_clip name, a config of ``harness/model_configs/`` or of a plugin package (entry-point group
+A model is an open_clip name, a config of ``harness/models/configs/`` or of a plugin package (entry-point group
 ``clipkd.model_configs``: a package or module whose folder holds open_clip model-config JSON files), or the path
 of such a JSON file.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -19,7 +20,7 @@ from typing import Any
 
 from core.errors import ClipkdError
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_CONFIG_ENTRY_POINTS = "clipkd.model_configs"
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip asks of a model config
 FINAL_CHECKPOINT = Path("checkpoints") / "final.pt"
@@ -66,15 +67,52 @@ def known_model_names() -> list[str]:
 
 
 @functools.cache
-def _names_in_config_files() -> list[str]:
+def _configs_in_files() -> dict[str, dict[str, Any]]:
+    """Every model config by name as open_clip registers them: its own folder's, then ours over them."""
     open_clip_folder = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
-    names = []
+    configs = {}
     for folder in (open_clip_folder, *model_config_folders()):
         for path in sorted(folder.glob("*.json")):
             config = json.loads(path.read_text())
             if all(key in config for key in CONFIG_KEYS):
-                names.append(path.stem)
-    return list(dict.fromkeys(names))
+                configs[path.stem] = config
+    return configs
+
+
+def _names_in_config_files() -> list[str]:
+    return list(_configs_in_files())
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """``open_clip.get_model_config`` of a model name or config file, read as ``known_model_names`` reads the
+    names: from open_clip where it is imported, else from the files (a cache key is computed without open_clip's
+    seconds of imports; tests/test_train.py checks the two agree)."""
+    if is_config_file(model):
+        return read_config_file(model)[0]
+    if "open_clip" in sys.modules:
+        register_model_configs()
+        config = sys.modules["open_clip"].get_model_config(model)
+    else:
+        config = copy.deepcopy(_configs_in_files().get(model))
+    if config is None:
+        raise ModelLoadError(f"unknown model {model!r}: neither an open_clip model, a config of clipkd's or a plugin's, "
+                             "nor a model-config JSON file")
+    return config
+
+
+# open_clip's PreprocessCfg defaults (OpenAI's CLIP normalisation), for a config without ``preprocess_cfg``:
+# written here so that reading a model's input needs no import of open_clip (tests/test_train.py compares them)
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_input(model: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """A model's image side and normalisation (mean, std), as open_clip's preprocess config gives them."""
+    config = model_config(model)
+    preprocess = config.get("preprocess_cfg", {})
+    size = config["vision_cfg"]["image_size"]
+    return (size if isinstance(size, int) else size[0], tuple(preprocess.get("mean", DEFAULT_MEAN)),
+            tuple(preprocess.get("std", DEFAULT_STD)))
 
 
 def is_config_file(model: str) -> bool:
@@ -95,6 +133,12 @@ def read_config_file(model: str) -> tuple[dict[str, Any], str]:
     if missing:
         raise ModelLoadError(f"model config {model!r} is not an open_clip model config: no {', '.join(missing)}")
     return config, hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def open_clip_name(model: str) -> str:
+    """The name open_clip knows a model by: its own, or a config file's stem and content hash (the name
+    ``build.model_name`` registers the file under)."""
+    return f"{Path(model).stem}-{read_config_file(model)[1]}" if is_config_file(model) else model
 
 
 def model_identity(model: str) -> str:

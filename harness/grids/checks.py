@@ -13,7 +13,8 @@ from pathlib import Path
 import braceexpand
 
 from core.builtin import BUILTIN_DATASETS, FASHION_MNIST_DIR
-from harness.config import BenchmarkSpec, DataSpec, RunConfig
+from harness.config.run_config import RunConfig
+from harness.config.specs import BenchmarkSpec, DataSpec
 
 
 def _builtin(name: str) -> str | None:

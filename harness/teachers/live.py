@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+import methods
 from core.precision import parameter_dtype
-from harness.config import resolve_teacher_run
-from harness.models import ClipBundle, create_clip
+from harness.config.run_config import resolve_teacher_run
+from harness.data.batch import Batch
+from harness.models.build import ClipBundle, create_clip
 
 
 def create_teacher(spec, device: str | torch.device = "cpu", precision: str = "fp32") -> ClipBundle:
@@ -18,3 +21,16 @@ def create_teacher(spec, device: str | torch.device = "cpu", precision: str = "f
     bundle = create_clip(model_name, pretrained, device, parameter_dtype(precision))
     bundle.model.eval().requires_grad_(False)
     return bundle
+
+
+class LiveTeacher:
+    """The frozen teacher run on every batch: its normalised embeddings and its temperature."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.samples_embedded = 0  # on this process, for benchmarks/grid.py
+
+    def __call__(self, batch: Batch):
+        self.samples_embedded += len(batch)
+        return (methods.normalize(self.model.encode_image(batch.images)),
+                methods.normalize(self.model.encode_text(batch.texts)), self.model.logit_scale.exp())

@@ -22,10 +22,11 @@ from typing import Any
 import submitit
 
 from core.errors import ClipkdError
-from harness.grid import RUN, TEACHER_CACHE, Cell, Grid, SlurmSpec
-from harness.processes import pid_alive
+from core.processes import pid_alive
+from harness.grids.expansion import RUN, TEACHER_CACHE, Cell, Grid, SlurmSpec
+from harness.run_rows import run_record
 from results.records import ingest, read_record
-from results.store import Store
+from results.store import Store, now
 
 EXECUTORS = ("local", "slurm")
 JOBS_FILE = "jobs.json"
@@ -44,7 +45,7 @@ class CellJob:
     def __call__(self) -> str:
         import torch
 
-        from harness.config import parse_config
+        from harness.config.run_config import parse_config
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -54,8 +55,8 @@ class CellJob:
         return self.work(parse_config(self.config, f"grid {self.grid}"))
 
     def work(self, config) -> str:
-        from harness.pipeline import run
-        from harness.train import TrainingInterrupted
+        from harness.run import run
+        from harness.training.stops import TrainingInterrupted
 
         try:
             return run(config, Store(self.store_url) if self.store_url else None, grid=self.grid)
@@ -92,13 +93,13 @@ class CacheJob(CellJob):
 
     def work(self, config) -> str:
         from core.distributed import init_distributed
-        from harness import teacher_cache
+        from harness.teachers import cache_build, cache_key
 
-        failed = teacher_cache.failure_file(config)
+        failed = cache_key.failure_file(config)
         failed.unlink(missing_ok=True)
         try:
             env = init_distributed(config.train.collective_timeout_s)
-            teacher_cache.ensure(config, env.device, env)
+            cache_build.ensure(config, env.device, env)
         except Exception as error:
             failed.parent.mkdir(parents=True, exist_ok=True)
             failed.write_text(f"{type(error).__name__}: {error}")
@@ -146,7 +147,7 @@ def in_flight(grid: Grid) -> set[str]:
 def cell_states(grid: Grid, store: Store) -> dict[str, str]:
     """new / queued / running / done / failed for every cell, after ingesting the runs' records. A cache cell is
     done when its cache is complete and failed when its last build left a reason."""
-    from harness import teacher_cache
+    from harness.teachers import cache_key
 
     runs = [c for c in grid.cells if c.kind == RUN]
     store.register_grid(grid.name, {c.run_id: c.name for c in runs})  # the dashboard counts "new" cells
@@ -154,7 +155,7 @@ def cell_states(grid: Grid, store: Store) -> dict[str, str]:
     states = {}
     for cell in grid.cells:
         if cell.kind == TEACHER_CACHE:
-            done, failed = teacher_cache.is_built(cell.config), teacher_cache.failure_file(cell.config).is_file()
+            done, failed = cache_key.is_built(cell.config), cache_key.failure_file(cell.config).is_file()
             states[cell.name] = "done" if done else "failed" if failed else "new"
         else:
             run = store.get_run(cell.run_id)
@@ -162,10 +163,12 @@ def cell_states(grid: Grid, store: Store) -> dict[str, str]:
     return states
 
 
-def _record(store: Store, cell: Cell, grid: Grid, status: str, error: str | None = None) -> None:
-    """Write a run cell's state to the store (a cache cell is not a run: its state is its folder)."""
+def _record(store: Store, cell: Cell, grid: Grid, status: str, error: str | None = None, at: str | None = None) -> None:
+    """Write a run cell's state to the store (a cache cell is not a run: its state is its folder). ``at``: the time
+    the state began, for a state written after its job was started: a job may finish, and write its record, before
+    the submitter writes "queued" or "running", and the store keeps whichever is newer."""
     if cell.kind == RUN:
-        store.put_run({**_queued(cell, grid), "status": status, "error": error})
+        store.put_run({**_queued(cell, grid), "status": status, "error": error, "updated_at": at or now()})
 
 
 def executor_parameters(spec: SlurmSpec, kind: str, grid_name: str) -> dict[str, Any]:
@@ -244,19 +247,18 @@ def submit_slurm(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec) -
             additional = executor_parameters(spec, "slurm", grid.name)["slurm_additional_parameters"]
             executor.update_parameters(slurm_additional_parameters={**additional,
                                                                      "dependency": "afterok:" + ":".join(waits)})
+        submitted_at = now()
         with executor.batch():
             submitted = [executor.submit(_job(c, grid, _direct_store_url(store), spec.cpus_per_task)) for c in stage_cells]
         for cell, job in zip(stage_cells, submitted):
             jobs[cell.run_id] = {"executor": "slurm", "job_id": job.job_id, "cell": cell.name}
             job_ids[cell.run_id] = needed_jobs[cell.name] = job.job_id
-            _record(store, cell, grid, "queued")
+            _record(store, cell, grid, "queued", at=submitted_at)
     _save_jobs(grid, jobs)
     return job_ids
 
 
 def _queued(cell: Cell, grid: Grid) -> dict[str, Any]:
-    from harness.pipeline import run_record
-
     return {**run_record(cell.config, grid=grid.name), "status": "queued", "error": None}
 
 
@@ -288,12 +290,13 @@ def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
                         _record(store, cell, grid, "failed", f"cell {blocked[0]}, which it needs, failed")
                         failed.add(cell.name)
                         continue
+                    started = now()
                     job = executor.submit(_job(cell, grid, _direct_store_url(store), threads))
                     running[job] = cell
                     jobs[cell.run_id] = {"executor": "local", "job_id": job.job_id, "cell": cell.name,
                                          "pid": job._process.pid}
                     _save_jobs(grid, jobs)
-                    _record(store, cell, grid, "running")
+                    _record(store, cell, grid, "running", at=started)
                     report(f"started  {cell.name}")
                 time.sleep(0.5)
                 for job in [j for j in running if j.done()]:

@@ -1,8 +1,8 @@
 """Building students and teachers with open_clip, including the project's own model configs.
 
-What names a model (and validates one) is ``harness/model_names.py``, which imports neither torch nor
+What names a model (and validates one) is ``harness/models/names.py``, which imports neither torch nor
 open_clip. A config file is registered with open_clip under its stem and a hash of its content, so two files of
-one name never collide, and a run's id follows the file's content, not its path (harness/config.py).
+one name never collide, and a run's id follows the file's content, not its path (harness/config/run_config.py).
 """
 from __future__ import annotations
 
@@ -20,16 +20,11 @@ import open_clip
 import torch
 from torch import nn
 
-from harness.model_names import (  # noqa: F401  (re-exported: what names a model is model_names.py's)
-    CONFIG_KEYS,
-    FINAL_CHECKPOINT,
-    MODEL_CONFIG_DIR,
+from harness.models.names import (
     ModelLoadError,
     is_config_file,
-    known_model_names,
-    model_config_folders,
-    model_identity,
     names_a_file,
+    open_clip_name,
     read_config_file,
     register_model_configs,
 )
@@ -38,10 +33,10 @@ from harness.model_names import (  # noqa: F401  (re-exported: what names a mode
 def model_name(model: str) -> str:
     """The name open_clip knows a model by; a config file is registered in this process first."""
     register_model_configs()
+    name = open_clip_name(model)
     if not is_config_file(model):
-        return model
-    config, digest = read_config_file(model)
-    name = f"{Path(model).stem}-{digest}"
+        return name
+    config = read_config_file(model)[0]
     if name not in open_clip.list_models():
         # open_clip names a config by its file's stem: register a copy named by content, kept in one folder
         # (content-addressed, so processes that write it at once write the same bytes).
@@ -92,7 +87,7 @@ def running_statistics_frozen(model: nn.Module):
 class _NoRandomInitNotice(logging.Filter):
     """open_clip logs "No pretrained weights loaded … initialized randomly" for every model built without weights,
     also one about to load a checkpoint; clipkd says once, at a run's start, when a student really starts from
-    random weights (harness/train.py)."""
+    random weights (harness/training/loop.py)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
