@@ -8,6 +8,7 @@
 use (PEP 562), so that a config's validation (``clipkd grid status``) reads the method names without them.
 """
 import ast
+import functools
 import importlib
 import importlib.metadata
 import sys
@@ -27,10 +28,17 @@ _HOME = {
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "descriptions", "names", *_HOME]
 
 
+@functools.cache
+def _plugins_installed() -> bool:
+    """Whether a package adds methods (entry points are read once a process, as the registry loads them): a
+    grid's expansion validates every cell's methods, and reading the installed packages' metadata takes ms."""
+    return bool(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
 def names() -> list[str]:
     """The names ``available()`` lists, read without importing a method where no plugin package is installed:
     the built-ins and those registered in this process; with plugin packages, their imports decide."""
-    if importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    if _plugins_installed():
         return list(importlib.import_module("methods.registry").available())
     registry = sys.modules.get("methods.registry")
     return sorted({*BUILTIN, *(registry.registered() if registry else ())})
@@ -41,7 +49,7 @@ def descriptions() -> dict[str, str]:
     registered (``clipkd methods`` in a fraction of torch's import; tests/test_methods.py checks the two agree):
     each method's class decorated ``@register(name)``, its docstring's first line, else its class name."""
     registry = sys.modules.get("methods.registry")
-    if importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) or (registry and set(registry.registered()) - {*BUILTIN}):
+    if _plugins_installed() or (registry and set(registry.registered()) - {*BUILTIN}):
         return importlib.import_module("methods.registry").available()
     found = {}
     for name in BUILTIN:

@@ -1,5 +1,5 @@
-"""What names a model, without building one: the model configs clipkd knows, a config file's content hash, a
- Import-light (no torch, no open_clip: importing open_clip takes seconds), so validating a
+"""What names a model, without building one: the model configs clipkd knows, a config file's content hash.
+Import-light (no torch, no open_clip: importing open_clip takes seconds), so validating a
 config, planning a grid and reading its status stay quick; ``harness/models/build.py`` builds the models.
 
 A model is an open_clip name, a config of ``harness/models/configs/`` or of a plugin package (entry-point group
@@ -63,7 +63,7 @@ def known_model_names() -> list[str]:
     if "open_clip" in sys.modules:
         register_model_configs()
         return sys.modules["open_clip"].list_models()
-    return _names_in_config_files()
+    return list(_configs_in_files())
 
 
 @functools.cache
@@ -77,10 +77,6 @@ def _configs_in_files() -> dict[str, dict[str, Any]]:
             if all(key in config for key in CONFIG_KEYS):
                 configs[path.stem] = config
     return configs
-
-
-def _names_in_config_files() -> list[str]:
-    return list(_configs_in_files())
 
 
 def model_config(model: str) -> dict[str, Any]:
