@@ -78,7 +78,7 @@ def _clipkd_epoch(rank: int, port: int, args, pattern: str, index_root: str, out
 
     from harness.config.specs import DataSpec
     from harness.data.loaders import build_source, build_train_data
-    from harness.data.views import Augmentation
+    from harness.data.views import Augmentation, ViewSpec
 
     _join(rank, port)
     open_clip.add_model_config(HERE / "model_configs")
@@ -88,7 +88,7 @@ def _clipkd_epoch(rank: int, port: int, args, pattern: str, index_root: str, out
 
     register_model_configs()
     crop = model_name(args.crop_model)
-    source = build_source(spec, crop, open_clip.get_tokenizer(crop), Augmentation("random", 0), Path(index_root))
+    source = build_source(spec, ViewSpec.of(crop), open_clip.get_tokenizer(crop), Augmentation("random", 0), Path(index_root))
     data = build_train_data(spec, source, 2 * args.batch, seed=0, rank=rank, world_size=2)
     torch.distributed.barrier()
     started, images, decoded = time.perf_counter(), 0, 0

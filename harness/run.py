@@ -55,10 +55,11 @@ class TrainedRun:
 def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
     config = parse_config(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     state = checkpoint.load(run_dir / FINAL_CHECKPOINT)  # read once: student weights and loss-side modules
-    student = create_clip(config.student.model, device=device)
+    student = create_clip(config.student.model, device=device, input_of=(config.student.model, config.student.pretrained))
     student.model.load_state_dict(state["state_dict"])
     teachers = [create_teacher(spec, device) for spec in config.teachers]
-    objective = Objective(config.method_terms(), student.embed_dim, teachers[0].embed_dim if teachers else None)
+    objective = Objective(config.method_terms(), student.embed_dim, teachers[0].embed_dim if teachers else None,
+                          config.task_loss)
     objective.load_state_dict(state["methods"])
     return TrainedRun(config, student, teachers, objective.to(device))
 
@@ -70,9 +71,9 @@ class Evaluation:
 
 
 def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluation:
-    """Zero-shot metrics with their per-item hits, and feature similarity against each teacher: the first's under
-    the metric's name, the k-th's as ``NAME@teacherK`` (compared without the projection P, which maps into the
-    first teacher's space)."""
+    """Zero-shot metrics with their per-item hits, and feature similarity against each teacher (fed the items in
+    its own preprocessing): the first's under the metric's name, the k-th's as ``NAME@teacherK`` (compared without
+    the projection P, which maps into the first teacher's space)."""
     evaluation, classifiers = Evaluation({}, {}), Classifiers()  # benchmarks sharing classes and prompts share one
     batch_size, loader_workers = trained.config.eval.batch_size, workers(trained.config.eval.workers)
     for spec in benchmarks:
@@ -81,7 +82,9 @@ def evaluate(trained: TrainedRun, benchmarks, device: torch.device) -> Evaluatio
                                    classifiers, loader_workers)
         for k, teacher in enumerate(trained.teachers, start=1):
             projection = trained.objective.student_projection() if k == 1 else None
-            similarity = feature_similarity(result.embedded, teacher, projection, eval_set, device, batch_size,
+            own_set = eval_set if teacher.image_input == trained.student.image_input else \
+                load_eval_set(spec.dataset, spec.root, teacher.preprocess_eval, spec.task)  # the same items, its input
+            similarity = feature_similarity(result.embedded, teacher, projection, own_set, device, batch_size,
                                             loader_workers, trained.config.train.precision)
             result.metrics.update(similarity if k == 1 else {f"{name}@teacher{k}": v for name, v in similarity.items()})
         evaluation.metrics[eval_set.benchmark], evaluation.items[eval_set.benchmark] = result.metrics, result.items

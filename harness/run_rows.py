@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config.run_config import RunConfig, teacher_run_dir
-from harness.models.names import open_clip_name
+from harness.models.names import has_logit_bias, open_clip_name
 from results.store import terms_json
 
 
@@ -24,13 +24,21 @@ def _one_teacher_label(spec) -> str:
     return f"{open_clip_name(spec.model)}@{Path(spec.pretrained).name}"
 
 
+def student_label(config: RunConfig) -> str:
+    """How the leaderboard names a run's student: its model, and its task loss where that is not CLIP's InfoNCE or
+    the model has a logit bias (a SigLIP model trained either way)."""
+    name = open_clip_name(config.student.model)
+    shown = config.task_loss != "clip" or has_logit_bias(config.student.model)
+    return f"{name} ({config.task_loss} loss)" if shown else name
+
+
 def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:
     return {
         "id": config.run_id,
         "setting_id": config.setting_id,
         "name": config.name,
         "teacher": teacher_label(config),
-        "student": open_clip_name(config.student.model),
+        "student": student_label(config),
         "method": config.method_label,
         "terms": terms_json({name: weight for name, (weight, _) in config.method_terms().items()}),
         "dataset": config.data.dataset if config.data.dataset in ("digits", "fashion-mnist") else config.data.path,

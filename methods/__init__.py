@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 # Each built-in registers itself under its name when its module is imported (``@register``).
-BUILTIN = ("afd", "clip_rd", "crd", "fd", "gd", "hrd", "icl", "mfd", "mobileclip_dr", "open_clip_distill", "tinyclip",
-           "vrd", "xrd")
+BUILTIN = ("afd", "clip_rd", "crd", "fd", "gd", "hrd", "icl", "mfd", "mobileclip_dr", "open_clip_distill", "siglip_kd",
+           "tinyclip", "vrd", "xrd")
+# What the built-ins ask of their teachers, read without importing them (tests/test_methods.py checks that each
+# class's ``teacher_problem`` agrees): these distil sigmoid teachers only; every other built-in distils any teacher.
+SIGMOID_TEACHERS_ONLY = ("siglip_kd",)
 ENTRY_POINT_GROUP = "clipkd.methods"
 _HOME = {
     **dict.fromkeys(("DistillBatch", "DistillMethod", "LogitScale", "TeacherEmbeddings", "normalize", "projection"),
@@ -25,7 +28,8 @@ _HOME = {
                      "register", "student_projection"), "methods.registry"),
 }
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "descriptions", "names", *_HOME]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "SIGMOID_TEACHERS_ONLY", "descriptions", "names", "sigmoid_teachers_only",
+           "teacher_problem", *_HOME]
 
 
 @functools.cache
@@ -59,6 +63,25 @@ def descriptions() -> dict[str, str]:
             if registered:
                 found[name] = (ast.get_docstring(node) or node.name).strip().splitlines()[0]
     return dict(sorted(found.items()))
+
+
+def teacher_problem(name: str, sigmoid: dict[str, bool]) -> str | None:
+    """Why method ``name`` cannot distil from teachers labelled as in ``sigmoid`` (label -> whether it is a sigmoid
+    teacher), or None: a built-in's answer without importing it, a plugin's from its class."""
+    if name not in BUILTIN:
+        method = importlib.import_module("methods.registry").get(name)
+        return getattr(method, "teacher_problem", lambda _: None)(sigmoid)
+    return sigmoid_teachers_only(name, sigmoid) if name in SIGMOID_TEACHERS_ONLY else None
+
+
+def sigmoid_teachers_only(name: str, sigmoid: dict[str, bool]) -> str | None:
+    """The refusal of a method that distils sigmoid teachers' pairwise probabilities, where a teacher has none."""
+    softmax = [label for label, is_sigmoid in sigmoid.items() if not is_sigmoid]
+    if not softmax:
+        return None
+    return (f"{name} distils a sigmoid teacher's pairwise probabilities σ(s·v uᵀ + b), and teacher "
+            f"{', '.join(softmax)} has no logit bias (a CLIP teacher: its softmax is distilled by crd, "
+            "open_clip_distill or mobileclip_dr)")
 
 
 def __getattr__(name: str):

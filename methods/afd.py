@@ -12,6 +12,7 @@ class AugmentedFeatureDistillation(DistillMethod):
     Paper §3.2 "Augmented Feature Distillation":
         f_v = norm(W_v [P v_S ; v_T]),  f_u = norm(W_u [P u_S ; u_T]),  L_AFD = L_CLIP(f_v, f_u; τ_AFD),
     τ_AFD learnable (exponentiated, clamped). P makes it work when d_S ≠ d_T, where the released code crashed.
+    A sigmoid (SigLIP) teacher: only its embeddings are read, not its scale or bias.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, init_temperature: float = 0.07):

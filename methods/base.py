@@ -16,11 +16,13 @@ MAX_LOGIT_SCALE = 100.0
 
 @dataclass(frozen=True)
 class TeacherEmbeddings:
-    """One teacher's L2-normalised embeddings of the global batch and its exponentiated logit scale."""
+    """One teacher's L2-normalised embeddings of the global batch, its exponentiated logit scale and, for a sigmoid
+    (SigLIP) teacher, its logit bias (None for a CLIP teacher): its pairwise logits are s·v uᵀ + b."""
 
     image: torch.Tensor
     text: torch.Tensor
     logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -28,7 +30,8 @@ class DistillBatch:
     """Embeddings of one global batch (gathered across ranks), as a method sees them.
 
     Student embeddings are raw (not normalised) and carry grad; teacher embeddings are L2-normalised and
-    carry none. Logit scales are exponentiated, as open_clip returns them. A run with several teachers gives them
+    carry none. Logit scales are exponentiated, as open_clip returns them; a logit bias is a sigmoid model's (the
+    student's when it trains with the sigmoid loss), None for a CLIP model. A run with several teachers gives them
     all in ``teachers``, in config order, the first also as ``teacher_image``/``teacher_text``: a method written
     for one teacher sees the first.
     """
@@ -41,11 +44,14 @@ class DistillBatch:
     teacher_logit_scale: torch.Tensor
     student_image_masked: torch.Tensor | None = None
     teachers: tuple[TeacherEmbeddings, ...] = ()
+    student_logit_bias: torch.Tensor | None = None
+    teacher_logit_bias: torch.Tensor | None = None
 
     @property
     def ensemble(self) -> tuple[TeacherEmbeddings, ...]:
         """Every teacher of the run; the one teacher when the batch was made without ``teachers``."""
-        return self.teachers or (TeacherEmbeddings(self.teacher_image, self.teacher_text, self.teacher_logit_scale),)
+        return self.teachers or (TeacherEmbeddings(self.teacher_image, self.teacher_text, self.teacher_logit_scale,
+                                                   self.teacher_logit_bias),)
 
 
 class DistillMethod(nn.Module):
@@ -58,6 +64,12 @@ class DistillMethod(nn.Module):
 
     name: ClassVar[str] = ""
     image_mask_ratio: float | None = None
+
+    @classmethod
+    def teacher_problem(cls, sigmoid: dict[str, bool]) -> str | None:
+        """Why this method cannot distil from these teachers (each teacher's label: whether it is a sigmoid teacher,
+        one with a logit bias), or None. Asked when a config is read, before any model loads."""
+        return None
 
     def __init__(self, student_dim: int, teacher_dim: int):
         super().__init__()

@@ -18,6 +18,7 @@ class ClipRD(DistillMethod):
     1); one projection P is shared by every term, as the released code shares its projections. Each term has its
     own scales; ``distill: {fd: 2000, icl: 1, hrd: 1, vrd: 1, xrd: 1}`` trains the same sum with a projection per
     term, and lets an ablation take it apart (methods/relational.py says what is followed).
+    A sigmoid (SigLIP) teacher: as each of its terms says (HRD reads its softmax, where the bias cancels).
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, fd: float = 2000.0, icl: float = 1.0, hrd: float = 1.0,

@@ -12,6 +12,8 @@ class ContrastiveRelationalDistillation(DistillMethod):
         p^{I→T} = softmax(v uᵀ / τ) row-wise, p^{T→I} = softmax(u vᵀ / τ) row-wise, each model with its own τ;
         L_CRD = KL(p_T^{I→T} ‖ p_S^{I→T}) + KL(p_T^{T→I} ‖ p_S^{T→I}), averaged over the batch.
     The distributions compare within each model, so no projection is needed when the dims differ.
+    A sigmoid (SigLIP) teacher: its pairwise logits s·v uᵀ + b read as contrastive distributions; the bias shifts
+    every logit of a row alike, which the softmax ignores, so it is left out.
     """
 
     def forward(self, batch: DistillBatch):

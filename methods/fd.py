@@ -18,6 +18,7 @@ class FeatureDistillation(DistillMethod):
     Paper §3.2 "Feature Distillation":  L_FD = ‖v_T − P v_S‖² + ‖u_T − P u_S‖².
     Convention: like the released code's ``F.mse_loss``, the squared norm is averaged over the D_T dims as well as
     the batch, so the released weight 2000 is used as is (it is 2000/D_T in the sum-over-dims form).
+    A sigmoid (SigLIP) teacher: only its embeddings are read, not its scale or bias.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int):

@@ -10,6 +10,8 @@ class HorizontalRelationalDistillation(DistillMethod):
     L_HRD = ½ [KL(p_T^{I→T} ‖ p_S^{I→T}) + KL(p_T^{T→I} ‖ p_S^{T→I})],  p^{I→T} = softmax(s · v uᵀ) row-wise:
     CRD's relation, averaged over the two directions where CRD sums them (the released ``hrd_loss``;
     methods/relational.py says what is followed).
+    A sigmoid (SigLIP) teacher: its pairwise logits s·v uᵀ + b read as contrastive distributions; the bias shifts
+    every logit of a row alike, which the softmax ignores, so it is left out.
     """
 
     def forward(self, batch: DistillBatch):

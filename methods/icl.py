@@ -9,6 +9,7 @@ class InteractiveContrastiveLearning(ProjectedContrastive):
     Paper §3.2 "Interactive Contrastive Learning":
         L_ICL = CE(P v_S · u_Tᵀ / τ_ICL, I) + CE(P u_S · v_Tᵀ / τ_ICL, I),
     τ_ICL learnable, initialised at ``init_temperature``, exponentiated and clamped like CLIP's.
+    A sigmoid (SigLIP) teacher: only its embeddings are read, not its scale or bias.
     """
 
     def forward(self, batch: DistillBatch):

@@ -10,6 +10,7 @@ class MaskedFeatureDistillation(DistillMethod):
     Paper §3.2 "Masked Feature Distillation":  L_MFD = ‖v_T − P v_S^mask‖² + ‖u_T − P u_S‖², where v_S^mask embeds
     the image with ``mask_ratio`` of its patch tokens dropped (MAE-style, no mask token). Same element-mean
     convention as FD. Unlike the released code, the masked embedding is really the one distilled.
+    A sigmoid (SigLIP) teacher: only its embeddings are read, not its scale or bias.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, mask_ratio: float = 0.75):

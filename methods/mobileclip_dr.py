@@ -14,6 +14,8 @@ class EnsembleDistillation(DistillMethod):
     student's scale;  L_DR = ½ [H(p̄^{I→T}, p_S^{I→T}) + H(p̄^{T→I}, p_S^{T→I})], H the cross-entropy. MobileCLIP mixes
     it with the CLIP loss as (1 − λ) L_CLIP + λ L_DR; here the trainer adds the task loss, so a weight w is
     λ = w / (1 + w) up to the scale of the sum. With one teacher it is open_clip's DistillClipLoss term.
+    A sigmoid (SigLIP) teacher: its pairwise logits s·v uᵀ + b read as contrastive distributions; the bias shifts
+    every logit of a row alike, which the softmax ignores, so it is left out.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, scale: float | None = None):

@@ -8,6 +8,8 @@ class OpenClipDistill(DistillMethod):
 
     open_clip's ``DistillClipLoss`` reused as is (its contrastive half is the trainer's task loss, so only its
     ``distill_loss`` is returned):  L = ½ Σ_{dir ∈ {I→T, T→I}} −mean_i Σ_j softmax(z_T)_ij log softmax(z_S)_ij.
+    A sigmoid (SigLIP) teacher: its pairwise logits s·v uᵀ + b read as contrastive distributions; the bias shifts
+    every logit of a row alike, which the softmax ignores, so it is left out.
     """
 
     def forward(self, batch: DistillBatch):

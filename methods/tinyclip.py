@@ -8,6 +8,8 @@ class AffinityMimicking(DistillMethod):
 
     Wu et al., ICCV 2023, §3.1 "Affinity Mimicking":  A = softmax(s · v uᵀ) per row (image→text) and per column
     (text→image), one fixed scale s for both models;  L = ½ [CE(A_T^{I→T}, A_S^{I→T}) + CE(A_T^{T→I}, A_S^{T→I})].
+    A sigmoid (SigLIP) teacher: its embeddings at the fixed scale s, as any teacher's; its bias would shift every
+    logit of a row alike, which the softmax ignores.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, scale: float = 100.0):

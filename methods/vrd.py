@@ -14,6 +14,7 @@ class VerticalRelationalDistillation(DistillMethod):
     p = softmax row-wise. The cross-entropy terms pair each sample's teacher and student embeddings of one modality;
     the released code weights them with VRD's weight (``alpha_VRD_loss``), so they are part of this term here.
     methods/relational.py says what is followed.
+    A sigmoid (SigLIP) teacher: only its embeddings are read, not its scale or bias.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, init_temperature: float = 0.07):

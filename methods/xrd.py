@@ -13,6 +13,7 @@ class CrossRelationalDistillation(ProjectedContrastive):
     p = softmax row-wise, the first distribution of each KL a stopped target (the released ``XRD_loss``, whose
     student-anchored logits are the transposes Aᵀ, Cᵀ). The released code shares s with ICL; here XRD has its own.
     methods/relational.py says what is followed.
+    A sigmoid (SigLIP) teacher: only its embeddings are read, not its scale or bias.
     """
 
     def forward(self, batch: DistillBatch):

@@ -250,7 +250,7 @@ def test_a_finished_runs_record_counts_its_bad_samples(tmp_path, teacher_checkpo
 
 def test_data_check_lists_exactly_the_bad_samples_and_the_loaders_read_its_findings(tmp_path, teacher_checkpoint):
     from harness.data.loaders import build_source
-    from harness.data.views import Augmentation
+    from harness.data.views import Augmentation, ViewSpec
     from harness.models.build import create_clip
 
     for resolved, expected in ((shard_run(tmp_path, teacher_checkpoint), 4), (csv_run(tmp_path, teacher_checkpoint), 5)):
@@ -259,7 +259,7 @@ def test_data_check_lists_exactly_the_bad_samples_and_the_loaders_read_its_findi
         out = run_clipkd("data", "check", str(config_file), cwd=tmp_path).stdout
         assert f"{expected} bad samples of 36" in out, out
         config = parse_config(resolved)
-        source = build_source(config.data, "clipkd-tiny", create_clip("clipkd-tiny").tokenizer, Augmentation("none"),
+        source = build_source(config.data, ViewSpec.of("clipkd-tiny"), create_clip("clipkd-tiny").tokenizer, Augmentation("none"),
                               Path(config.output_dir))
         assert len(source.known_bad) == expected  # a run replaces these without decoding them again
         listed = {int(sample) for sample in source.known_bad}
@@ -403,7 +403,7 @@ def test_a_bad_sample_is_replaced_by_the_next_good_one_across_a_shards_end_and_t
     from harness.config.specs import DataSpec
     from harness.data.batch import make_block
     from harness.data.loaders import build_source
-    from harness.data.views import Augmentation
+    from harness.data.views import Augmentation, ViewSpec
 
     bad = {(0, 5), (1, 2), (1, 3), (1, 5)}  # shard 0's last, two in a row, the set's last
     for shard in range(2):
@@ -413,7 +413,8 @@ def test_a_bad_sample_is_replaced_by_the_next_good_one_across_a_shards_end_and_t
                 sink.write({"__key__": f"{i:04d}", "png": CORRUPT if (shard, position) in bad else png(i),
                             "txt": DIGITS.captions[i]})
     spec = DataSpec(dataset="webdataset", path=str(tmp_path / "s-{0..1}.tar"), num_samples=12)
-    source = build_source(spec, "clipkd-tiny", open_clip.get_tokenizer("clipkd-tiny"), Augmentation("none"), tmp_path)
+    source = build_source(spec, ViewSpec.of("clipkd-tiny"), open_clip.get_tokenizer("clipkd-tiny"), Augmentation("none"),
+                          tmp_path)
     ident = lambda shard, position: (shard << 32) | position  # noqa: E731
     asked = [ident(0, 5), ident(1, 2), ident(1, 3), ident(1, 5), ident(0, 1)]
     replaced = make_block(source, None, 0, np.array(asked, dtype=np.int64))

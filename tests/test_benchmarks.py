@@ -23,6 +23,8 @@ pytestmark = pytest.mark.xdist_group("benchmark_scripts")  # pyproject.toml: one
     ("commands.py", ["--repeats", "1"], "clipkd grid status"),
     ("accumulation.py", ["--batch", "16", "--steps", "1"], "peak memory of the step"),  # and every part ran: a crash exits 1
     ("cache_build.py", ["--samples", "128", "--shards", "2", "--size", "512"], "1.00 per sample"),
+    ("teacher_inputs.py", ["--batch", "16", "--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1"],
+     "twice/same: step"),
 ])
 def test_benchmark_runs_and_prints_its_ratios(script, args, prints):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,

@@ -117,14 +117,14 @@ def _shard_epochs(rank: int, shards: str, index_root: str, runs: list[tuple[int,
     a process's start is most of the time)."""
     from harness.config.specs import DataSpec
     from harness.data.loaders import build_source, build_train_data
-    from harness.data.views import Augmentation
+    from harness.data.views import Augmentation, ViewSpec
     from harness.models.build import create_clip
 
     torch.set_num_threads(1)
     epochs = []
     for workers, start_step in runs:
         spec = DataSpec(dataset="webdataset", path=shards, num_samples=160, workers=workers, shuffle_window=24)
-        source = build_source(spec, "clipkd-tiny", create_clip("clipkd-tiny").tokenizer, Augmentation("random", 5),
+        source = build_source(spec, ViewSpec.of("clipkd-tiny"), create_clip("clipkd-tiny").tokenizer, Augmentation("random", 5),
                               Path(index_root))
         data = build_train_data(spec, source, batch_size=16, seed=5, rank=rank, world_size=2)
         epochs.append([(batch.samples.tolist(), batch.decoded) for batch in data.batches(start_step, 20)])

@@ -34,26 +34,34 @@ GLOBAL_BATCH, SEED, STEP = 8, 3, 5
 RTOL, ATOL = 1e-9, 1e-12
 
 
-def _setup():
+# a CLIP student and teachers; a sigmoid (SigLIP-config) student with the sigmoid loss and sigmoid teachers, and
+# siglip_kd besides every other method
+KINDS = {"clip": ("clipkd-tiny", "clipkd-tiny-teacher", "clipkd-tiny", TERMS, "clip"),
+         "siglip": ("clipkd-tiny-sigmoid", "clipkd-tiny-sigmoid", "clipkd-tiny-sigmoid",
+                    {**TERMS, "siglip_kd": (1.0, {})}, "siglip")}
+
+
+def _setup(kind: str = "clip"):
     """A student and an ensemble of two teachers (every method sees the first, mobileclip_dr both)."""
+    student_model, teacher_model, second_model, terms, task_loss = KINDS[kind]
     torch.manual_seed(0)
-    student = create_clip("clipkd-tiny", dtype=torch.float64)
-    teacher = create_clip("clipkd-tiny-teacher", dtype=torch.float64)
+    student = create_clip(student_model, dtype=torch.float64)
+    teacher = create_clip(teacher_model, dtype=torch.float64)
     teacher.model.eval().requires_grad_(False)
-    second = create_clip("clipkd-tiny", dtype=torch.float64)  # another width: 2 teachers need not share a dim
+    second = create_clip(second_model, dtype=torch.float64)  # another width: 2 teachers need not share a dim
     second.model.eval().requires_grad_(False)
-    objective = Objective(TERMS, student.embed_dim, teacher.embed_dim).double()
-    source = InMemorySource.of(load_builtin("digits", "train"), student.tokenizer, ViewSpec.of("clipkd-tiny"),
+    objective = Objective(terms, student.embed_dim, teacher.embed_dim, task_loss).double()
+    source = InMemorySource.of(load_builtin("digits", "train"), student.tokenizer, ViewSpec.of(student_model),
                                Augmentation("none"))
     batch = source.render(0, np.arange(GLOBAL_BATCH), None)
     return student, (teacher, second), objective, batch.images.double(), batch.texts
 
 
-def _losses_and_grads(rank_env, images, texts, grad_compression: str | None = "none"):
+def _losses_and_grads(rank_env, images, texts, grad_compression: str | None = "none", kind: str = "clip"):
     """One step's terms and gradients through what the trainer runs: the student and its losses as one module,
     under DistributedDataParallel when there are ranks (it averages the gradients as backward runs, compressed
     by ``grad_compression``; None: no DDP, this rank's own gradients)."""
-    student, (teacher, second), objective, _, _ = _setup()
+    student, (teacher, second), objective, _, _ = _setup(kind)
     rows, cols = patch_grid(student.model.visual, images.shape[-1])
     noise = mask_noise(GLOBAL_BATCH, rows * cols, SEED, STEP, rank_env)
     batch = Batch(images, texts, torch.arange(len(images)))
@@ -66,36 +74,39 @@ def _losses_and_grads(rank_env, images, texts, grad_compression: str | None = "n
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
-def _join(rank, world_size, meeting):
+def _join(rank, world_size, meeting, kind="clip"):
     """This rank's process group, and its block of the global batch."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), **meeting)
     torch.set_num_threads(1)
     env = init_distributed()
-    _, _, _, images, texts = _setup()
+    _, _, _, images, texts = _setup(kind)
     block = GLOBAL_BATCH // world_size
     mine = slice(rank * block, (rank + 1) * block)
     return env, images[mine], texts[mine]
 
 
-def _worker(rank, world_size, meeting, out_dir):
-    env, images, texts = _join(rank, world_size, meeting)
+def _worker(rank, world_size, meeting, out_dir, kind):
+    env, images, texts = _join(rank, world_size, meeting, kind)
     reduced, all_reduce = [], dist.all_reduce
     dist.all_reduce = lambda tensor, *args, **kwargs: reduced.append(tensor.numel()) or all_reduce(tensor, *args, **kwargs)
-    result = _losses_and_grads(env, images, texts)
+    result = _losses_and_grads(env, images, texts, kind=kind)
     dist.all_reduce = all_reduce
     torch.save((*result, reduced), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_equals_single_process(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_process_gloo_equals_single_process(tmp_path, kind):
     from core.distributed import DistEnv
 
     torch.set_num_threads(1)
-    _, _, _, images, texts = _setup()
-    single_terms, single_grads = _losses_and_grads(DistEnv(), images, texts)
+    _, _, _, images, texts = _setup(kind)
+    single_terms, single_grads = _losses_and_grads(DistEnv(), images, texts, kind=kind)
+    if kind == "siglip":  # the sigmoid loss and siglip_kd are computed, the bias gets its gradient
+        assert {"task", "siglip_kd"} <= single_terms.keys() and "logit_bias" in single_grads
 
     with rendezvous() as meeting:
-        mp.spawn(_worker, args=(2, meeting, str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, meeting, str(tmp_path), kind), nprocs=2, join=True)
     for rank in range(2):
         terms, grads, reduced = torch.load(tmp_path / f"rank{rank}.pt")
         # DDP's own all-reduce of the gradients is its reducer's; the embeddings' gather sends nothing back: each

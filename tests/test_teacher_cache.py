@@ -123,7 +123,7 @@ def test_cache_holds_the_live_teachers_embeddings_of_the_unaugmented_view(tmp_pa
     samples = np.array([0, 5, len(source) - 1])
     batch = source.render(0, samples, None).to(CPU, torch.float64)
     with torch.no_grad():
-        image, text, scale = LiveTeacher(trainer.teacher.members[0].model)(batch)
+        image, text, scale, _ = LiveTeacher(trainer.teacher.members[0].model)(batch)
     cached_image, cached_text = rows.lookup(samples, None)
     # the float64 embeddings rounded once to float32 (1e-15: other batches, other sums)
     np.testing.assert_allclose(cached_image.numpy(), image.numpy(), rtol=FLOAT32_ROUNDING + 1e-12, atol=0)
@@ -447,10 +447,13 @@ def test_cache_info_reports_bytes_per_sample(tmp_path, teacher_checkpoint):
     ({"student": {"model": "ViT-B-32"}, "distill": {"crd": 1}, "data": {"dataset": "digits", "augment": True},
       "teacher": {"model": "ViT-L-14-336", "pretrained": "openai", "embeddings": "cached", "views": 2},
       "train": {"precision": "bf16"}},
-     "2868909944a4", "24fb702da559fa17"),
+     # the run's id as before; the cache's key moved when teachers got their own input (issue 31): a ViT-L-14-336
+     # teacher's cache held its embeddings of the student's 224 px view, and now holds those of its own 336 px one
+     "2868909944a4", "23d6f44708e079dd"),
 ])
 def test_caches_and_runs_from_before_the_move_into_packages_are_found(config, run_id, key):
     """The keys of caches built and the ids of runs trained before issue 30 split the harness into packages (taken
-    at 3f86d8f): the key is now read without open_clip or torch, from the same facts."""
+    at 3f86d8f): the key is now read from the same facts without torch (open_clip only for a pretrained tag's
+    preprocessing); a teacher that preprocesses like its student keeps its cache's key."""
     config = parse_config({**config, "train": {"batch_size": 8, "steps": 1, **config.get("train", {})}})
     assert (config.run_id, cache_key.cache_dir(config).name) == (run_id, key)

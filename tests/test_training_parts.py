@@ -13,6 +13,7 @@ from torch import nn
 
 from core.distributed import DistEnv
 from harness.config.run_config import parse_config
+from harness.data.inputs import ModelInput, OtherInputs
 from harness.teachers.cached import CachedTeacher
 from harness.teachers.ensemble import run_teachers
 from harness.teachers.live import LiveTeacher
@@ -52,13 +53,16 @@ def test_no_weight_decay_on_gains_biases_norms_and_the_temperature():
 
 def test_a_run_without_a_teacher_has_none_and_a_live_one_is_built(teacher_checkpoint):
     base = {"student": {"model": "clipkd-tiny"}, "data": {"dataset": "digits"}, "train": {"batch_size": 8, "steps": 1}}
-    alone = run_teachers(parse_config(base), CPU, torch.float32, DistEnv())
+    student = ModelInput.of("clipkd-tiny")
+    alone = run_teachers(parse_config(base), student, CPU, torch.float32, DistEnv())
     assert (alone.teachers, alone.embed_dim, alone.caches, alone.cached_rows) == (None, None, [], None)
     teacher = {"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)}
-    live = run_teachers(parse_config({**base, "teacher": teacher, "distill": {"fd": 1}}), CPU, torch.float32, DistEnv())
+    live = run_teachers(parse_config({**base, "teacher": teacher, "distill": {"fd": 1}}), student, CPU, torch.float32,
+                        DistEnv())
     (member,) = live.teachers.members
     assert isinstance(member, LiveTeacher) and not isinstance(member, CachedTeacher)
     assert live.embed_dim == 96 and live.cached_rows is None and not member.model.training
+    assert (member.view, member.text, live.others) == (None, None, OtherInputs())  # it sees the student's input
 
 
 def test_a_config_names_its_methods_without_importing_torch():

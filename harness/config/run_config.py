@@ -5,6 +5,7 @@ resolved config (everything except cosmetic fields), so training the same config
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -28,7 +29,7 @@ from harness.config.specs import (
     TrainSpec,
     format_validation_error,
 )
-from harness.models.names import FINAL_CHECKPOINT, ModelLoadError, model_identity
+from harness.models.names import FINAL_CHECKPOINT, ModelLoadError, has_logit_bias, image_input, model_identity
 
 # Fields that cannot change the trained weights stay out of the run id (and the setting id): renaming a run,
 # moving it, adding a benchmark, loader workers (batches are a function of seed and world size, not of workers),
@@ -41,7 +42,7 @@ NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.chec
                        "train.live_every_s", "train.compile", "train.collective_timeout_s"}
 # Fields added after run ids were first kept, out of the id at the value every earlier run trained with: the ids
 # of earlier runs stand, so a grid re-run after an upgrade is still a no-op.
-NEUTRAL_DEFAULTS = {"train.grad_compression": "none"}
+NEUTRAL_DEFAULTS = {"train.grad_compression": "none", "train.task_loss": "clip"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -100,7 +101,37 @@ class RunConfig(Strict):
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
         if self.views and not self.data.augment:
             raise ValueError(f"teacher.views: {self.views} replays augmented views, but data.augment is false")
+        if self.train.task_loss == "siglip" and not has_logit_bias(self.student.model):
+            raise ValueError(f"train.task_loss: siglip needs a student with a logit bias; {self.student.model} has "
+                             "none (a model config sets one with init_logit_bias, as open_clip's SigLIP configs do)")
         return self
+
+    @model_validator(mode="after")
+    def _inputs_and_teachers_suit(self) -> RunConfig:
+        """Every model's preprocessing can be built (a bad ``preprocess_cfg`` is named before any model loads), and
+        every method distils from the run's kind of teachers (``siglip_kd`` asks for sigmoid ones)."""
+        import methods
+
+        models = {"student": (self.student.model, self.student.pretrained)}
+        for k, spec in enumerate(self.teachers, start=1):
+            with contextlib.suppress(ModelLoadError):  # a teacher run a grid has not trained yet: checked when it runs
+                models[f"teacher {k}" if len(self.teachers) > 1 else "teacher"] = teacher_input(spec)
+        for role, (model, pretrained) in models.items():
+            try:
+                image_input(model, pretrained)
+            except ModelLoadError as error:
+                raise ValueError(f"{role}: {error}") from None
+        sigmoid = {f"{models[role][0]} ({role})": has_logit_bias(models[role][0]) for role in models if role != "student"}
+        for name in self.distill:
+            problem = methods.teacher_problem(name, sigmoid) if sigmoid else None
+            if problem:
+                raise ValueError(f"distill.{name}: {problem}")
+        return self
+
+    @property
+    def task_loss(self) -> str:
+        """The student's own loss: ``train.task_loss``, else siglip for a student with a logit bias, else clip."""
+        return self.train.task_loss or ("siglip" if has_logit_bias(self.student.model) else "clip")
 
     @property
     def teachers(self) -> list[TeacherSpec]:
@@ -130,7 +161,10 @@ class RunConfig(Strict):
         return terms
 
     def resolved(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config with every default filled in, the student's task loss too (the same run given or implied)."""
+        resolved = self.model_dump(mode="json")
+        resolved["train"]["task_loss"] = self.task_loss
+        return resolved
 
     def training_fields(self) -> dict[str, Any]:
         """The resolved config without the fields that cannot change the trained weights; a model given as a
@@ -234,6 +268,33 @@ def teacher_run_dir(run: str) -> Path:
     """A teacher given as a run directory, or as the YAML config of that run."""
     path = Path(run)
     return load_config(path).run_dir if path.suffix in {".yaml", ".yml"} else path
+
+
+def teacher_input(spec: TeacherSpec) -> tuple[str, str | None]:
+    """The (model, pretrained) whose input a teacher is fed (``names.image_input``, ``text_input``): its own, or a
+    teacher run's student's, whose input its final weights learnt from. Import-light: a cache key reads it."""
+    if not spec.run:
+        return spec.model, spec.pretrained
+    path = Path(spec.run)
+    if path.suffix in {".yaml", ".yml"}:
+        student = load_config(path).student
+        return student.model, student.pretrained
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        if path.resolve() in _PLANNED_STUDENTS:  # a teacher a grid trains before it
+            return _PLANNED_STUDENTS[path.resolve()]
+        raise ModelLoadError(f"teacher run {spec.run!r}: {config_file} not found; is it a run directory of this project?")
+    student = json.loads(config_file.read_text())["student"]
+    return student["model"], student.get("pretrained")
+
+
+_PLANNED_STUDENTS: dict[Path, tuple[str, str | None]] = {}  # run dir -> its student, for runs a grid plans
+
+
+def plan_run(config: RunConfig) -> None:
+    """Make a run a grid will train known by its directory before it exists: a teacher given as that directory is
+    fed as its student (a teacher-embedding cache's key is planned with the grid)."""
+    _PLANNED_STUDENTS[config.run_dir.resolve()] = (config.student.model, config.student.pretrained)
 
 
 def resolve_teacher_run(run: str) -> tuple[str, str]:

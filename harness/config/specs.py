@@ -155,6 +155,11 @@ class TrainSpec(Strict):
                                 "repeated blocks (harness/models/build.py compile_repeated_blocks): the same math; not part "
                                 "of the run id")
 
+    task_loss: Literal["clip", "siglip"] | None = Field(
+        None, description="the student's own contrastive loss on the global batch: clip (InfoNCE) or siglip (the "
+        "sigmoid loss, for a student with a logit bias: open_clip's SigLIP configs); default: siglip for such a "
+        "student, else clip")
+
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="trackers that also get the run's curves and metrics (harness/training/trackers.py); "
         "each needs its extra installed; not part of the run id")

@@ -27,27 +27,41 @@ class Batch:
     # the student's (mean, std); None when ``images`` are normalised already (the in-memory sets)
     pixels: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     bad: list[dict] = field(default_factory=list)  # the bad samples this block replaced (data/bad.py), as dicts
+    # the other models' inputs unlike the student's (data/inputs.py), by what makes them: images (uint8 pixels
+    # where ``pixels`` is set, normalised by their key's mean and std when moved) and tokens
+    other_images: dict = field(default_factory=dict)  # ViewSpec -> tensor
+    other_texts: dict = field(default_factory=dict)  # TextSpec -> tensor
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
+    def map_tensors(self, function: Callable[[str, torch.Tensor], torch.Tensor]) -> Batch:
+        """This batch with ``function(field name, tensor)`` applied to each tensor, the other models' inputs too."""
+        return replace(self, **{name: function(name, t) for name, t in self._tensors().items()},
+                       other_images={k: function("other_images", t) for k, t in self.other_images.items()},
+                       other_texts={k: function("other_texts", t) for k, t in self.other_texts.items()})
+
     def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) calls this: page-locked host memory for asynchronous copies to a GPU."""
-        return replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
+        return self.map_tensors(lambda _, t: t.pin_memory())
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Batch:
         """On ``device``; images normalised there (from uint8 pixels) and teacher embeddings in the run's
         ``dtype``, ids and tokens as they are."""
-        moved = {}
-        for name, tensor in self._tensors().items():
-            floating = name in ("images", "teacher_image", "teacher_text")
+        def move(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            floating = name in ("images", "other_images", "teacher_image", "teacher_text")
             if device.type == "cuda" and not tensor.is_pinned():  # from pageable memory a copy waits for the GPU
                 tensor = tensor.pin_memory()
-            moved[name] = tensor.to(device, None if self.pixels and name == "images" else dtype if floating else None,
-                                    non_blocking=True)
+            pixels = self.pixels and name in ("images", "other_images")
+            return tensor.to(device, None if pixels else dtype if floating else None, non_blocking=True)
+
+        moved = self.map_tensors(move)
         if self.pixels:
-            moved["images"] = normalize(moved["images"], *self.pixels).to(dtype)
-        return replace(self, **moved, pixels=None)
+            moved.images = normalize(moved.images, *self.pixels).to(dtype)
+            moved.other_images = {view: normalize(t, view.mean, view.std).to(dtype)
+                                  for view, t in moved.other_images.items()}
+        moved.pixels = None
+        return moved
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -86,19 +100,24 @@ def decodes_to_report() -> int:
 
 
 def crop_views(images: list, ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
-               augmentation) -> tuple[torch.Tensor, np.ndarray]:
-    """Decoded images (uint8, C × H × W) cut to their views' boxes (``views.ViewSpec.cut``), and the boxes."""
+               augmentation, others=()) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """Decoded images (uint8, C × H × W) cut to their views' boxes (``views.ViewSpec.cut``), the boxes, and the
+    same boxes cut for each of the ``others`` view specs."""
     boxes = augmentation.boxes(epoch, ids, views, [i.shape[-2] for i in images], [i.shape[-1] for i in images], spec)
-    return torch.stack([spec.cut(image, box) for image, box in zip(images, boxes)]), boxes
+    cut = {view: torch.stack([view.cut(image, box) for image, box in zip(images, boxes)]) for view in (spec, *others)}
+    return cut.pop(spec), boxes, cut
 
 
-def decoded_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, spec,
-                  augmentation, tokenizer: Callable) -> Batch:
-    """Decoded images cropped to this epoch's views, their captions tokenised at once."""
-    pixels, boxes = crop_views(images, ids, views, epoch, spec, augmentation)
-    return Batch(pixels, tokenizer(list(captions)), torch.from_numpy(ids),
+def decoded_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, source
+                  ) -> Batch:
+    """Decoded images cropped to this epoch's views for every input of ``source``, their captions tokenised at once
+    by each tokenizer."""
+    pixels, boxes, other_images = crop_views(images, ids, views, epoch, source.spec, source.augmentation,
+                                             source.others.views)
+    return Batch(pixels, source.tokenizer(list(captions)), torch.from_numpy(ids),
                  None if views is None else torch.from_numpy(views), torch.from_numpy(boxes),
-                 pixels=(spec.mean, spec.std))
+                 pixels=(source.spec.mean, source.spec.std), other_images=other_images,
+                 other_texts=source.others.tokens(captions))
 
 
 def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
@@ -112,8 +131,7 @@ def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
         decoded = decode_replacing(source, ids)
         ids, bad = decoded.ids, decoded.bad
         views = source.augmentation.choose(epoch, ids)
-        batch = decoded_batch(decoded.images, decoded.captions, ids, views, epoch, source.spec, source.augmentation,
-                              source.tokenizer)
+        batch = decoded_batch(decoded.images, decoded.captions, ids, views, epoch, source)
     else:  # in memory: no file to decode
         views = source.augmentation.choose(epoch, ids)
         batch = source.render(epoch, ids, views)

@@ -18,7 +18,7 @@ from harness.data.bad import BadSample, Unusable
 from harness.data.files import INDEX_DIR, csv_checked_file
 from harness.data.loaders import build_source, workers
 from harness.data.shards import SHARD_BITS, ShardSource, checked_file
-from harness.data.views import Augmentation
+from harness.data.views import Augmentation, ViewSpec
 
 CHUNK = 256
 
@@ -62,7 +62,7 @@ class _Chunks(IterableDataset):
 def check(spec, student_model: str, tokenizer, index_root: Path, loader_workers: int | None = None,
           progress: bool = True) -> CheckReport:
     """Decode every sample of the training set ``spec`` (a config's ``data``) and record the bad ones."""
-    source = build_source(spec, student_model, tokenizer, Augmentation("none"), index_root)
+    source = build_source(spec, ViewSpec.of(student_model), tokenizer, Augmentation("none"), index_root)
     if not hasattr(source, "load"):  # a built-in set, in memory: nothing to decode
         return CheckReport(len(source), [], {})
     sharded = isinstance(source, ShardSource)

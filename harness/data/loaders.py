@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from core.builtin import load_builtin
 from harness.data.batch import Batch
 from harness.data.files import INDEX_DIR, CaptionTable, csv_checked_file, expand_shards
+from harness.data.inputs import OtherInputs
 from harness.data.mapstyle import BlockReader, CsvSource, RankBlocks
 from harness.data.memory import InMemoryLoader, InMemorySource
 from harness.data.shards import EpochPlan, ShardIndex, ShardSource, ShardSteps
@@ -67,20 +68,22 @@ class TrainData:
         return self.batches(epoch * self.steps_per_epoch + start_step, (epoch + 1) * self.steps_per_epoch)
 
 
-def build_source(spec, student_model: str, tokenizer: Callable, augmentation: Augmentation, index_root: Path):
-    """The training set of ``spec`` (a config's ``data``) rendered for ``student_model``: an in-memory, CSV or
-    shard source with ``render(epoch, ids, views)``."""
-    view = ViewSpec.of(student_model)
+def build_source(spec, view: ViewSpec, tokenizer: Callable, augmentation: Augmentation, index_root: Path,
+                 others: OtherInputs = OtherInputs()):
+    """The training set of ``spec`` (a config's ``data``) rendered in ``view`` with ``tokenizer`` (the student's
+    input, or a cache builder's teacher's), and in ``others`` (the run's other models' inputs): an in-memory, CSV
+    or shard source with ``render(epoch, ids, views)``."""
     if spec.dataset == "webdataset":
         return ShardSource(ShardIndex(expand_shards(spec.path), Path(index_root) / INDEX_DIR), view, augmentation,
-                           tokenizer)
+                           tokenizer, others)
     if spec.dataset == "csv":
         table = CaptionTable(spec.path, spec.image_key, spec.caption_key, spec.separator)
         checked = csv_checked_file(Path(index_root) / INDEX_DIR, spec)
         known_bad = {int(row): reason for row, reason in json.loads(checked.read_text()).items()} if checked.is_file() else {}
-        return CsvSource(table.first(spec.subset) if spec.subset else table, view, augmentation, tokenizer, known_bad)
+        return CsvSource(table.first(spec.subset) if spec.subset else table, view, augmentation, tokenizer, known_bad,
+                         others)
     split = load_builtin(spec.dataset, "train")
-    return InMemorySource.of(split.first(spec.subset) if spec.subset else split, tokenizer, view, augmentation)
+    return InMemorySource.of(split.first(spec.subset) if spec.subset else split, tokenizer, view, augmentation, others)
 
 
 def build_train_data(spec, source, batch_size: int, seed: int, rank: int, world_size: int, teacher_rows=None,

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from harness.data.bad import open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
 from harness.data.files import CaptionTable
+from harness.data.inputs import OtherInputs
 from harness.data.memory import rank_blocks
 from harness.data.views import Augmentation, ViewSpec
 
@@ -30,6 +31,7 @@ class CsvSource:
     augmentation: Augmentation
     tokenizer: Callable
     known_bad: dict[int, str] = field(default_factory=dict)  # found by a data check
+    others: OtherInputs = field(default_factory=OtherInputs)  # the other models' inputs (data/inputs.py)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -40,7 +42,7 @@ class CsvSource:
     def load(self, sample: int) -> tuple[torch.Tensor, str]:
         caption = usable_caption(self.table.captions[sample])
         count_decode()
-        return open_image(self.table.images[sample], self.spec), caption
+        return open_image(self.table.images[sample], self.others.decode_view(self.spec)), caption
 
     def after(self, sample: int) -> int:
         return (sample + 1) % len(self.table)

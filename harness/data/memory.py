@@ -9,13 +9,14 @@ uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from core.builtin import CaptionedImages
 from harness.data.batch import Batch, make_block
+from harness.data.inputs import OtherInputs
 from harness.data.views import Augmentation, ViewSpec
 
 
@@ -51,10 +52,14 @@ class InMemorySource:
     tokens: torch.Tensor
     spec: ViewSpec
     augmentation: Augmentation
+    others: OtherInputs = field(default_factory=OtherInputs)  # the other models' inputs (data/inputs.py)
+    other_tokens: dict = field(default_factory=dict)  # TextSpec -> every caption's tokens
 
     @classmethod
-    def of(cls, split: CaptionedImages, tokenizer: Callable, spec: ViewSpec, augmentation: Augmentation):
-        return cls(split, tokenize_once(split.captions, tokenizer), spec, augmentation)
+    def of(cls, split: CaptionedImages, tokenizer: Callable, spec: ViewSpec, augmentation: Augmentation,
+           others: OtherInputs = OtherInputs()):
+        return cls(split, tokenize_once(split.captions, tokenizer), spec, augmentation, others,
+                   {text: tokenize_once(split.captions, other) for text, other in others.texts})
 
     def __len__(self) -> int:
         return len(self.split.labels)
@@ -62,9 +67,11 @@ class InMemorySource:
     def render(self, epoch: int, ids: np.ndarray, views: np.ndarray | None) -> Batch:
         height, width = self.split.images.shape[1:3]
         boxes = self.augmentation.boxes(epoch, ids, views, height, width, self.spec)
-        samples = torch.from_numpy(ids)
-        return Batch(self.spec.tensor(torch.from_numpy(self.split.images[ids]), boxes), self.tokens[samples], samples,
-                     None if views is None else torch.from_numpy(views), torch.from_numpy(boxes))
+        samples, images = torch.from_numpy(ids), torch.from_numpy(self.split.images[ids])
+        return Batch(self.spec.tensor(images, boxes), self.tokens[samples], samples,
+                     None if views is None else torch.from_numpy(views), torch.from_numpy(boxes),
+                     other_images={view: view.tensor(images, boxes) for view in self.others.views},
+                     other_texts={text: tokens[samples] for text, tokens in self.other_tokens.items()})
 
 
 @dataclass

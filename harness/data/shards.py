@@ -43,6 +43,7 @@ from webdataset.tariterators import base_plus_ext
 from harness.data.bad import Unusable, open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
 from harness.data.files import INDEX_VERSION
+from harness.data.inputs import OtherInputs
 from harness.data.views import Augmentation, ViewSpec, mix
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -238,8 +239,10 @@ def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[torch.Tens
 class ShardSource:
     """A shard set; loader workers read samples by seeking, decode, crop and tokenise them (``data.batch``)."""
 
-    def __init__(self, index: ShardIndex, spec: ViewSpec, augmentation: Augmentation, tokenizer: Callable):
+    def __init__(self, index: ShardIndex, spec: ViewSpec, augmentation: Augmentation, tokenizer: Callable,
+                 others: OtherInputs = OtherInputs()):
         self.index, self.spec, self.augmentation, self.tokenizer = index, spec, augmentation, tokenizer
+        self.others = others  # the other models' inputs (data/inputs.py)
         self.known_bad = index.known_bad()
         self._reader, self._reader_pid = None, None
 
@@ -262,7 +265,7 @@ class ShardSource:
 
     def load(self, sample: int) -> tuple[torch.Tensor, str]:
         shard, position = split_ids(np.int64(sample))
-        return decode_sample(self.reader().read(int(shard), int(position))[1], self.spec)
+        return decode_sample(self.reader().read(int(shard), int(position))[1], self.others.decode_view(self.spec))
 
     def after(self, sample: int) -> int:
         """The next sample in the shards' own order (the next shard's first after a shard's last; then the first)."""

@@ -89,20 +89,30 @@ def centre_boxes(heights, widths, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What turns a crop box into the student's input: its size and normalisation (the model's preprocess cfg)."""
+    """What turns a crop box into a model's input: its side, interpolation and normalisation (``names.image_input``
+    of the model and its pretrained tag). Every model of a run cuts the same box: a view is the box resized to the
+    model's square, as open_clip's training crop (``RandomResizedCrop``) whatever the model's evaluation resize mode,
+    with the model's interpolation (open_clip's training crop is always bicubic, the default here)."""
 
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     scale: tuple[float, float] = (0.9, 1.0)  # open_clip's AugmentationCfg default
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     @classmethod
-    def of(cls, model: str) -> ViewSpec:
-        return cls(*image_input(model))
+    def of(cls, model: str, pretrained: str | None = None) -> ViewSpec:
+        found = image_input(model, pretrained)
+        return cls(found["size"], found["mean"], found["std"], interpolation=found["interpolation"])
 
     def describe(self) -> dict:
-        return asdict(self)
+        """The spec as a cache key names it; the interpolation only where it is not bicubic (the keys of caches
+        made before it was read stand)."""
+        described = asdict(self)
+        if self.interpolation == "bicubic":
+            del described["interpolation"]
+        return described
 
     # torch and torchvision are imported where pixels are cut: a cache key reads a ViewSpec without them
     def cut(self, pixels: torch.Tensor, box) -> torch.Tensor:
@@ -114,7 +124,7 @@ class ViewSpec:
 
         top, left, h, w = (int(v) for v in box)
         return resized_crop(pixels, top, left, h, w, [self.size, self.size],
-                            interpolation=InterpolationMode.BICUBIC, antialias=True)
+                            interpolation=InterpolationMode(self.interpolation), antialias=True)
 
     def draft(self, image: Image.Image) -> Image.Image:
         """A JPEG decoded at 1/2, 1/4 or 1/8 of its size by the decoder itself (PIL's ``draft``, a DCT scaling)
@@ -129,8 +139,9 @@ class ViewSpec:
         return image
 
     def tensor(self, images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-        """The same for a batch of uint8 images (n, H, W) or (n, H, W, C) in one ``grid_sample``: bicubic (torch's
-        kernel, a = -0.75, against PIL's -0.5), clamped to the pixel range as PIL's is."""
+        """The same for a batch of uint8 images (n, H, W) or (n, H, W, C) in one ``grid_sample``: the spec's
+        interpolation (bicubic with torch's kernel, a = -0.75, against PIL's -0.5), clamped to the pixel range as
+        PIL's is."""
         import torch
         import torch.nn.functional as F
 
@@ -142,7 +153,7 @@ class ViewSpec:
         theta[:, 0, 0], theta[:, 0, 2] = w / width, (2 * left + w) / width - 1
         theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
         grid = F.affine_grid(theta, [n, 1, self.size, self.size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+        x = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border", align_corners=False).clamp_(0, 1)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std

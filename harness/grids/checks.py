@@ -1,4 +1,4 @@
-"""What a job will read, checked before it queues: its training data and every benchmark root.
+"""What a job will read, checked before it queues: its training data, every benchmark root, its tokenizers.
 
 A mistake found at plan or submit time costs a second; found by the job, it costs the hours it waited in the
 queue. Checks read only file metadata (a shard set is counted, never opened), and are cached across cells that
@@ -7,14 +7,16 @@ nodes' filesystems.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
 import braceexpand
 
 from core.builtin import BUILTIN_DATASETS, FASHION_MNIST_DIR
-from harness.config.run_config import RunConfig
+from harness.config.run_config import RunConfig, teacher_input
 from harness.config.specs import BenchmarkSpec, DataSpec
+from harness.models.names import ModelLoadError, text_input
 
 
 def _builtin(name: str) -> str | None:
@@ -50,8 +52,29 @@ def benchmark(spec: BenchmarkSpec) -> str | None:
     return None
 
 
+@functools.cache
+def tokenizer(model: str) -> str | None:
+    """The problem with building a model's tokenizer here, or None. Only an HF or SigLIP tokenizer is built (and
+    open_clip imported): open_clip's CLIP tokenizer ships in its wheel."""
+    if text_input(model)["tokenizer"] is None:
+        return None
+    from harness.models.build import create_tokenizer
+
+    try:
+        create_tokenizer(model)
+    except ModelLoadError as error:
+        return str(error)
+    return None
+
+
 def problems(config: RunConfig) -> list[str]:
-    """Everything a run's job would fail to read, each named. (A teacher's weights and a model-config file are
-    checked earlier, when the grid and its configs are loaded.)"""
-    found = [training_data(config.data), *(benchmark(spec) for spec in config.benchmarks())]
+    """Everything a run's job would fail to read or build before it trains, each named: its data, its benchmarks,
+    its models' tokenizers. (A teacher's weights, a model-config file and a model's preprocessing are checked
+    earlier, when the grid and its configs are loaded.)"""
+    models = [config.student.model]
+    for spec in config.teachers:
+        with contextlib.suppress(ModelLoadError):  # a teacher run not trained yet: its model is checked when it runs
+            models.append(teacher_input(spec)[0])
+    found = [training_data(config.data), *(benchmark(spec) for spec in config.benchmarks()),
+             *(tokenizer(model) for model in dict.fromkeys(models))]
     return [problem for problem in found if problem]

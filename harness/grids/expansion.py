@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ClipkdError
-from harness.config.run_config import RunConfig, parse_config
+from harness.config.run_config import RunConfig, parse_config, plan_run
 from harness.config.specs import ConfigError, DistillTerm
 from harness.config.specs import format_validation_error as _format_validation_error
 
@@ -209,6 +209,7 @@ def expand(spec: GridFile, source: str) -> list[Cell]:
                                                          "teacher": None}), f"{source} teacher {name!r}")
         cells.append(Cell(f"teacher/{name}", 0, config))
         teacher_dirs[name] = str(config.run_dir)
+        plan_run(config)
 
     seen: dict[str, str] = {c.run_id: c.name for c in cells}
     checked: set[str] = set()

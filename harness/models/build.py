@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +19,14 @@ from torch import nn
 
 from harness.models.names import (
     ModelLoadError,
+    image_input,
     is_config_file,
     names_a_file,
     open_clip_name,
     read_config_file,
+    register_config,
     register_model_configs,
+    text_input,
 )
 
 
@@ -34,19 +34,8 @@ def model_name(model: str) -> str:
     """The name open_clip knows a model by; a config file is registered in this process first."""
     register_model_configs()
     name = open_clip_name(model)
-    if not is_config_file(model):
-        return name
-    config = read_config_file(model)[0]
-    if name not in open_clip.list_models():
-        # open_clip names a config by its file's stem: register a copy named by content, kept in one folder
-        # (content-addressed, so processes that write it at once write the same bytes).
-        copy = Path(tempfile.gettempdir()) / "clipkd-model-configs" / f"{name}.json"
-        if not copy.is_file():
-            copy.parent.mkdir(exist_ok=True)
-            partial = copy.with_suffix(f".{os.getpid()}.partial")
-            partial.write_text(json.dumps(config))
-            partial.replace(copy)
-        open_clip.add_model_config(copy)
+    if is_config_file(model) and name not in open_clip.list_models():
+        register_config(name, read_config_file(model)[0])
     return name
 
 
@@ -56,6 +45,7 @@ class ClipBundle:
     preprocess_eval: Callable  # training views come from harness/data/views.py
     tokenizer: Callable
     embed_dim: int
+    image_input: dict  # its preprocessing (names.image_input): what ``preprocess_eval`` and training views apply
 
 
 def _describe_load_failure(model_name: str, pretrained: str, error: Exception) -> str:
@@ -122,22 +112,43 @@ def compile_repeated_blocks(model: nn.Module, backend: str) -> list[str]:
 
 
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> ClipBundle:
+                dtype: torch.dtype = torch.float32, input_of: tuple[str, str | None] | None = None) -> ClipBundle:
+    """An open_clip model with its evaluation transform and tokenizer. Its preprocessing is ``names.image_input``
+    of (model, pretrained), or of ``input_of`` where the weights were trained on another's input (a run's final
+    weights, fed as that run's student was: from a tag, with the tag's normalisation); forced on open_clip, which
+    would read neither a clipkd config's ``preprocess_cfg`` nor a tag a file of weights no longer names."""
     name = model_name(model)
+    preprocess = image_input(*(input_of or (model, pretrained)))
+    tokenizer = create_tokenizer(model)  # first: an HF text tower's files are named before its build fails on them
     if pretrained is not None and names_a_file(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model!r} does not exist")
     try:
         with no_random_init_notice():
             clip, _, preprocess_eval = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=device, weights_only=False
-            )
+                name, pretrained=pretrained, device=device, weights_only=False, image_mean=preprocess["mean"],
+                image_std=preprocess["std"], image_interpolation=preprocess["interpolation"],
+                image_resize_mode=preprocess["resize_mode"])
     except Exception as error:
         if pretrained is None:
             raise
         raise ModelLoadError(_describe_load_failure(model, pretrained, error)) from None
     clip.to(dtype)
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
-    return ClipBundle(clip, preprocess_eval, open_clip.get_tokenizer(name), embed_dim)
+    return ClipBundle(clip, preprocess_eval, tokenizer, embed_dim, preprocess)
+
+
+def create_tokenizer(model: str) -> Callable:
+    """``open_clip.get_tokenizer`` of a model; one that cannot be built here (an HF tokenizer neither on disk nor
+    in the HF cache, offline) is one message naming the model and the tokenizer, not transformers' traceback."""
+    name = model_name(model)
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as error:
+        wanted = text_input(model)["tokenizer"] or "open_clip's CLIP tokenizer"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelLoadError(f"model {model!r}: its tokenizer {wanted!r} cannot be built here ({type(error).__name__}: "
+                             f"{reason}); an HF tokenizer needs its files: a local folder as hf_tokenizer_name, or the "
+                             "HF cache (HF_HOME) holding it") from None
 
 
 def _random_rate(layer: nn.Module) -> float:

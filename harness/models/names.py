@@ -14,7 +14,9 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,33 @@ def register_model_configs() -> None:
 
     for folder in model_config_folders():
         open_clip.add_model_config(folder)
+        for path in sorted(folder.glob("*.json")):
+            config = json.loads(path.read_text())
+            if "preprocess_cfg" in config and all(key in config for key in CONFIG_KEYS):
+                register_config(path.stem, config)
+
+
+_PREPROCESS_CFGS: dict[str, dict[str, Any]] = {}  # by open_clip name: what register_config took out
+
+
+def register_config(name: str, config: dict[str, Any]) -> None:
+    """Register a model config with open_clip under ``name``, from a copy named by its content (processes that
+    write it at once write the same bytes). open_clip's model classes take no ``preprocess_cfg`` (its model
+    folders keep it beside the model config): the copy goes without, and ``model_config`` gives it back."""
+    import open_clip
+
+    if "preprocess_cfg" in config:
+        config = dict(config)
+        _PREPROCESS_CFGS[name] = config.pop("preprocess_cfg")
+    text = json.dumps(config, sort_keys=True)
+    folder = Path(tempfile.gettempdir()) / "clipkd-model-configs" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    copy = folder / f"{name}.json"  # open_clip names a config by its file's stem
+    if not copy.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(text)
+        partial.replace(copy)
+    open_clip.add_model_config(copy)
 
 
 def known_model_names() -> list[str]:
@@ -88,6 +117,8 @@ def model_config(model: str) -> dict[str, Any]:
     if "open_clip" in sys.modules:
         register_model_configs()
         config = sys.modules["open_clip"].get_model_config(model)
+        if model in _PREPROCESS_CFGS:
+            config["preprocess_cfg"] = copy.deepcopy(_PREPROCESS_CFGS[model])
     else:
         config = copy.deepcopy(_configs_in_files().get(model))
     if config is None:
@@ -100,15 +131,72 @@ def model_config(model: str) -> dict[str, Any]:
 # written here so that reading a model's input needs no import of open_clip (tests/test_train.py compares them)
 DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESS_DEFAULTS = {"mean": DEFAULT_MEAN, "std": DEFAULT_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+INTERPOLATIONS = ("bicubic", "bilinear")  # what open_clip's transforms resample with ('random' cannot be replayed)
+RESIZE_MODES = ("shortest", "longest", "squash")
+CLIP_CONTEXT_LENGTH = 77  # open_clip's DEFAULT_CONTEXT_LENGTH
 
 
-def image_input(model: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """A model's image side and normalisation (mean, std), as open_clip's preprocess config gives them."""
+def image_input(model: str, pretrained: str | None = None) -> dict[str, Any]:
+    """A model's image input as ``open_clip.create_model_and_transforms(model, pretrained)`` gives it: its side,
+    and open_clip's PreprocessCfg defaults, then the model config's ``preprocess_cfg`` (clipkd's configs may carry
+    one, as open_clip's model folders do), then the pretrained tag's (SigLIP's tags set mean = std = 0.5 and
+    ``squash``; its model configs say nothing). A tag's preprocessing is open_clip's table: read by importing
+    open_clip, only for a tag. Values it cannot resample with are one message naming the model."""
     config = model_config(model)
-    preprocess = config.get("preprocess_cfg", {})
     size = config["vision_cfg"]["image_size"]
-    return (size if isinstance(size, int) else size[0], tuple(preprocess.get("mean", DEFAULT_MEAN)),
-            tuple(preprocess.get("std", DEFAULT_STD)))
+    preprocess = {**PREPROCESS_DEFAULTS, "size": size if isinstance(size, int) else size[0]}
+    preprocess.update({k: v for k, v in config.get("preprocess_cfg", {}).items() if k in PREPROCESS_DEFAULTS})
+    if pretrained and not names_a_file(pretrained):
+        preprocess.update({k: v for k, v in tag_preprocess(model, pretrained).items() if k in PREPROCESS_DEFAULTS})
+    preprocess["mean"], preprocess["std"] = (_channels(model, preprocess[k], k) for k in ("mean", "std"))
+    problems = []
+    if preprocess["interpolation"] not in INTERPOLATIONS:
+        problems.append(f"interpolation {preprocess['interpolation']!r} (accepted: {', '.join(INTERPOLATIONS)})")
+    if preprocess["resize_mode"] not in RESIZE_MODES:
+        problems.append(f"resize_mode {preprocess['resize_mode']!r} (accepted: {', '.join(RESIZE_MODES)})")
+    if 0 in preprocess["std"]:
+        problems.append("a std of 0")
+    if problems:
+        raise ModelLoadError(f"model {model!r}: its preprocessing cannot be built: {'; '.join(problems)}")
+    return preprocess
+
+
+def _channels(model: str, value, name: str) -> tuple[float, ...]:
+    """A mean or std for three channels (open_clip also takes one number for all three)."""
+    values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise ModelLoadError(f"model {model!r}: preprocess_cfg {name} {value!r} is not three numbers (R, G, B)")
+    return tuple(float(v) for v in values)
+
+
+@functools.cache
+def tag_preprocess(model: str, tag: str) -> dict[str, Any]:
+    """The preprocessing open_clip's table gives a pretrained tag of a model ({} for a tag it does not know)."""
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_pretrained_cfg(open_clip_name(model), tag) or {}
+
+
+def text_input(model: str) -> dict[str, Any]:
+    """What turns a caption into the model's tokens, as ``open_clip.get_tokenizer`` picks it: an HF tokenizer
+    (``hf_tokenizer_name``), SigLIP's by the model's name, else CLIP's BPE (``tokenizer`` None); at the config's
+    context length. Keys beyond these two only where a config sets them."""
+    text = model_config(model).get("text_cfg", {})
+    tokenizer = text.get("hf_tokenizer_name") or None
+    name = open_clip_name(model).lower()  # the name open_clip's get_tokenizer reads
+    if tokenizer is None and "siglip" in name:
+        tokenizer = f"siglip:{'gemma' if 'siglip2' in name else 'mc4' if 'i18n' in name else 'c4-en'}"
+    found = {"context_length": text.get("context_length", CLIP_CONTEXT_LENGTH), "tokenizer": tokenizer}
+    found.update({key: text[key] for key in ("tokenizer_kwargs", "tokenizer_mode") if text.get(key)})
+    return found
+
+
+def has_logit_bias(model: str) -> bool:
+    """Whether the model has a learned logit bias (open_clip's SigLIP configs: ``init_logit_bias``): a sigmoid
+    model, trained by default with the sigmoid loss and distilled from as a sigmoid teacher."""
+    return model_config(model).get("init_logit_bias") is not None
 
 
 def is_config_file(model: str) -> bool:

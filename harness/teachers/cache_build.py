@@ -1,5 +1,6 @@
 """Building a teacher-embedding cache: one pass over the training set, every rank its share, in the run's
-precision (the cached embeddings are those a live teacher of the same run computes)."""
+precision, each sample in the teacher's own input (the cached embeddings are those a live teacher of the same run
+computes)."""
 from __future__ import annotations
 
 import json
@@ -14,17 +15,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from core.distributed import DistEnv, from_main, init_distributed
 from core.errors import worker_errors_unwrapped
 from core.precision import autocast, output_dtype, parameter_dtype
-from harness.config.run_config import RunConfig
+from harness.config.run_config import RunConfig, teacher_input
 from harness.data.bad import decode_replacing
 from harness.data.batch import Batch, crop_views, decodes_to_report
 from harness.data.loaders import build_source, workers
 from harness.data.shards import SHARD_BITS, ShardSource
-from harness.data.views import Augmentation
-from harness.models.build import model_name
+from harness.data.views import Augmentation, ViewSpec
 from harness.teachers.cache_key import META, CacheSpec, cache_dir, complete
 from harness.teachers.cache_lock import OWNER, Marks, claim, exclusive, meet, partial_name, publish, remove_abandoned
 from harness.teachers.cached import OpenArrays
-from harness.teachers.live import create_teacher
+from harness.teachers.live import create_teacher, logit_bias
 from methods import normalize
 
 STORAGE = {"float32": np.float32, "float16": np.float16}
@@ -68,7 +68,7 @@ class _Work(IterableDataset):
                 decoded = decode_replacing(source, ids)  # a bad sample's row holds its replacement, as a run reads
                 ids, bad = decoded.ids, [asdict(entry) for entry in decoded.bad]
                 cut = [crop_views(decoded.images, ids, None if v is None else np.full(len(ids), v), 0, source.spec,
-                                  source.augmentation) for v in stored]
+                                  source.augmentation)[:2] for v in stored]
                 pixels, tokens = (source.spec.mean, source.spec.std), source.tokenizer(decoded.captions)
             else:  # in memory: nothing to decode
                 batches = [source.render(0, ids, None if v is None else np.full(len(ids), v)) for v in stored]
@@ -107,8 +107,8 @@ class _Builder:
         self.config, self.device, self.spec = config, device, CacheSpec.of(config)
         self.teacher = create_teacher(config.teacher, device, config.train.precision)
         augmentation = Augmentation("replay", views=self.spec.views) if self.spec.views else Augmentation("none")
-        self.source = build_source(config.data, config.student.model, student_tokenizer(config), augmentation,
-                                   config.output_dir)
+        self.source = build_source(config.data, ViewSpec.of(*teacher_input(config.teacher)), self.teacher.tokenizer,
+                                   augmentation, config.output_dir)
         self.sharded = isinstance(self.source, ShardSource)
 
     def files(self, world: int) -> list[tuple[str, int]]:
@@ -189,6 +189,7 @@ class _Builder:
                 # the bad samples found (data/bad.py): their rows hold their replacements, which runs read instead
                 "bad_samples": sorted((entry for rank in ranks for entry in rank["bad"]), key=lambda e: e["sample"]),
                 "embed_dim": self.teacher.embed_dim, "logit_scale": float(self.teacher.model.logit_scale.exp()),
+                **({} if (bias := logit_bias(self.teacher.model)) is None else {"logit_bias": float(bias)}),
                 "embedding_dtype": str(output_dtype(self.config.train.precision)).removeprefix("torch."),
                 "teacher_model": type(self.teacher.model).__name__}
         if self.sharded:  # which shard's rows are where (the key names the shards by path, size and time)
@@ -198,8 +199,3 @@ class _Builder:
             meta["parts"] = [_part_range(len(self.source), rank, world)[0] for rank in range(world)]
         (folder / META).write_text(json.dumps(meta, indent=1))
 
-
-def student_tokenizer(config: RunConfig):
-    import open_clip
-
-    return open_clip.get_tokenizer(model_name(config.student.model))

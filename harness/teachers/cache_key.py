@@ -1,4 +1,4 @@
-"""What names a teacher-embedding cache: the teacher, the samples, the student's view of them and the storage.
+"""What names a teacher-embedding cache: the teacher, the samples, the teacher's view of them and the storage.
 Read by every process that plans (``clipkd grid status``), so it imports neither torch nor open_clip."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ClipkdError
-from harness.config.run_config import RunConfig, teacher_run_dir
+from harness.config.run_config import RunConfig, teacher_input, teacher_run_dir
 from harness.data.files import INDEX_VERSION, csv_identity, expand_shards
-from harness.data.views import ViewSpec
-from harness.models.names import model_config, model_identity
+from harness.data.inputs import ModelInput
+from harness.models.names import model_identity
 
 CACHE_DIR = ".teacher-embeddings"
 
@@ -30,13 +30,14 @@ class TeacherCacheError(ClipkdError, RuntimeError):
 
 
 def preprocessing(config: RunConfig) -> dict[str, Any]:
-    """What turns a sample into the teacher's input: the student's view of it and the student's tokenizer."""
-    text = model_config(config.student.model).get("text_cfg", {})
+    """What turns a sample into the teacher's input: the teacher's own view of it and its own tokenizer (a student
+    of another resolution or tokenizer reads the same cache), in the run's precision. For a teacher that
+    preprocesses like the student, the key of a cache made when the teacher was fed the student's input."""
+    own = ModelInput.of(*teacher_input(config.teacher))
     forward = {  # the teacher runs in the run's precision: a bf16 run's cache is not an fp32 run's
         "fp64": {"teacher_dtype": "float64"}, "bf16": {"teacher_autocast": "bf16"}, "fp16": {"teacher_autocast": "fp16"},
     }.get(config.train.precision, {})
-    return {"view": ViewSpec.of(config.student.model).describe(), "views_version": VIEWS_VERSION,
-            "context_length": text.get("context_length", 77), "tokenizer": text.get("hf_tokenizer_name"), **forward}
+    return {"view": own.view.describe(), "views_version": VIEWS_VERSION, **own.text.describe(), **forward}
 
 
 def teacher_identity(config: RunConfig) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class CachedRows:
         self.folder = Path(folder)
         meta = read_meta(self.folder)
         self.samples, self.embed_dim, self.logit_scale = meta["samples"], meta["embed_dim"], meta["logit_scale"]
+        self.logit_bias = meta.get("logit_bias")  # a sigmoid teacher's; None for a CLIP teacher (and older caches)
         self.views, self.shards, self.parts = meta["spec"]["views"], meta.get("shards"), meta.get("parts")
         # what the live teacher handed the losses: a bf16 run's embeddings are bf16, stored exactly as float32
         self.embedding_dtype = getattr(torch, meta.get("embedding_dtype", "float32"))
@@ -124,7 +125,8 @@ class CachedTeacher:
         self.dtype, self.columns = rows.embedding_dtype, columns
         # made here, before any step: a copy from the host inside a step would wait for the device
         self.logit_scale = torch.tensor(rows.logit_scale, device=device, dtype=dtype)
+        self.logit_bias = None if rows.logit_bias is None else torch.tensor(rows.logit_bias, device=device, dtype=dtype)
 
     def __call__(self, batch: Batch):
         image, text = batch.teacher_image[:, self.columns], batch.teacher_text[:, self.columns]
-        return image.to(self.dtype), text.to(self.dtype), self.logit_scale
+        return image.to(self.dtype), text.to(self.dtype), self.logit_scale, self.logit_bias

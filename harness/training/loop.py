@@ -35,6 +35,7 @@ from core.processes import started_at
 from harness.config.run_config import RunConfig
 from harness.data.bad import BadSampleLog
 from harness.data.batch import Batch
+from harness.data.inputs import ModelInput, OtherInputs
 from harness.data.loaders import TrainData, build_source, build_train_data
 from harness.data.views import Augmentation
 from harness.models.build import ClipBundle, compile_repeated_blocks, create_clip
@@ -73,15 +74,16 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.dtype = parameter_dtype(cfg.train.precision)
         self.student: ClipBundle = create_clip(cfg.student.model, cfg.student.pretrained, self.device, self.dtype)
-        teachers = run_teachers(cfg, self.device, self.dtype, self.env)
+        self.input = ModelInput.of(cfg.student.model, cfg.student.pretrained)
+        teachers = run_teachers(cfg, self.input, self.device, self.dtype, self.env)
         self.teacher, self.caches = teachers.teachers, teachers.caches
-        self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teachers.embed_dim).to(self.device,
-                                                                                                       self.dtype)
+        self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teachers.embed_dim,
+                                   cfg.task_loss).to(self.device, self.dtype)
         self.compiled_blocks = self._recompute_and_compile()
         self.step_module = self._distributed(StepModule(self.student.model, self.objective))
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
         self.optimizer = adamw((self.student.model, self.objective), cfg.optim, self.device)
-        self.source, self.data = self._data(teachers.cached_rows)
+        self.source, self.data = self._data(teachers.cached_rows, teachers.others)
         self.total_steps = cfg.train.steps or max(1, round(cfg.train.epochs * self.data.steps_per_epoch))
         self.schedule = cosine_lr(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps, self.total_steps)
         fp16_on_cuda = self.device.type == "cuda" and cfg.train.precision == "fp16"
@@ -111,11 +113,12 @@ class Trainer:
                   "like blocks to compile; it trains eagerly", file=sys.stderr)
         return compiled
 
-    def _data(self, cached_rows) -> tuple[object, TrainData]:
-        """The training set as the student sees it, and its loader; the teachers' cached rows ride with each batch."""
+    def _data(self, cached_rows, others: OtherInputs) -> tuple[object, TrainData]:
+        """The training set as the student and its live teachers see it, and its loader; the teachers' cached rows
+        ride with each batch."""
         cfg = self.config
         augmentation = Augmentation.of(cfg.data.augment, cfg.seed, cfg.views)
-        source = build_source(cfg.data, cfg.student.model, self.student.tokenizer, augmentation, cfg.output_dir)
+        source = build_source(cfg.data, self.input.view, self.student.tokenizer, augmentation, cfg.output_dir, others)
         for rows in self.caches:
             if rows.samples != len(source):
                 raise TrainingError(f"the teacher-embedding cache {rows.folder} has {rows.samples} samples, the "

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
 import methods
@@ -19,9 +19,12 @@ from harness.training.stops import TrainingError
 
 
 class Objective(nn.Module):
-    """L = L_task + Σ_k w_k L_k, the task loss being CLIP's own InfoNCE on the student's embeddings."""
+    """L = L_task + Σ_k w_k L_k, the task loss being the student's own on its embeddings of the global batch: CLIP's
+    InfoNCE, or SigLIP's sigmoid loss (open_clip's ``SigLipLoss`` on the gathered batch: the ranks' share of the
+    sum, averaged by DDP, is its distributed form's)."""
 
-    def __init__(self, terms: dict[str, tuple[float, dict[str, Any]]], student_dim: int, teacher_dim: int | None):
+    def __init__(self, terms: dict[str, tuple[float, dict[str, Any]]], student_dim: int, teacher_dim: int | None,
+                 task_loss: str = "clip"):
         super().__init__()
         built = {}
         for name, (_, options) in terms.items():
@@ -31,7 +34,8 @@ class Objective(nn.Module):
                 raise TrainingError(f"distill.{name}: bad options {options}: {error}") from None
         self.methods = nn.ModuleDict(built)
         self.weights = {name: weight for name, (weight, _) in terms.items()}
-        self.task = ClipLoss()
+        self.task_loss = task_loss
+        self.task = SigLipLoss() if task_loss == "siglip" else ClipLoss()
         ratios = {methods.image_mask_ratio(m) for m in self.methods.values()} - {None}
         if len(ratios) > 1:
             raise TrainingError(f"methods ask for different image mask ratios {sorted(ratios)}; use one")
@@ -43,8 +47,9 @@ class Objective(nn.Module):
         softmax, KL and cross-entropy of the losses takes float32 logits."""
         with torch.autocast(batch.student_image.device.type, enabled=False):
             batch = _float32_at_least(batch)
+            bias = () if batch.student_logit_bias is None else (batch.student_logit_bias,)
             terms = {"task": self.task(methods.normalize(batch.student_image), methods.normalize(batch.student_text),
-                                       batch.student_logit_scale)}
+                                       batch.student_logit_scale, *bias)}
             terms.update({name: method(batch) for name, method in self.methods.items()})
         return terms
 
@@ -62,7 +67,8 @@ def _float32_at_least(batch: methods.DistillBatch) -> methods.DistillBatch:
         return x.to(torch.promote_types(x.dtype, torch.float32)) if isinstance(x, torch.Tensor) else x
 
     fields = {f.name: up(getattr(batch, f.name)) for f in dataclasses.fields(batch) if f.name != "teachers"}
-    teachers = tuple(methods.TeacherEmbeddings(up(t.image), up(t.text), up(t.logit_scale)) for t in batch.teachers)
+    teachers = tuple(methods.TeacherEmbeddings(*(up(getattr(t, f.name)) for f in dataclasses.fields(t)))
+                     for t in batch.teachers)
     return dataclasses.replace(batch, **fields, teachers=teachers)
 
 
@@ -81,17 +87,20 @@ def losses_from_embeddings(student: nn.Module, teacher: Teachers | LiveTeacher |
     others' (and the teacher's of the same samples)."""
     image, text, masked = (gather_with_grad(e) if e is not None else None for e in embeddings)
     student_scale = student.logit_scale.exp()
+    student_bias = student.logit_bias if objective.task_loss == "siglip" else None
     if teacher is None:  # the no-KD baseline: the task loss alone
         zero = torch.zeros(0, device=batch.images.device)
-        return objective(methods.DistillBatch(image, text, zero, zero, student_scale, student_scale))
+        return objective(methods.DistillBatch(image, text, zero, zero, student_scale, student_scale,
+                                              student_logit_bias=student_bias))
     with torch.no_grad():
         ensemble = []
         for member in teacher.members if isinstance(teacher, Teachers) else [teacher]:
-            teacher_image, teacher_text, teacher_scale = member(batch)
-            ensemble.append(methods.TeacherEmbeddings(gather(teacher_image), gather(teacher_text), teacher_scale))
+            teacher_image, teacher_text, teacher_scale, teacher_bias = member(batch)
+            ensemble.append(methods.TeacherEmbeddings(gather(teacher_image), gather(teacher_text), teacher_scale,
+                                                      teacher_bias))
     first = ensemble[0]  # what a method written for one teacher sees
     return objective(methods.DistillBatch(image, text, first.image, first.text, student_scale, first.logit_scale,
-                                          masked, tuple(ensemble)))
+                                          masked, tuple(ensemble), student_bias, first.logit_bias))
 
 
 def compute_losses(
