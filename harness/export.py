@@ -15,8 +15,12 @@ from harness.models.build import model_name as registered_name
 
 
 def export_open_clip_dir(model_name: str, checkpoint: Path, out: Path) -> Path:
-    """A folder that ``open_clip.create_model('local-dir:OUT')`` (and so ``clip_benchmark eval``) loads."""
-    bundle = create_clip(model_name, str(checkpoint))
+    """A folder that ``open_clip.create_model('local-dir:OUT')`` (and so ``clip_benchmark eval``) loads, with the
+    preprocessing the weights were trained on (a clipkd run's: its student's, from a tag with the tag's)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    student = saved.get("config", {}).get("student", {}) if isinstance(saved, dict) else {}
+    trained_on = (student["model"], student.get("pretrained")) if student.get("model") == model_name else None
+    bundle = create_clip(model_name, str(checkpoint), input_of=trained_on)
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": open_clip.get_model_config(registered_name(model_name)),
               "preprocess_cfg": open_clip.get_model_preprocess_cfg(bundle.model)}

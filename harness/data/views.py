@@ -1,4 +1,5 @@
-"""The student's training view of an image: a crop box drawn like open_clip's, and drawn again exactly.
+"""A model's training view of an image: a crop box drawn like open_clip's, and drawn again exactly. The student and
+every teacher cut the same box, each at its own side, interpolation and normalisation (``ViewSpec``; data/inputs.py).
 
 open_clip trains on ``RandomResizedCrop(size, scale=(0.9, 1.0), ratio=(3/4, 4/3), bicubic)``, then RGB, tensor,
 normalise. Here, as in torchvision's ``RandomResizedCrop.get_params``, the box is drawn apart from applying it,
