@@ -142,3 +142,32 @@ def test_the_teacher_kinds_read_without_importing_a_method_are_its_classs(name):
     cls = methods.get(name)
     for sigmoid in ({"a": True}, {"a": False}, {"a": True, "b": False}):
         assert methods.teacher_problem(name, sigmoid) == cls.teacher_problem(sigmoid)
+
+
+def test_a_sigmoid_student_distils_a_sigmoid_teacher_end_to_end(tmp_path):
+    """`clipkd run` of a SigLIP-config student under a SigLIP-config teacher: the sigmoid task loss, siglip_kd and
+    CRD train, the run is evaluated and stored, and the leaderboard names the student's loss."""
+    import json
+
+    from conftest import run_clipkd
+
+    from harness.models.build import create_clip
+    from results.store import Store
+
+    torch.manual_seed(5)
+    torch.save({"state_dict": create_clip("clipkd-tiny-sigmoid").model.state_dict()}, tmp_path / "teacher.pt")
+    config = {"name": "sigmoid", "output_dir": str(tmp_path / "runs"), "student": {"model": "clipkd-tiny-sigmoid"},
+              "teacher": {"model": "clipkd-tiny-sigmoid", "pretrained": str(tmp_path / "teacher.pt")},
+              "distill": {"siglip_kd": 1, "crd": 1}, "data": {"dataset": "digits", "subset": 64},
+              "optim": {"warmup_steps": 1}, "train": {"batch_size": 16, "steps": 3}}
+    (tmp_path / "sigmoid.yaml").write_text(json.dumps(config))
+    db = f"sqlite:///{tmp_path}/store.db"
+    printed = run_clipkd("run", "sigmoid.yaml", "--db", db, cwd=tmp_path).stdout
+    run_id = printed.split()[1]
+    run_dir = tmp_path / "runs" / run_id
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 3 and {"task", "siglip_kd", "crd"} <= records[-1].keys()
+    assert json.loads((run_dir / "config.json").read_text())["train"]["task_loss"] == "siglip"
+    row = Store(db).get_run(run_id)
+    assert row["student"] == "clipkd-tiny-sigmoid (siglip loss)" and row["status"] == "done"
+    assert Store(db).metrics(run_id)["digits"]["acc1"] >= 0

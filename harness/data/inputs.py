@@ -7,9 +7,11 @@ input and ``OtherInputs``: every distinct image and text input of the run's othe
 that preprocess alike share one tensor and a run whose teachers preprocess like its student renders what it
 rendered before inputs were per model.
 
-Images are decoded once, at the scale the run's largest view needs (``OtherInputs.decode_size``, JPEG draft
-decoding: ``ViewSpec.draft``): a box is drawn in the decoded image's pixels, so a cache's builder, which decodes
-for its teacher, decodes at the size its key names (``teachers/cache_key.py``).
+Images are decoded once, at the scale the run's largest model needs (``OtherInputs.decode_size``, cached teachers
+included; JPEG draft decoding: ``ViewSpec.draft``). A box is drawn in the decoded image's pixels, and a cache's
+builder decodes for its own teacher: where that teacher is the run's largest model (or no JPEG is large enough to
+be decoded at a reduced scale) the run's boxes are the builder's exactly; where a larger model makes the run decode
+a JPEG at a finer scale, a box is the builder's to within a pixel of the coarser decoding.
 """
 from __future__ import annotations
 
