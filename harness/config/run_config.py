@@ -42,7 +42,7 @@ NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.chec
                        "train.live_every_s", "train.compile", "train.collective_timeout_s"}
 # Fields added after run ids were first kept, out of the id at the value every earlier run trained with: the ids
 # of earlier runs stand, so a grid re-run after an upgrade is still a no-op.
-NEUTRAL_DEFAULTS = {"train.grad_compression": "none", "train.task_loss": "clip"}
+NEUTRAL_DEFAULTS = {"train.grad_compression": "none", "train.task_loss": "clip", "student.inherit": None}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -99,6 +99,8 @@ class RunConfig(Strict):
     def _teacher_when_distilling(self) -> RunConfig:
         if self.distill and self.teacher is None:
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
+        if self.student.inherit and self.student.inherit.source == "teacher" and self.teacher is None:
+            raise ValueError("student.inherit from: teacher needs a `teacher` (or name a run to inherit from)")
         if self.views and not self.data.augment:
             raise ValueError(f"teacher.views: {self.views} replays augmented views, but data.augment is false")
         if self.train.task_loss == "siglip" and not has_logit_bias(self.student.model):

@@ -24,10 +24,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class InheritSpec(Strict):
+    """TinyCLIP's manual weight inheritance (harness/models/inherit.py): the student starts from chosen blocks and
+    leading widths of another model's weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    source: str = Field("teacher", alias="from", description="teacher: the run's (first) teacher; or a run "
+                        "directory or YAML config of this project (an earlier stage)")
+    layers: dict[Literal["image", "text"], list[int]] = Field(
+        default_factory=dict, description="the teacher block each student block takes, per tower; by default "
+        "TinyCLIP's: every (teacher depth // student depth)-th from the first")
+
+
 class ModelSpec(Strict):
     model: str = Field(description="an open_clip model name, a config of harness/models/configs/ or of a plugin "
                        "package, or the path of an open_clip model-config JSON file")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint file")
+    inherit: InheritSpec | None = Field(None, description="start from another model's weights, TinyCLIP's manual "
+                                        "inheritance (part of the run id)")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelSpec:
+        if self.inherit is not None and self.pretrained is not None:
+            raise ValueError("give either `pretrained` or `inherit`: both set the student's starting weights")
+        return self
 
     @field_validator("model")
     @classmethod

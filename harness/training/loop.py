@@ -33,13 +33,16 @@ from core.errors import worker_errors_unwrapped
 from core.precision import autocast, parameter_dtype
 from core.processes import started_at
 from harness.config.run_config import RunConfig
+from harness.config.specs import TeacherSpec
 from harness.data.bad import BadSampleLog
 from harness.data.batch import Batch
 from harness.data.inputs import ModelInput, OtherInputs
 from harness.data.loaders import TrainData, build_source, build_train_data
 from harness.data.views import Augmentation
 from harness.models.build import ClipBundle, compile_repeated_blocks, create_clip
+from harness.models.inherit import inherited_state
 from harness.teachers.ensemble import run_teachers
+from harness.teachers.live import create_teacher
 from harness.training import checkpoint
 from harness.training.accumulation import accumulated_step
 from harness.training.masking import mask_noise, patch_grid
@@ -77,6 +80,8 @@ class Trainer:
         self.input = ModelInput.of(cfg.student.model, cfg.student.pretrained)
         teachers = run_teachers(cfg, self.input, self.device, self.dtype, self.env)
         self.teacher, self.caches = teachers.teachers, teachers.caches
+        if cfg.student.inherit:
+            self._inherit()
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teachers.embed_dim,
                                    cfg.task_loss).to(self.device, self.dtype)
         self.compiled_blocks = self._recompute_and_compile()
@@ -99,6 +104,19 @@ class Trainer:
             raise TrainingError(f"train.accum_freq {train.accum_freq} is more micro-batches than this process's "
                                 f"{share} samples per step (train.batch_size {train.batch_size} over "
                                 f"{self.env.world_size} processes): use at most {share}")
+
+    def _inherit(self) -> None:
+        """TinyCLIP's manual inheritance (harness/models/inherit.py): the student's weights taken from its source's,
+        which is built on a forked random stream (the losses then start as they would without it)."""
+        spec = self.config.student.inherit
+        source = self.config.teachers[0] if spec.source == "teacher" else TeacherSpec(run=spec.source)
+        with torch.random.fork_rng(devices=[]):
+            model = create_teacher(source, "cpu").model
+        state, layers = inherited_state(self.student.model, model, spec.layers)
+        self.student.model.load_state_dict(state)
+        if self.env.is_main:
+            print(f"clipkd: {self.config.name}: student {self.config.student.model} inherits blocks {layers} and "
+                  f"leading widths from {spec.source}", file=sys.stderr)
 
     def _recompute_and_compile(self) -> list[str]:
         """open_clip's activation recomputation in backward, and the compiled blocks (the same math either way)."""
@@ -331,7 +349,7 @@ def train(config: RunConfig, resume: bool = False, observe: Observer | None = No
         resumed = resume and unfinished
         if resumed:
             trainer.restore(latest)
-        elif env.is_main and config.student.pretrained is None:
+        elif env.is_main and config.student.pretrained is None and config.student.inherit is None:
             print(f"clipkd: {config.name}: student {config.student.model} starts from random weights "
                   "(student.pretrained is not set)", file=sys.stderr)
         trainer.event("resume" if resumed else "start", host=os.uname().nodename, world_size=env.world_size,
