@@ -149,11 +149,9 @@ def test_each_model_sees_open_clips_own_transform_of_the_same_crop_and_its_own_t
     # cached = live: the cache holds the same embeddings, stored as float32 (half a float32 ulp of a unit vector)
     cached_config = kd_config(tmp_path / "runs", [{**teacher, "embeddings": "cached"}],
                               {"dataset": "csv", "path": str(table), "workers": 0}, precision="fp64")
-    rows = CachedRows(cache_build.ensure(cached_config, CPU))
-    cached_image, cached_text = rows.lookup(samples, None if batch.views is None else batch.views.numpy())
-    live_config = cached_config.model_copy(update={"data": cached_config.data.model_copy(update={"augment": False})})
-    live = Trainer(live_config.model_copy(update={"teacher": cached_config.teacher.model_copy(
-        update={"embeddings": "live"})}), DistEnv(), CPU)
+    rows = CachedRows(cache_build.ensure(cached_config, CPU))  # views: 0, the un-augmented view of each sample
+    live = Trainer(kd_config(tmp_path / "runs", [teacher], {"dataset": "csv", "path": str(table), "workers": 0,
+                                                           "augment": False}, precision="fp64"), DistEnv(), CPU)
     unaugmented = next(iter(live.data.epoch_batches(0, 0))).to(CPU, torch.float64)
     live_image, live_text, _, _ = live.teacher.members[0](unaugmented)
     cached_image, cached_text = rows.lookup(unaugmented.samples.numpy(), None)
