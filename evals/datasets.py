@@ -149,7 +149,7 @@ def load_eval_set(name: str, root: str | None, transform: Callable, task: str | 
 
 
 def during_training(dataset, count: int | None, dtype: torch.dtype):
-    """A classification set as evaluation during training reads it: its first ``count`` items (all when None), a
+    """A classification or retrieval set as evaluation during training reads it: its first ``count`` items (all when None), a
     stream's in stream order, images in the student's parameter dtype."""
     if isinstance(dataset, StreamedBenchmark):
         return dataset.first(count, dtype)
@@ -157,13 +157,13 @@ def during_training(dataset, count: int | None, dtype: torch.dtype):
 
 
 class DuringTraining(Dataset):
-    """A classification set as evaluation during training reads it: its first ``count`` items (a fixed subset; all
-    of them when None), images in the student's parameter dtype (float64 in an fp64 run), classes and templates
-    kept."""
+    """A set as evaluation during training reads it: its first ``count`` items (a fixed subset; all of them when
+    None), images in the student's parameter dtype (float64 in an fp64 run), a classification set's classes and
+    templates kept."""
 
     def __init__(self, dataset: Dataset, count: int | None, dtype: torch.dtype):
         self.dataset, self.count, self.dtype = dataset, min(count or len(dataset), len(dataset)), dtype
-        self.classes, self.templates = dataset.classes, dataset.templates
+        self.classes, self.templates = getattr(dataset, "classes", None), getattr(dataset, "templates", None)
 
     def __len__(self) -> int:
         return self.count
@@ -171,6 +171,29 @@ class DuringTraining(Dataset):
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
         return image.to(self.dtype), label
+
+
+def image_caption_pairs(eval_set: EvalSet) -> Dataset:
+    """The set's image-caption pairs: its captions, or for a set without them each image with its class in the
+    set's first template (the pair similarity gap needs pairs on every benchmark)."""
+    return eval_set.retrieval if eval_set.retrieval is not None else ClassPrompts(eval_set.classification)
+
+
+class ClassPrompts(Dataset):
+    """A classification set's images, each captioned by its class in the set's first template."""
+
+    def __init__(self, dataset: Dataset):
+        templates = dataset.templates
+        self.dataset = dataset
+        self.captions = [(templates[c] if isinstance(templates, dict) else templates)[0].format(c=c)
+                         for c in dataset.classes]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, [self.captions[label]]
 
 
 def retrieval_collate(batch):

@@ -46,6 +46,37 @@ def embed_pairs(model: nn.Module, tokenizer, batches, device: torch.device, prec
     return (torch.cat(images), torch.cat(texts)) if images else (None, None)
 
 
+def pair_embeddings(bundle, pairs, device: torch.device, batch_size: int = 256, workers: int = 0,
+                    precision: str = "fp32") -> RetrievalEmbeddings:
+    """A model's embeddings of a set of image-caption pairs in the run's ``precision`` (each rank embeds its share;
+    every rank gets all), the model left as it was found."""
+    share = RankShare(pairs, batch_size, device, workers, retrieval_collate)
+    with evaluating(bundle.model, device), worker_errors_unwrapped():
+        embedded = embed_pairs(bundle.model, bundle.tokenizer, share.batches(), device, precision)
+    return RetrievalEmbeddings(*(share.gather(part).cpu() for part in embedded))
+
+
+def similarity_metrics(student: RetrievalEmbeddings, teacher: RetrievalEmbeddings | None,
+                       projection: nn.Module | None) -> dict[str, float]:
+    """The student's pair similarity gap and, given the teacher's embeddings of the same pairs, the teacher's gap,
+    linear CKA and (where the dims agree or ``projection`` maps them) cosine."""
+    metrics = {"pair_similarity_gap": pair_similarity_gap(student.images, student.first_texts)}
+    if teacher is None:
+        return metrics
+    teacher_images, teacher_texts = teacher.images, teacher.first_texts
+    metrics.update({
+        "feature_cka_image": linear_cka(student.images, teacher_images),
+        "feature_cka_text": linear_cka(student.first_texts, teacher_texts),
+        "teacher_pair_similarity_gap": pair_similarity_gap(teacher_images, teacher_texts),
+    })
+    if projection is not None or student.images.shape[1] == teacher_images.shape[1]:
+        project = (lambda x: x) if projection is None else (  # on its own device and dtype: the module is left as is
+            lambda x: projection(x.to(next(projection.parameters()))).float().cpu())
+        metrics["feature_cosine_image"] = float(F.cosine_similarity(project(student.images), teacher_images).mean())
+        metrics["feature_cosine_text"] = float(F.cosine_similarity(project(student.first_texts), teacher_texts).mean())
+    return metrics
+
+
 @torch.no_grad()
 def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection: nn.Module | None, eval_set: EvalSet,
                        device: torch.device, batch_size: int = 256, workers: int = 0, precision: str = "fp32"
@@ -55,20 +86,5 @@ def feature_similarity(student: RetrievalEmbeddings | None, teacher, projection:
     captions."""
     if eval_set.retrieval is None or student is None:
         return {}
-    share = RankShare(eval_set.retrieval, batch_size, device, workers, retrieval_collate)  # each rank its pairs
-    with evaluating(teacher.model, device), worker_errors_unwrapped():
-        embedded = embed_pairs(teacher.model, teacher.tokenizer, share.batches(), device, precision)
-    teacher_images, teacher_texts = (share.gather(part).cpu() for part in embedded)
-    student_images, student_texts = student.images, student.first_texts
-    metrics = {
-        "feature_cka_image": linear_cka(student_images, teacher_images),
-        "feature_cka_text": linear_cka(student_texts, teacher_texts),
-        "pair_similarity_gap": pair_similarity_gap(student_images, student_texts),
-        "teacher_pair_similarity_gap": pair_similarity_gap(teacher_images, teacher_texts),
-    }
-    if projection is not None or student_images.shape[1] == teacher_images.shape[1]:
-        project = (lambda x: x) if projection is None else (  # on its own device and dtype: the module is left as is
-            lambda x: projection(x.to(next(projection.parameters()))).float().cpu())
-        metrics["feature_cosine_image"] = float(F.cosine_similarity(project(student_images), teacher_images).mean())
-        metrics["feature_cosine_text"] = float(F.cosine_similarity(project(student_texts), teacher_texts).mean())
-    return metrics
+    embedded = pair_embeddings(teacher, eval_set.retrieval, device, batch_size, workers, precision)
+    return similarity_metrics(student, embedded, projection)

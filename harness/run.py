@@ -28,6 +28,7 @@ from harness.data.bad import count_logged
 from harness.data.loaders import workers
 from harness.models.build import ClipBundle, create_clip, model_name
 from harness.models.names import FINAL_CHECKPOINT, model_identity
+from harness.models.prunable import narrow
 from harness.run_rows import run_record
 from harness.teachers.live import create_teacher
 from harness.training import checkpoint
@@ -56,6 +57,8 @@ def load_trained_run(run_dir: Path, device: torch.device) -> TrainedRun:
     config = parse_config(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     state = checkpoint.load(run_dir / FINAL_CHECKPOINT)  # read once: student weights and loss-side modules
     student = create_clip(config.student.model, device=device, input_of=(config.student.model, config.student.pretrained))
+    if "structure" in state:  # a pruned student's shape (harness/models/prunable.py)
+        narrow(student.model, state["structure"])
     student.model.load_state_dict(state["state_dict"])
     teachers = [create_teacher(spec, device) for spec in config.teachers]
     objective = Objective(config.method_terms(), student.embed_dim, teachers[0].embed_dim if teachers else None,
@@ -136,15 +139,17 @@ def reference_record(model: str, pretrained: str) -> dict[str, Any]:
 
 
 def training_curves(run_dir: Path) -> list[tuple[str, int, float]]:
-    """Every loss term against step, thinned to at most MAX_CURVE_POINTS steps (the last one always kept), and the
-    zero-shot accuracy measured during training (eval.every_steps) as ``zero-shot acc1 (BENCHMARK)``."""
+    """Every loss term against step, thinned to at most MAX_CURVE_POINTS steps (the last one always kept), and what
+    was measured during training (eval.every_steps): ``zero-shot acc1 (BENCHMARK)`` and the §4.4 similarities as
+    ``METRIC (BENCHMARK)``."""
     records = [json.loads(line) for line in _complete_lines(run_dir / TRAIN_LOG)]
     stride = max(1, -(-len(records) // MAX_CURVE_POINTS))
     kept = records[::stride] + ([records[-1]] if records and (len(records) - 1) % stride else [])
     curves = [(term, r["step"], r[term]) for r in kept for term in r if term not in ("step", "seconds")]
     for line in _complete_lines(run_dir / EVAL_LOG):
         point = json.loads(line)
-        curves.append((progress_term(point["benchmark"]), point["step"], point["acc1"]))
+        curves.extend((progress_term(point["benchmark"], metric), point["step"], value)
+                      for metric, value in point.items() if metric not in ("step", "samples_seen", "benchmark"))
     return curves
 
 

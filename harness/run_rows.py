@@ -25,11 +25,15 @@ def _one_teacher_label(spec) -> str:
 
 
 def student_label(config: RunConfig) -> str:
-    """How the leaderboard names a run's student: its model, and its task loss where that is not CLIP's InfoNCE or
-    the model has a logit bias (a SigLIP model trained either way)."""
+    """How the leaderboard names a run's student: its model; its task loss where that is not CLIP's InfoNCE or
+    the model has a logit bias (a SigLIP model trained either way); how it inherited its weights (TinyCLIP)."""
     name = open_clip_name(config.student.model)
-    shown = config.task_loss != "clip" or has_logit_bias(config.student.model)
-    return f"{name} ({config.task_loss} loss)" if shown else name
+    notes = [f"{config.task_loss} loss"] if config.task_loss != "clip" or has_logit_bias(config.student.model) else []
+    inherit = config.student.inherit
+    if inherit is not None:
+        notes.append(f"pruned to {inherit.prune.sparsity:g}" if inherit.prune else
+                     "inherited" + (" by magnitude" if inherit.width == "magnitude" else ""))
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:

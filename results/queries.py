@@ -33,6 +33,10 @@ METRIC_ALIASES = {
     "sim_gap": "pair_similarity_gap",
 }
 PROGRESS_TERM = "zero-shot acc1"  # the curve of accuracy during training (eval.every_steps), per benchmark
+# the paper's §4.4 curves during training, each "METRIC (BENCHMARK)"; the frozen teacher's gap is their reference
+SIMILARITY_CURVES = ("pair_similarity_gap", "feature_cka_image", "feature_cka_text", "feature_cosine_image",
+                     "feature_cosine_text")
+TEACHER_GAP = "teacher_pair_similarity_gap"
 REFERENCE = "reference"  # the method and setting of a public model evaluated, not trained, here (clipkd eval --record)
 LEADERBOARD_METRICS = ["top1", "top5", "i2t_r1", "t2i_r1", "cos_img", "cos_txt", "cka_img", "cka_txt", "sim_gap"]
 

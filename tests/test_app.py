@@ -150,7 +150,13 @@ def test_training_curves_plot_each_term_for_the_chosen_runs(real_store, monkeypa
     assert app.multiselect(key="curves_runs").value == list(runs["id"])
     titles = {spec["layout"]["title"]["text"] for spec in plotly_specs(app)}
     stored = queries.training_curves(store, list(runs["id"]))
-    assert titles == set(stored["term"]) and {"task", "crd", "fd", "icl"} <= titles
+    teacher_gap = stored["term"].str.startswith(queries.TEACHER_GAP)  # a reference line, not a chart of its own
+    assert titles == set(stored["term"][~teacher_gap]) and {"task", "crd", "fd", "icl"} <= titles
+    gap = next(s for s in plotly_specs(app) if s["layout"]["title"]["text"].startswith("pair_similarity_gap"))
+    lines = sorted(shape["y0"] for shape in gap["layout"]["shapes"])
+    assert lines == pytest.approx(sorted(stored[teacher_gap].groupby("id")["value"].first()))  # each run's teacher
+    order = [spec["layout"]["title"]["text"].split(" ")[0] for spec in plotly_specs(app)]
+    assert order[0] == "zero-shot" and order[1] in queries.SIMILARITY_CURVES  # samples needed, then §4.4
     task = next(s for s in plotly_specs(app) if s["layout"]["title"]["text"] == "task")
     assert len(task["data"]) == len(runs) and len(task["data"][0]["customdata"]) == (stored["term"] == "task").sum() / len(runs)
 

@@ -150,15 +150,15 @@ def served_app(request):
     server.wait(timeout=30)
 
 
-def assert_progress_curves_are_the_runs(page, workdir: Path) -> None:
-    """The chart of accuracy during training against samples seen: each run's points are those of its
-    eval_log.jsonl, at step × global batch."""
-    traces = page.evaluate("""() => {
+def assert_progress_curves_are_the_runs(page, workdir: Path, title: str, metric: str) -> None:
+    """The chart titled ``title`` (METRIC (BENCHMARK)), against samples seen: each run's points are those of its
+    eval_log.jsonl, at step × global batch: accuracy during training, and the paper's §4.4 pair similarity gap."""
+    traces = page.evaluate("""title => {
         const plot = [...document.querySelectorAll('.js-plotly-plot')].find(
-            p => (p.layout.title.text || '').replace(/<[^>]*>/g, '').startsWith('zero-shot acc1'));
-        return plot && plot._fullData.map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));
-    }""")
-    assert traces, "no chart of accuracy against samples seen"
+            p => (p.layout.title.text || '').replace(/<[^>]*>/g, '').startsWith(title));
+        return plot && plot._fullData.filter(t => t.x).map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));
+    }""", title)
+    assert traces, f"no chart of {title} against samples seen"
     logs = {}
     for config_file in (workdir / "runs").glob("*/config.json"):
         config = json.loads(config_file.read_text())
@@ -167,7 +167,7 @@ def assert_progress_curves_are_the_runs(page, workdir: Path) -> None:
     for trace in traces:
         batch, points = logs[trace["name"]]
         assert trace["x"] == [p["step"] * batch for p in points] == [p["samples_seen"] for p in points]
-        assert trace["y"] == pytest.approx([p["acc1"] for p in points], abs=1e-12)
+        assert trace["y"] == pytest.approx([p[metric] for p in points], abs=1e-12)
         assert len(points) >= 3
 
 
@@ -224,7 +224,8 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
                 assert len(apart) == 2 and "pretrained:published-tiny-teacher.pt" in apart[1]
                 assert page.locator("h3:has-text('Reference models')").count() == 1
             if title == "Training curves" and not STORE:
-                assert_progress_curves_are_the_runs(page, workdir)
+                assert_progress_curves_are_the_runs(page, workdir, "zero-shot acc1", "acc1")
+                assert_progress_curves_are_the_runs(page, workdir, "pair_similarity_gap", "pair_similarity_gap")
                 assert_a_running_run_has_curves(page)
             if title == "Grid progress" and not STORE:
                 table = page.locator("[data-testid=stDataFrame]").nth(1)  # below "Training now", after the grids'

@@ -55,7 +55,7 @@ def test_plan_and_submit_check_every_cells_data_before_anything_queues(workdir):
     for command in (["plan"], ["submit", "--executor", "slurm"]):
         result = run_clipkd("grid", *command, "grids/paper_ablation.yaml", cwd=workdir, check=False, env=HF_OFFLINE)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert "10 of 10 cells would not find their data" in result.stderr
+        assert "10 of 10 cells would fail before they train" in result.stderr
         assert "1380 of 1380 training shards do not exist, e.g. '/datasets/cc3m_cc12m/00000.tar'" in result.stderr
         assert "benchmark 'imagenet1k': root '/datasets/imagenet' does not exist" in result.stderr
         assert "--no-check-data" in result.stderr

@@ -52,6 +52,28 @@ def test_an_inherited_student_holds_the_named_slices_of_its_teachers_tensors(tmp
     assert len(ids | {listed.config.run_id}) == 3  # inheriting, and from which blocks, is part of the run's identity
 
 
+def test_magnitude_widths_keep_the_heads_and_neurons_of_largest_norm(tmp_path, teacher_checkpoint):
+    """``width: magnitude``: student block 1 of the image tower takes teacher block 2's two heads and 256 MLP neurons
+    of largest norm (q, k, v rows and output columns; c_fc row and c_proj column), in order; dims stay leading."""
+    teacher = torch.load(teacher_checkpoint, weights_only=False)["state_dict"]
+    student = Trainer(config(tmp_path, teacher_checkpoint, {"width": "magnitude"}), DistEnv(), CPU).student.model
+    block = "visual.transformer.resblocks.2."
+    qkv, out = teacher[block + "attn.in_proj_weight"].view(3, 4, 32, 128), teacher[block + "attn.out_proj.weight"]
+    head_norms = [qkv[:, h].square().sum() + out[:, 32 * h:32 * (h + 1)].square().sum() for h in range(4)]
+    heads = sorted(sorted(range(4), key=lambda h: -head_norms[h])[:2])
+    fc, proj = teacher[block + "mlp.c_fc.weight"], teacher[block + "mlp.c_proj.weight"]
+    neurons = sorted(torch.topk(fc.square().sum(1) + proj.square().sum(0), 256).indices.tolist())
+    mine = student.state_dict()
+    assert torch.equal(mine["visual.transformer.resblocks.1.attn.in_proj_weight"],
+                       qkv[:, heads, :, :64].reshape(192, 64))
+    assert torch.equal(mine["visual.transformer.resblocks.1.attn.out_proj.weight"],
+                       out[:64, [32 * h + i for h in heads for i in range(32)]])
+    assert torch.equal(mine["visual.transformer.resblocks.1.mlp.c_fc.bias"], teacher[block + "mlp.c_fc.bias"][neurons])
+    assert torch.equal(mine["visual.transformer.resblocks.1.mlp.c_proj.weight"], proj[:64, neurons])
+    assert torch.equal(mine["visual.transformer.resblocks.1.ln_1.weight"], teacher[block + "ln_1.weight"][:64])
+    assert heads != [0, 1] or neurons != list(range(256))  # not the leading choice by chance
+
+
 @pytest.mark.parametrize(("student", "refusal"), [
     ("clipkd-tiny-teacher-48", "cannot inherit positional_embedding: the student's (24, 128) is not a slice of the "
                                "teacher's (16, 128)"),
@@ -93,3 +115,20 @@ def test_an_inherited_student_starts_above_a_random_one_on_the_demo_data(tmp_pat
         assert first["step"] == 0
         accuracy[inherit] = first["acc1"]
     assert accuracy[True] > accuracy[False] + 0.15, accuracy
+
+
+def test_a_pair_that_cannot_inherit_is_refused_when_the_grid_is_planned(tmp_path, teacher_checkpoint):
+    """Both models built on the meta device at `grid plan`: the refusal comes before anything queues, with the
+    cell's name; a pair that can inherit passes."""
+    teacher = {"model": "clipkd-tiny-teacher", "pretrained": str(teacher_checkpoint)}
+    grid = {"name": "refused", "base": {"data": {"dataset": "digits"}, "train": {"batch_size": 8, "steps": 1}},
+            "axes": {"teachers": [teacher], "methods": {"fd": {"fd": 1}},
+                     "students": [{"model": "clipkd-tiny-teacher-48", "inherit": {"from": "teacher"}},
+                                  {"model": "clipkd-tiny", "inherit": {"from": "teacher", "width": "magnitude"}},
+                                  {"model": "clipkd-tiny-teacher", "inherit": {"prune": {"sparsity": 0.5}}}]}}
+    (tmp_path / "refused.yaml").write_text(json.dumps(grid))
+    planned = run_clipkd("grid", "plan", "refused.yaml", cwd=tmp_path, check=False)
+    assert planned.returncode == 2 and "Traceback" not in planned.stderr, planned.stderr
+    assert "1 of 3 cells would fail before they train" in planned.stderr
+    assert ("clipkd-tiny-teacher-48+inherited-from-teacher/fd/digits/s0: student.inherit: cannot inherit "
+            "positional_embedding: the student's (24, 128) is not a slice of the teacher's (16, 128)") in planned.stderr

@@ -214,3 +214,17 @@ def test_jobs_write_a_postgresql_store_directly(slurm, workdir, postgres_store):
     for run_id in done():
         assert store.metrics(run_id)["digits"]["acc1"] > 0
         assert store.get_run(run_id)["host"]  # written by the job, which names its host
+
+
+def test_a_two_stage_pruning_grid_runs_one_array_after_the_other(slurm, workdir, teacher_checkpoint):
+    """TinyCLIP's automatic inheritance in stages on the cluster: the second stage's array waits (afterok) for the
+    first's, and starts from its dense model."""
+    from test_prune import assert_the_stages_ran_in_turn, two_stage_grid
+
+    grid = two_stage_grid(workdir, teacher_checkpoint)
+    out = run_clipkd("grid", "submit", grid, "--executor", "slurm", "--wait", cwd=workdir).stdout
+    assert "2 cells to submit" in out and out.strip().endswith("0 new, 0 queued, 0 running, 2 done, 0 failed"), out
+    jobs = json.loads((workdir / "runs" / ".grids" / "stages" / "jobs.json").read_text())
+    arrays = sorted((int(job["job_id"].split("_")[0]), job["cell"]) for job in jobs.values())
+    assert arrays[0][1] == "stage/half" and "+pruned-from-half/" in arrays[1][1] and arrays[0][0] != arrays[1][0]
+    assert_the_stages_ran_in_turn(workdir)

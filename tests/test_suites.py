@@ -91,7 +91,7 @@ def test_grid_plan_names_a_suites_missing_data(tmp_path):
     }))
     result = run_clipkd("grid", "plan", str(grid), cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert "1 of 1 cells would not find their data" in result.stderr
+    assert "1 of 1 cells would fail before they train" in result.stderr
     assert f"benchmark 'wds/vtab/caltech101': root '{tmp_path / 'datacomp' / 'wds_vtab-caltech101_test'}' does not exist" \
         in result.stderr
 

@@ -1,11 +1,31 @@
-"""Each loss term against step for the selected runs."""
+"""Each loss term against step for the selected runs, after what was measured during training (eval.every_steps):
+zero-shot accuracy, and the paper's §4.4 pair similarity gap and feature similarity to the teacher."""
 import plotly.express as px
 import streamlit as st
 
 from app.data import filter_boxes, open_reader
-from results.queries import PROGRESS_TERM, batch_sizes, filter_options, list_runs, running_runs, training_curves
+from results.queries import (
+    PROGRESS_TERM,
+    SIMILARITY_CURVES,
+    TEACHER_GAP,
+    batch_sizes,
+    filter_options,
+    list_runs,
+    running_runs,
+    training_curves,
+)
 
 CHOICES = 500  # runs offered at once: narrow with the filters or the search box beyond that
+ORDER = {"accuracy": 0, "similarity": 1, "loss": 2}  # samples needed first, then §4.4, then the loss terms
+
+
+def curve_kind(term: str) -> str:
+    """accuracy (during training), similarity (§4.4), teacher (the teacher's gap, a reference line) or loss."""
+    if term.startswith(PROGRESS_TERM):
+        return "accuracy"
+    metric = term.partition(" ")[0]
+    return "similarity" if metric in SIMILARITY_CURVES else "teacher" if metric == TEACHER_GAP else "loss"
+
 
 st.title("Training curves")
 read = open_reader()
@@ -35,10 +55,16 @@ if read is not None:
             axis = axis_column.radio("x axis", ["step", "samples seen"], horizontal=True, key="curves_axis")
             if axis == "samples seen":  # steps times each run's global batch
                 curves = curves.assign(**{"samples seen": curves["step"] * curves["id"].map(read(batch_sizes, chosen))})
-            progress = curves["term"].str.startswith(PROGRESS_TERM)  # accuracy during training first: samples needed
-            for term, points in [*curves[progress].groupby("term"), *curves[~progress].groupby("term")]:
+            kinds = curves["term"].map(curve_kind)  # accuracy first (samples needed), then §4.4, then the losses
+            for term, points in sorted(curves[kinds != "teacher"].groupby("term"), key=lambda group: ORDER[curve_kind(group[0])]):
                 figure = px.line(points, x=axis, y="value", color="name", log_y=log_scale, title=term,
-                                 hover_data={"id": True}, markers=term.startswith(PROGRESS_TERM))
+                                 hover_data={"id": True}, markers=curve_kind(term) != "loss")
+                reference = curves[curves["term"] == f"{TEACHER_GAP} {term.partition(' ')[2]}"]
+                if term.startswith(SIMILARITY_CURVES[0]) and not reference.empty:  # the frozen teacher's own gap
+                    for name, value in reference.groupby("name")["value"].first().items():
+                        figure.add_hline(y=value, line_dash="dash", annotation_text=f"teacher of {name}")
                 st.plotly_chart(figure, key=f"curve_{term}")
-            if not progress.any():
-                st.caption("Zero-shot accuracy against samples seen appears here for runs with `eval: {every_steps: N}`.")
+            if not (kinds == "accuracy").any():
+                st.caption("Zero-shot accuracy against samples seen, and the pair similarity gap and feature "
+                           "similarity to the teacher during training (the paper's §4.4), appear here for runs "
+                           "with `eval: {every_steps: N}`.")

@@ -85,7 +85,7 @@ def _check_data(grid, args: argparse.Namespace) -> dict[str, list[str]] | None:
     missing = {name: problems for name, problems in found.items() if problems}
     if missing:
         lines = [f"  {name}: {'; '.join(problems)}" for name, problems in missing.items()]
-        raise GridError(f"{args.grid}: {len(missing)} of {len(found)} cells would not find their data:\n"
+        raise GridError(f"{args.grid}: {len(missing)} of {len(found)} cells would fail before they train:\n"
                         + "\n".join(lines) + "\n(--no-check-data skips this check, for a head node that cannot "
                         "see the compute nodes' filesystems)")
     return found

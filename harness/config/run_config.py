@@ -42,7 +42,8 @@ NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.chec
                        "train.live_every_s", "train.compile", "train.collective_timeout_s"}
 # Fields added after run ids were first kept, out of the id at the value every earlier run trained with: the ids
 # of earlier runs stand, so a grid re-run after an upgrade is still a no-op.
-NEUTRAL_DEFAULTS = {"train.grad_compression": "none", "train.task_loss": "clip", "student.inherit": None}
+NEUTRAL_DEFAULTS = {"train.grad_compression": "none", "train.task_loss": "clip", "student.inherit": None,
+                    "student.inherit.width": "leading", "student.inherit.prune": None}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
 SETTING_VARIES = {"teacher", "distill", "seed"}
 
@@ -99,8 +100,13 @@ class RunConfig(Strict):
     def _teacher_when_distilling(self) -> RunConfig:
         if self.distill and self.teacher is None:
             raise ValueError(f"distill terms {sorted(self.distill)} need a `teacher`")
-        if self.student.inherit and self.student.inherit.source == "teacher" and self.teacher is None:
+        inherit = self.student.inherit
+        if inherit and inherit.source == "teacher" and self.teacher is None:
             raise ValueError("student.inherit from: teacher needs a `teacher` (or name a run to inherit from)")
+        source = self.teachers[0].model if inherit and inherit.prune and inherit.source == "teacher" else None
+        if source is not None and model_identity(self.student.model) != model_identity(source):
+            raise ValueError(f"student.inherit.prune: automatic inheritance prunes the teacher itself: the student "
+                             f"model must be the teacher's, {source}, not {self.student.model}")
         if self.views and not self.data.augment:
             raise ValueError(f"teacher.views: {self.views} replays augmented views, but data.augment is false")
         if self.train.task_loss == "siglip" and not has_logit_bias(self.student.model):
@@ -222,9 +228,15 @@ class RunConfig(Strict):
         return Path(self.output_dir) / self.run_id
 
 
+_ABSENT = object()
+
+
 def _at(data: dict[str, Any], path: str) -> Any:
-    """The value at a dotted path (``train.log_every``) of ``data``."""
+    """The value at a dotted path (``train.log_every``) of ``data``; ``_ABSENT`` below a field that is not a
+    mapping (``student.inherit.width`` where ``student.inherit`` is null)."""
     for key in path.split("."):
+        if not isinstance(data, dict):
+            return _ABSENT
         data = data[key]
     return data
 

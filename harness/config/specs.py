@@ -24,9 +24,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PruneSpec(Strict):
+    """TinyCLIP's automatic inheritance (harness/models/prunable.py): the student starts as its source and learns
+    masks over heads, MLP neurons and embedding dims under a sparsity target, then is made dense."""
+
+    sparsity: float = Field(gt=0, lt=1, description="the share of the blocks' attention and MLP weights removed by "
+                            "the end of the run (of the source's: a stage after another prunes its own source)")
+    warmup: float = Field(0.5, gt=0, le=1, description="the share of the steps over which the target rises "
+                          "linearly from 0 to `sparsity`; it is held after")
+    lr: float = Field(0.1, gt=0, description="the masks' learning rate (their log α under AdamW), held after the "
+                      "run's warmup")
+
+
 class InheritSpec(Strict):
-    """TinyCLIP's manual weight inheritance (harness/models/inherit.py): the student starts from chosen blocks and
-    leading widths of another model's weights."""
+    """TinyCLIP's weight inheritance: manual (harness/models/inherit.py), the student built from chosen blocks and
+    widths of another model's weights; or automatic (``prune``), the student that model itself, pruned as it
+    distils."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: str = Field("teacher", alias="from", description="teacher: the run's (first) teacher; or a run "
@@ -34,14 +47,26 @@ class InheritSpec(Strict):
     layers: dict[Literal["image", "text"], list[int]] = Field(
         default_factory=dict, description="the teacher block each student block takes, per tower; by default "
         "TinyCLIP's: every (teacher depth // student depth)-th from the first")
+    width: Literal["leading", "magnitude"] = Field(
+        "leading", description="which heads and MLP neurons a narrower student keeps: TinyCLIP's leading ones, or "
+        "those of largest weight norm (harness/models/inherit.py)")
+    prune: PruneSpec | None = Field(None, description="automatic inheritance instead: the student is the source's "
+                                    "model, pruned to a sparsity as it distils")
+
+    @model_validator(mode="after")
+    def _manual_or_automatic(self) -> InheritSpec:
+        if self.prune is not None and (self.layers or self.width != "leading"):
+            raise ValueError("`prune` (automatic inheritance) keeps every block and learns the widths: give it "
+                             "without `layers` or `width`")
+        return self
 
 
 class ModelSpec(Strict):
     model: str = Field(description="an open_clip model name, a config of harness/models/configs/ or of a plugin "
                        "package, or the path of an open_clip model-config JSON file")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint file")
-    inherit: InheritSpec | None = Field(None, description="start from another model's weights, TinyCLIP's manual "
-                                        "inheritance (part of the run id)")
+    inherit: InheritSpec | None = Field(None, description="start from another model's weights, TinyCLIP's weight "
+                                        "inheritance, manual or automatic (part of the run id)")
 
     @model_validator(mode="after")
     def _one_start(self) -> ModelSpec:

@@ -1,4 +1,5 @@
-"""What a job will read, checked before it queues: its training data, every benchmark root, its tokenizers.
+"""What a job will read, checked before it queues: its training data, every benchmark root, its tokenizers, and
+whether its student can inherit from its source's architecture.
 
 A mistake found at plan or submit time costs a second; found by the job, it costs the hours it waited in the
 queue. Checks read only file metadata (a shard set is counted, never opened), and are cached across cells that
@@ -77,4 +78,27 @@ def problems(config: RunConfig) -> list[str]:
             models.append(teacher_input(spec)[0])
     found = [training_data(config.data), *(benchmark(spec) for spec in config.benchmarks()),
              *(tokenizer(model) for model in dict.fromkeys(models))]
+    inherit = config.student.inherit
+    if inherit and inherit.source == "teacher" and config.teachers[0].model:  # a run's shape is known once trained
+        found.append(inheritance(config.student.model, config.teachers[0].model, inherit.prune is not None,
+                                 tuple((tower, tuple(blocks)) for tower, blocks in inherit.layers.items())))
     return [problem for problem in found if problem]
+
+
+@functools.cache
+def inheritance(student: str, source: str, prune: bool, layers: tuple) -> str | None:
+    """The problem with inheriting ``student`` from ``source``'s weights, or None: both built on the meta device
+    (shapes, no memory), the manual slices taken or the towers asked to be prunable."""
+    from harness.models.build import create_clip
+    from harness.models.inherit import inherited_state
+    from harness.models.prunable import towers
+
+    try:
+        teacher = create_clip(source, device="meta").model
+        if prune:
+            towers(teacher)
+        else:
+            inherited_state(create_clip(student, device="meta").model, teacher, dict(layers))
+    except ModelLoadError as refused:
+        return f"student.inherit: {refused}"
+    return None

@@ -2,7 +2,8 @@
 
 Teachers that the grid trains itself are cells of a first stage; teacher-embedding caches (for runs with
 ``teacher: {embeddings: cached}``, e.g. set in ``base``) are built by cells of a second stage, one per cache key;
-the students wait for the cells they need.
+``stages`` are runs trained before the axes, each after the cells it needs (a stage may start from an earlier
+one: TinyCLIP's pruning in stages); the students wait for the cells they need.
 Everything is checked at plan time, before anything is submitted: each cell's config, duplicate cells,
 that every teacher is reachable without a download, and the SLURM options.
 """
@@ -92,6 +93,10 @@ class GridFile(_Strict):
     output_dir: str = "runs"
     base: dict[str, Any] = Field(default_factory=dict)
     teachers: dict[str, dict[str, Any]] = Field(default_factory=dict, description="teachers the grid trains first")
+    stages: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="runs trained before the axes, in order, each a config over `base`: "
+        "a stage's student may start from an earlier stage (student.inherit.from: {stage: NAME}), TinyCLIP's "
+        "pruning in stages; the axes' students may too")
     axes: Axes
     overrides: list[Override] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list, description="axis values of cells to leave out")
@@ -105,7 +110,7 @@ RUN, TEACHER_CACHE = "run", "teacher-cache"
 class Cell:
     """A run of the grid, or (kind teacher-cache) the building of a teacher-embedding cache that runs share."""
     name: str
-    stage: int  # 0: teachers trained by the grid, 1: teacher-embedding caches, 2: every other run
+    stage: int  # 0: teachers and stages, 1: teacher-embedding caches, 2: the axes' runs; past every cell it needs
     config: RunConfig  # a cache cell carries the config of the first run that reads the cache
     needs: list[str] = field(default_factory=list)  # names of the cells it waits for
     kind: str = RUN
@@ -203,68 +208,121 @@ def _cell_config(data: dict[str, Any], source: str) -> RunConfig:
 def expand(spec: GridFile, source: str) -> list[Cell]:
     base = {**spec.base, "output_dir": spec.output_dir}
     cells: list[Cell] = []
-    teacher_dirs: dict[str, str] = {}
+    dirs: dict[str, str] = {}  # "teacher/NAME" and "stage/NAME" -> the cell's run directory
     for name, partial in spec.teachers.items():
         config = _cell_config(deep_merge(base, partial, {"name": f"{spec.name}/teacher/{name}", "distill": {},
                                                          "teacher": None}), f"{source} teacher {name!r}")
         cells.append(Cell(f"teacher/{name}", 0, config))
-        teacher_dirs[name] = str(config.run_dir)
+        dirs[f"teacher/{name}"] = str(config.run_dir)
         plan_run(config)
 
     seen: dict[str, str] = {c.run_id: c.name for c in cells}
     checked: set[str] = set()
     caches: dict[str, str] = {}  # cache key -> the name of the cell that builds it
+    for name, partial in spec.stages.items():  # each may start from an earlier one: they wait for each other
+        where = f"{source}: stage {name}"
+        data = deep_merge(base, partial, {"name": f"{spec.name}/stage/{name}"})
+        teacher, needs = _resolved_teacher(data.get("teacher"), dirs, checked, where)
+        student, inherited = _resolved_student(data.get("student") or {}, dirs, where)
+        config = _cell_config({**data, "teacher": teacher, "student": student}, where)
+        _add_run(Cell(f"stage/{name}", 0, config, needs + inherited), cells, seen, caches, source)
+        dirs[f"stage/{name}"] = str(config.run_dir)
+        plan_run(config)
+
     axes = spec.axes
     for teacher, student, (method, terms), dataset, seed in itertools.product(
         axes.teachers, axes.students, axes.methods.items(), axes.datasets, axes.seeds
     ):
         dataset = {"dataset": dataset} if isinstance(dataset, str) else dataset
-        values = {"teacher": _teacher_label(teacher) if terms else "-", "student": student.get("model"),
+        values = {"teacher": _teacher_label(teacher) if terms else "-", "student": _student_label(student),
                   "method": method, "dataset": dataset.get("dataset", base.get("data", {}).get("dataset")), "seed": seed}
         name = "/".join(str(values[k]) for k in ("teacher", "student", "method", "dataset")) + f"/s{seed}"
         if any(_matches(values, rule) for rule in spec.exclude):
             continue
-        needs = []
-        teacher_spec = None
-        if terms:
-            resolved = []
-            for member in teacher if isinstance(teacher, list) else [teacher]:
-                if "cell" in member:
-                    if member["cell"] not in teacher_dirs:
-                        raise GridError(f"{source}: cell {name}: teacher cell {member['cell']!r} is not among the "
-                                        f"grid's teachers ({', '.join(teacher_dirs) or 'none'})")
-                    resolved.append({**{k: v for k, v in member.items() if k != "cell"},
-                                     "run": teacher_dirs[member["cell"]]})
-                    needs.append(f"teacher/{member['cell']}")
-                else:
-                    key = repr(sorted(member.items()))
-                    if key not in checked:
-                        _check_teacher_reachable(member, f"{source}: cell {name}")
-                        checked.add(key)
-                    resolved.append(member)
-            teacher_spec = (resolved[0] if not isinstance(teacher, list)
-                            else [deep_merge(base.get("teacher") or {}, member) for member in resolved])
+        teacher_spec, needs = _resolved_teacher(teacher, dirs, checked, f"{source}: cell {name}") if terms else (None, [])
+        if isinstance(teacher_spec, list):
+            teacher_spec = [deep_merge(base.get("teacher") or {}, member) for member in teacher_spec]
+        student, inherited = _resolved_student(student, dirs, f"{source}: cell {name}")
         data = deep_merge(base, {"name": f"{spec.name}/{name}", "student": student, "teacher": teacher_spec,
                                  "distill": terms, "data": dataset, "seed": seed})
         for override in spec.overrides:
             if _matches(values, override.match):
                 data = deep_merge(data, override.set)
         config = _cell_config(data, f"{source} cell {name}")
-        if config.run_id in seen:
-            if not terms:  # the baseline has no teacher: one run serves every teacher of the axis
-                continue
-            raise GridError(f"{source}: duplicate cell: {name} and {seen[config.run_id]} resolve to the same run "
-                            f"{config.run_id}")
-        seen[config.run_id] = name
-        builds = [_cache_cell(config.with_teacher(member), needs, caches, cells)
-                  for member in config.teachers if member.embeddings == "cached"]
-        cells.append(Cell(name, 2, config, needs + builds))
+        if config.run_id in seen and not terms:  # the baseline has no teacher: one run serves every teacher
+            continue
+        _add_run(Cell(name, 2, config, needs + inherited), cells, seen, caches, source)
     return cells
+
+
+def _resolved_teacher(teacher: dict[str, Any] | list[dict[str, Any]] | None, dirs: dict[str, str], checked: set[str],
+                      where: str) -> tuple[dict[str, Any] | list[dict[str, Any]] | None, list[str]]:
+    """A teacher (or an ensemble) with each ``cell`` of the grid's teachers made its run, and the cells it needs;
+    any other teacher checked reachable once."""
+    if teacher is None:
+        return None, []
+    resolved, needs = [], []
+    for member in teacher if isinstance(teacher, list) else [teacher]:
+        if "cell" in member:
+            if f"teacher/{member['cell']}" not in dirs:
+                taught = [d.split("/", 1)[1] for d in dirs if d.startswith("teacher/")]
+                raise GridError(f"{where}: teacher cell {member['cell']!r} is not among the grid's teachers "
+                                f"({', '.join(taught) or 'none'})")
+            resolved.append({**{k: v for k, v in member.items() if k != "cell"},
+                             "run": dirs[f"teacher/{member['cell']}"]})
+            needs.append(f"teacher/{member['cell']}")
+        else:
+            key = repr(sorted(member.items()))
+            if key not in checked:
+                _check_teacher_reachable(member, where)
+                checked.add(key)
+            resolved.append(member)
+    return (resolved if isinstance(teacher, list) else resolved[0]), needs
+
+
+def _resolved_student(student: dict[str, Any], dirs: dict[str, str], where: str) -> tuple[dict[str, Any], list[str]]:
+    """A student whose ``inherit.from: {stage: NAME}`` is made that stage's run, and the cells it needs."""
+    source = (student.get("inherit") or {}).get("from")
+    if not isinstance(source, dict):
+        return student, []
+    if set(source) != {"stage"} or f"stage/{source['stage']}" not in dirs:
+        stages = [d.split("/", 1)[1] for d in dirs if d.startswith("stage/")]
+        raise GridError(f"{where}: student.inherit.from {source!r}: name an earlier stage as {{stage: NAME}} "
+                        f"(stages before it: {', '.join(stages) or 'none'}), `teacher`, or a run directory")
+    needed = f"stage/{source['stage']}"
+    return deep_merge(student, {"inherit": {"from": dirs[needed]}}), [needed]
+
+
+def _student_label(student: dict[str, Any]) -> str:
+    """A student as a cell's name shows it: its model, and how it inherits."""
+    inherit = student.get("inherit")
+    if inherit is None:
+        return str(student.get("model"))
+    source = inherit.get("from", "teacher")
+    source = source.get("stage") if isinstance(source, dict) else Path(str(source)).name
+    prune = inherit.get("prune")
+    return f"{student.get('model')}+{'pruned' if prune else 'inherited'}-from-{source}"
+
+
+def _add_run(cell: Cell, cells: list[Cell], seen: dict[str, str], caches: dict[str, str], source: str) -> None:
+    """A run cell after the cells it needs: the caches of its cached teachers (added on first need), and its
+    stage past theirs (a stage waits for the ones before, as arrays on SLURM and in turn locally)."""
+    if cell.config.run_id in seen:
+        raise GridError(f"{source}: duplicate cell: {cell.name} and {seen[cell.config.run_id]} resolve to the same "
+                        f"run {cell.config.run_id}")
+    seen[cell.config.run_id] = cell.name
+    taught = [n for n in cell.needs if n.startswith("teacher/")]  # what a cache of its teachers waits for
+    cell.needs = cell.needs + [_cache_cell(cell.config.with_teacher(member), taught, caches, cells)
+                               for member in cell.config.teachers if member.embeddings == "cached"]
+    stage_of = {c.name: c.stage for c in cells}
+    cell.stage = max([cell.stage, *(stage_of[n] + 1 for n in cell.needs)])
+    cells.append(cell)
 
 
 def _cache_cell(config: RunConfig, needs: list[str], caches: dict[str, str], cells: list[Cell]) -> str:
     """The name of the cell that builds ``config``'s teacher-embedding cache, added on the first run needing it."""
-    cache = Cell("", 1, config, needs, TEACHER_CACHE)
+    stage_of = {c.name: c.stage for c in cells}
+    cache = Cell("", max([1, *(stage_of[n] + 1 for n in needs)]), config, needs, TEACHER_CACHE)
     if cache.run_id not in caches:
         cache.name = caches[cache.run_id] = f"teacher-cache/{cache.run_id}"
         cells.append(cache)

@@ -122,12 +122,18 @@ def create_clip(model: str, pretrained: str | None = None, device: str | torch.d
     tokenizer = create_tokenizer(model)  # first: an HF text tower's files are named before its build fails on them
     if pretrained is not None and names_a_file(pretrained) and not Path(pretrained).is_file():
         raise ModelLoadError(f"checkpoint file {pretrained!r} for model {model!r} does not exist")
+    structure = pruned_structure(pretrained) if pretrained is not None and names_a_file(pretrained) else None
     try:
         with no_random_init_notice():
             clip, _, preprocess_eval = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=device, weights_only=False, image_mean=preprocess["mean"],
-                image_std=preprocess["std"], image_interpolation=preprocess["interpolation"],
-                image_resize_mode=preprocess["resize_mode"])
+                name, pretrained=None if structure else pretrained, device=device, weights_only=False,
+                image_mean=preprocess["mean"], image_std=preprocess["std"],
+                image_interpolation=preprocess["interpolation"], image_resize_mode=preprocess["resize_mode"])
+            if structure:  # a pruned model's weights: its shape first (harness/models/prunable.py)
+                from harness.models.prunable import narrow
+
+                narrow(clip, structure)
+                open_clip.load_checkpoint(clip, pretrained, weights_only=False, device=device)
     except Exception as error:
         if pretrained is None:
             raise
@@ -135,6 +141,16 @@ def create_clip(model: str, pretrained: str | None = None, device: str | torch.d
     clip.to(dtype)
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     return ClipBundle(clip, preprocess_eval, tokenizer, embed_dim, preprocess)
+
+
+def pruned_structure(path: str) -> dict | None:
+    """The structure a pruned model's weights file records (automatic inheritance), read without loading its
+    tensors (memory-mapped); None for any other file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # not a zip-format torch file (another format, or unreadable: open_clip then says which)
+        return None
+    return checkpoint.get("structure") if isinstance(checkpoint, dict) else None
 
 
 def create_tokenizer(model: str) -> Callable:

@@ -8,7 +8,11 @@ inheritance); its released code (microsoft/Cream, ``TinyCLIP/src/open_clip/weigh
   per tower (``student.inherit.layers: {image: [...], text: [...]}``);
 - widths: every tensor keeps its leading entries along each dimension (channels, MLP neurons, embedding dims,
   context positions); attention keeps its leading heads of q, k and v alike (the head width is kept, as heads are
-  the unit attention computes in).
+  the unit attention computes in). With ``width: magnitude`` a block keeps instead the heads and MLP neurons of
+  largest weight norm in its teacher block (a head: its q, k and v rows and its output-projection columns; a
+  neuron: its c_fc row and c_proj column), in their order: magnitude is the importance score of structured
+  pruning that needs no data (Li et al., ICLR 2017, on filters). Embedding dims stay the leading ones, as in
+  TinyCLIP: every tensor of a tower reads the same residual dims, so no block's weights can choose them.
 
 The image and text towers are chosen apart. Only open_clip's own transformer towers inherit (their blocks are
 ``resblocks.N``); a pair that cannot (another family, a student wider or deeper than its teacher, another patch
@@ -95,9 +99,45 @@ def leading(name: str, source: torch.Tensor, shape: torch.Size, head_width: int)
     return source[tuple(slice(0, s) for s in shape)].clone()
 
 
-def inherited_state(student: nn.Module, teacher: nn.Module, listed: dict[str, list[int]] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """The student's state dict taken from the teacher's (chosen blocks, leading widths), and the blocks chosen."""
+def by_magnitude(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], layers: dict[str, list[int]],
+                 head_widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The teacher's state with each chosen block's heads and MLP neurons narrowed to the student block's count,
+    those of largest weight norm kept in their order (``leading`` then takes the rest of each tensor's shape)."""
+    narrowed = dict(theirs)
+    for name in mine:
+        match = BLOCK.match(name)
+        if match is None or match["rest"] != "attn.in_proj_weight":
+            continue
+        tower, width = tower_of(name), head_widths[tower_of(name)]
+        block = f"{match['tower']}resblocks.{match['index']}"
+        source = f"{match['tower']}resblocks.{layers[tower][int(match['index'])]}"
+        qkv, out = theirs[f"{source}.attn.in_proj_weight"], theirs[f"{source}.attn.out_proj.weight"]
+        heads = qkv.shape[0] // (3 * width)
+        head_norms = (qkv.reshape(3, heads, width, -1).square().sum((0, 2, 3))
+                      + out.reshape(out.shape[0], heads, width).square().sum((0, 2)))
+        fc, proj = theirs[f"{source}.mlp.c_fc.weight"], theirs[f"{source}.mlp.c_proj.weight"]
+        neuron_norms = fc.square().sum(1) + proj.square().sum(0)
+        kept_heads = largest(head_norms, mine[name].shape[0] // (3 * width))
+        kept_neurons = largest(neuron_norms, mine[f"{block}.mlp.c_fc.weight"].shape[0])
+        rows = (torch.arange(3)[:, None, None] * heads * width + kept_heads[None, :, None] * width
+                + torch.arange(width)).flatten()
+        columns = (kept_heads[:, None] * width + torch.arange(width)).flatten()
+        for rest, dim, index in (("attn.in_proj_weight", 0, rows), ("attn.in_proj_bias", 0, rows),
+                                 ("attn.out_proj.weight", 1, columns), ("mlp.c_fc.weight", 0, kept_neurons),
+                                 ("mlp.c_fc.bias", 0, kept_neurons), ("mlp.c_proj.weight", 1, kept_neurons)):
+            narrowed[f"{block}@{rest}"] = theirs[f"{source}.{rest}"].index_select(dim, index)
+    return narrowed
+
+
+def largest(norms: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the ``count`` largest, in order."""
+    return torch.topk(norms, min(count, len(norms))).indices.sort().values
+
+
+def inherited_state(student: nn.Module, teacher: nn.Module, listed: dict[str, list[int]] | None = None,
+                    width: str = "leading") -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The student's state dict taken from the teacher's (chosen blocks; leading widths, or the heads and neurons
+    of largest norm), and the blocks chosen."""
     mine, theirs = student.state_dict(), teacher.state_dict()
     layers = chosen_layers(mine, theirs, listed or {})
     sources = {name: teacher_name(name, layers) for name in mine}
@@ -106,10 +146,13 @@ def inherited_state(student: nn.Module, teacher: nn.Module, listed: dict[str, li
             raise ModelLoadError(f"cannot inherit {name}: the teacher has no {source_name} (another family of "
                                  "towers: only open_clip's transformer towers inherit)")
     heads, teacher_heads = head_widths(student), head_widths(teacher)
-    for tower, width in heads.items():
-        if teacher_heads.get(tower) != width:
-            raise ModelLoadError(f"cannot inherit the {tower} tower: head width {width} against the teacher's "
+    for tower, head_width in heads.items():
+        if teacher_heads.get(tower) != head_width:
+            raise ModelLoadError(f"cannot inherit the {tower} tower: head width {head_width} against the teacher's "
                                  f"{teacher_heads.get(tower)} (heads are inherited whole)")
+    if width == "magnitude":  # each student block's own narrowing of its teacher block, keyed "block@rest"
+        theirs = by_magnitude(mine, theirs, layers, heads)
+        sources = {name: _narrowed_name(name, sources[name], theirs) for name in mine}
     state = {}
     for name, tensor in mine.items():
         source = theirs[sources[name]]
@@ -119,3 +162,9 @@ def inherited_state(student: nn.Module, teacher: nn.Module, listed: dict[str, li
                                  f"{tuple(source.shape)} (another patch grid or vocabulary)")
         state[name] = leading(name, source, tensor.shape, heads.get(tower_of(name), 1)).to(tensor.dtype)
     return state, layers
+
+
+def _narrowed_name(name: str, source: str, narrowed: dict[str, torch.Tensor]) -> str:
+    match = BLOCK.match(name)
+    key = f"{match['tower']}resblocks.{match['index']}@{match['rest']}" if match else None
+    return key if key in narrowed else source

@@ -32,7 +32,7 @@ from core.distributed import (
 from core.errors import worker_errors_unwrapped
 from core.precision import autocast, parameter_dtype
 from core.processes import started_at
-from harness.config.run_config import RunConfig
+from harness.config.run_config import RunConfig, resolve_teacher_run
 from harness.config.specs import TeacherSpec
 from harness.data.bad import BadSampleLog
 from harness.data.batch import Batch
@@ -41,19 +41,21 @@ from harness.data.loaders import TrainData, build_source, build_train_data
 from harness.data.views import Augmentation
 from harness.models.build import ClipBundle, compile_repeated_blocks, create_clip
 from harness.models.inherit import inherited_state
+from harness.models.names import model_identity
+from harness.models.prunable import make_dense, make_prunable
 from harness.teachers.ensemble import run_teachers
 from harness.teachers.live import create_teacher
 from harness.training import checkpoint
 from harness.training.accumulation import accumulated_step
 from harness.training.masking import mask_noise, patch_grid
 from harness.training.objective import Objective, StepModule, losses_from_embeddings, student_embeddings
-from harness.training.optimizer import adamw
+from harness.training.optimizer import adamw, scheduled
 from harness.training.progress import ProgressEvaluation
 from harness.training.stops import FiniteWatch, StopSignals, TrainingError, TrainingInterrupted
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
 TRAIN_LOG = "train_log.jsonl"
-EVAL_LOG = "eval_log.jsonl"  # zero-shot accuracy during training (eval.every_steps)
+EVAL_LOG = "eval_log.jsonl"  # accuracy and the §4.4 similarities during training (eval.every_steps)
 EVENTS_LOG = "events.jsonl"
 
 
@@ -80,6 +82,7 @@ class Trainer:
         self.input = ModelInput.of(cfg.student.model, cfg.student.pretrained)
         teachers = run_teachers(cfg, self.input, self.device, self.dtype, self.env)
         self.teacher, self.caches = teachers.teachers, teachers.caches
+        self.masks, self.structure = None, None  # automatic inheritance's (student.inherit.prune)
         if cfg.student.inherit:
             self._inherit()
         self.objective = Objective(cfg.method_terms(), self.student.embed_dim, teachers.embed_dim,
@@ -87,10 +90,13 @@ class Trainer:
         self.compiled_blocks = self._recompute_and_compile()
         self.step_module = self._distributed(StepModule(self.student.model, self.objective))
         self.parameters = [p for m in (self.student.model, self.objective) for p in m.parameters() if p.requires_grad]
-        self.optimizer = adamw((self.student.model, self.objective), cfg.optim, self.device)
+        prune = cfg.student.inherit.prune if cfg.student.inherit else None
+        self.optimizer = adamw((self.student.model, self.objective), cfg.optim, self.device,
+                               (self.masks, prune.lr) if prune else None)
         self.source, self.data = self._data(teachers.cached_rows, teachers.others)
         self.total_steps = cfg.train.steps or max(1, round(cfg.train.epochs * self.data.steps_per_epoch))
-        self.schedule = cosine_lr(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps, self.total_steps)
+        self.schedule = scheduled(cosine_lr(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps, self.total_steps),
+                                  self.optimizer, cfg.optim.warmup_steps)
         fp16_on_cuda = self.device.type == "cuda" and cfg.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_on_cuda)
         self.step = 0
@@ -106,17 +112,27 @@ class Trainer:
                                 f"{self.env.world_size} processes): use at most {share}")
 
     def _inherit(self) -> None:
-        """TinyCLIP's manual inheritance (harness/models/inherit.py): the student's weights taken from its source's,
-        which is built on a forked random stream (the losses then start as they would without it)."""
-        spec = self.config.student.inherit
-        source = self.config.teachers[0] if spec.source == "teacher" else TeacherSpec(run=spec.source)
+        """TinyCLIP's weight inheritance from the student's source, which is built on a forked random stream (the
+        losses then start as they would without it): manual (harness/models/inherit.py), the student's weights
+        taken from the source's; automatic (harness/models/prunable.py), the student the source itself, masked."""
+        cfg, spec = self.config, self.config.student.inherit
+        source = cfg.teachers[0] if spec.source == "teacher" else TeacherSpec(run=spec.source)
+        source_model = source.model or resolve_teacher_run(source.run)[0]
         with torch.random.fork_rng(devices=[]):
             model = create_teacher(source, "cpu").model
-        state, layers = inherited_state(self.student.model, model, spec.layers)
-        self.student.model.load_state_dict(state)
+        if spec.prune is not None:
+            if model_identity(source_model) != model_identity(cfg.student.model):
+                raise TrainingError(f"student.inherit.prune: automatic inheritance prunes its source itself: the "
+                                    f"student model must be the source's, {source_model}, not {cfg.student.model}")
+            self.student.model = model.to(self.device, self.dtype).requires_grad_(True).train()
+            self.masks = make_prunable(self.student.model, spec.prune.sparsity)
+            said = f"is {spec.source}'s model, pruned to sparsity {spec.prune.sparsity} as it distils"
+        else:
+            state, layers = inherited_state(self.student.model, model, spec.layers, spec.width)
+            self.student.model.load_state_dict(state)
+            said = f"inherits blocks {layers} and {spec.width} widths from {spec.source}"
         if self.env.is_main:
-            print(f"clipkd: {self.config.name}: student {self.config.student.model} inherits blocks {layers} and "
-                  f"leading widths from {spec.source}", file=sys.stderr)
+            print(f"clipkd: {cfg.name}: student {cfg.student.model} {said}", file=sys.stderr)
 
     def _recompute_and_compile(self) -> list[str]:
         """open_clip's activation recomputation in backward, and the compiled blocks (the same math either way)."""
@@ -173,6 +189,7 @@ class Trainer:
             "model": self.config.student.model,
             "embed_dim": self.student.embed_dim,
             "config": self.config.resolved(),
+            **({"structure": self.structure} if self.structure else {}),  # a pruned model's shape (models/prunable.py)
         }
 
     def save(self, name: str) -> None:
@@ -198,6 +215,8 @@ class Trainer:
         values on log steps (``term_names`` names them)."""
         cfg = self.config
         lr = self.schedule(self.step)
+        if self.masks is not None:
+            self.masks.schedule(self.step, self.total_steps, cfg.student.inherit.prune.warmup)
         noise = None
         if self.objective.image_mask_ratio is not None:
             rows, cols = patch_grid(self.student.model.visual, batch.images.shape[-1])
@@ -217,6 +236,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.parameters, cfg.optim.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.masks is not None:
+            self.masks.hold()
         with torch.no_grad():
             self.student.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE_LOG)
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
@@ -248,6 +269,19 @@ class Trainer:
         """The names of ``train_step``'s values, in order."""
         return ["loss", "task", *self.objective.methods]
 
+    def _sparsity(self) -> dict[str, float]:
+        """A pruned student's sparsity on a log step, said on stderr too: expected under the masks, kept in
+        evaluation (the dense model's), and the step's target."""
+        if self.masks is None:
+            return {}
+        with torch.no_grad():
+            values = {"sparsity": self.masks.expected_sparsity(), "sparsity_kept": self.masks.kept_sparsity(),
+                      "sparsity_target": float(self.masks.target)}
+        if self.env.is_main:
+            print(f"clipkd: {self.config.name}: step {self.step}: sparsity {values['sparsity']:.3f} expected, "
+                  f"{values['sparsity_kept']:.3f} kept, target {values['sparsity_target']:.3f}", file=sys.stderr)
+        return values
+
     def _open_log(self):
         if not self.env.is_main:
             return contextlib.nullcontext()
@@ -261,11 +295,12 @@ class Trainer:
         if self.config.eval.every_steps is None:
             return None
         return ProgressEvaluation(self.config, self.student, self.device,
-                                  self.run_dir / EVAL_LOG if self.env.is_main else None)
+                                  self.run_dir / EVAL_LOG if self.env.is_main else None,
+                                  self.objective.student_projection)
 
     def fit(self, observe: Observer | None = None) -> None:
         """Train to ``total_steps``; ``observe(kind, record)`` sees each train_log record ("train", on rank 0) and
-        each accuracy during training ("eval", as ``zero-shot acc1 (BENCHMARK)``)."""
+        each evaluation during training ("eval": ``zero-shot acc1 (BENCHMARK)`` and the §4.4 similarities)."""
         cfg = self.config
         observe = observe if self.env.is_main and observe is not None else (lambda kind, record: None)
         show_progress = self.env.is_main and sys.stderr.isatty()
@@ -277,7 +312,7 @@ class Trainer:
             total=self.total_steps, initial=self.step, disable=not show_progress, desc=cfg.name
         ) as progress:
             if evaluate is not None and self.step == 0:
-                observe("eval", {"step": 0, evaluate.term: evaluate(0, 0)})
+                observe("eval", {"step": 0, **evaluate(0, 0)})
             for batch in self.data.batches(self.step, self.total_steps):  # one loader for the whole run
                 refused = bad.add(batch.bad)  # under data.bad_samples: error, or past data.max_bad_fraction
                 lr, values = self.train_step(batch.to(self.device, self.dtype))
@@ -288,6 +323,7 @@ class Trainer:
                     # the mean step over the interval since the last record, the loader's waits included
                     record["seconds"] = round((time.perf_counter() - logged[1]) / (self.step - logged[0]), 4)
                     logged = (self.step, time.perf_counter())
+                    record.update(self._sparsity())
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
@@ -295,7 +331,7 @@ class Trainer:
                     observe("train", {**record, "total_steps": self.total_steps})
                 progress.update(1)
                 if evaluate is not None and (self.step % cfg.eval.every_steps == 0 or self.step == self.total_steps):
-                    observe("eval", {"step": self.step, evaluate.term: evaluate(self.step, self.step * samples_per_step)})
+                    observe("eval", {"step": self.step, **evaluate(self.step, self.step * samples_per_step)})
                 checkpointing = self.step % cfg.train.checkpoint_every == 0
                 # settled before a checkpoint and at the end: no rank's refusal of a step is left unheard
                 decision = vote(signals.received is not None, refused,
@@ -311,6 +347,8 @@ class Trainer:
                     self.event("stop", signal=stopped_by.name)
                     raise TrainingInterrupted(self.step, stopped_by)
         vote.close()
+        if self.masks is not None:  # the final weights are the dense model (its shape stored with them)
+            self.structure, self.masks = make_dense(self.student.model), None
         self.save(checkpoint.FINAL)
         if self.env.is_main:  # the finished run is never resumed: a second copy of its state would only fill the disk
             (self.run_dir / "checkpoints" / checkpoint.LATEST).unlink(missing_ok=True)
