@@ -12,12 +12,17 @@ from PIL import Image
 from core.builtin import load_builtin, retrieval_gallery
 from harness.models.build import create_clip
 from harness.models.build import model_name as registered_name
+from harness.models.names import ModelLoadError
 
 
 def export_open_clip_dir(model_name: str, checkpoint: Path, out: Path) -> Path:
     """A folder that ``open_clip.create_model('local-dir:OUT')`` (and so ``clip_benchmark eval``) loads, with the
     preprocessing the weights were trained on (a clipkd run's: its student's, from a tag with the tag's)."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if isinstance(saved, dict) and "structure" in saved:
+        raise ModelLoadError(f"{checkpoint}: a pruned model (automatic inheritance) has blocks of their own widths, "
+                             "which no open_clip model config describes: load its final.pt with clipkd (clipkd "
+                             "eval, a `run:` teacher, a later stage), which rebuilds its shape")
     student = saved.get("config", {}).get("student", {}) if isinstance(saved, dict) else {}
     trained_on = (student["model"], student.get("pretrained")) if student.get("model") == model_name else None
     bundle = create_clip(model_name, str(checkpoint), input_of=trained_on)

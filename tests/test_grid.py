@@ -33,7 +33,8 @@ def test_plan_lists_the_papers_cells_without_downloading(workdir):
     assert "teacher/vit-b-16" in out and "new" in out
 
 
-@pytest.mark.parametrize("name", ["paper_students", "paper_laion", "paper_ensemble", "demo", "demo_field", "smoke"])
+@pytest.mark.parametrize("name", ["paper_students", "paper_laion", "paper_ensemble", "paper_tinyclip", "demo", "demo_field",
+                                  "demo_tinyclip", "smoke"])
 def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, monkeypatch):
     """In this process (the command line is tested above): every shipped grid validates, offline."""
     from harness.grids import checks
@@ -42,10 +43,10 @@ def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     grid = load_grid(ROOT / "grids" / f"{name}.yaml")
     assert grid.cells
-    if name in ("demo", "demo_field"):
+    if name in ("demo", "demo_field", "demo_tinyclip"):
         require(checks.FASHION_MNIST_DIR.is_dir(),
                 "Debian's dataset-fashion-mnist is not installed (scripts/install_debian.sh fashion-mnist)")
-    if name in ("demo", "demo_field", "smoke"):  # their data is on this machine: checked, and found
+    if name in ("demo", "demo_field", "demo_tinyclip", "smoke"):  # their data is on this machine: checked, and found
         assert all(checks.problems(cell.config) == [] for cell in grid.cells)
 
 

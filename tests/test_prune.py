@@ -130,6 +130,9 @@ def test_a_pruning_run_reaches_its_target_says_it_each_step_and_stores_the_dense
     assert _block_weights(dense) == round((1 - log[-1]["sparsity_kept"]) * final["structure"]["unpruned_block_weights"])
     record = json.loads((run_dir / "record.json").read_text())
     assert "acc1" in record["metrics"]["digits"]  # evaluated from the dense model
+    exported = run_clipkd("export", str(run_dir), str(tmp_path / "out"), cwd=tmp_path, check=False)
+    assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1, exported.stderr
+    assert "no open_clip model config describes" in exported.stderr
 
 
 def two_stage_grid(workdir, teacher) -> str:

@@ -129,8 +129,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
             if not check_configs([c.config for c in grid.cells if c.kind == RUN], progress=sys.stderr.isatty()):
                 return 2
         caches = sum(c.kind == "teacher-cache" for c in grid.cells)
-        print(f"{len(grid.cells)} cells ({sum(c.stage == 0 for c in grid.cells)} teachers trained first"
-              + (f", {caches} teacher-embedding caches built next" if caches else "") + ")")
+        stages = sum(c.name.startswith("stage/") for c in grid.cells)
+        print(f"{len(grid.cells)} cells ({sum(c.name.startswith('teacher/') for c in grid.cells)} teachers trained "
+              "first" + (f", {caches} teacher-embedding caches built next" if caches else "")
+              + (f", {stages} stages before the axes" if stages else "") + ")")
     elif args.grid_command == "status":
         dispatch.reconcile(grid, store)
         states = dispatch.cell_states(grid, store)

@@ -8,8 +8,9 @@ released code takes:
   u ~ U(0, 1), β = 2/3, γ = −0.1, ζ = 1.1; P(z > 0) = σ(log α − β log(−γ/ζ)). In evaluation a group keeps its
   round(Σ P(z > 0)) units of largest log α, each at 1, so the masked model in eval mode is the dense model exactly;
 - the expected sparsity ŝ is the share of the blocks' attention and MLP weights (4·head_width·heads·dims and
-  2·neurons·dims per block) the expected masks remove; the target t rises linearly from 0 to ``sparsity`` over the
-  first ``warmup`` share of the steps and is then held;
+  2·neurons·dims per block) the expected masks remove, of the unpruned model's (a later stage goes on from its
+  source's); the target t rises linearly from the source's sparsity to ``sparsity`` over the first ``warmup``
+  share of the steps and is then held;
 - in place of TinyCLIP's Lagrangian λ₁(ŝ − t) + λ₂(ŝ − t)², after every step all gates' log α are shifted by the
   one offset that puts ŝ at t (``hold``): the projected-gradient form of the same constraint ŝ = t. The
   multipliers need thousands of steps to settle; on a short stage they wind up while the gates travel to their
