@@ -32,8 +32,18 @@ def student_label(config: RunConfig) -> str:
     inherit = config.student.inherit
     if inherit is not None:
         notes.append(f"pruned to {inherit.prune.sparsity:g}" if inherit.prune else
-                     "inherited" + (" by magnitude" if inherit.width == "magnitude" else ""))
+                     "inherited" + _widths(inherit))
     return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def _widths(inherit) -> str:
+    """How an inherited student's widths were chosen, where not TinyCLIP's leading ones."""
+    chosen = {tower: inherit.width_of(tower) for tower in ("image", "text")}
+    if set(chosen.values()) == {"leading"}:
+        return ""
+    if set(chosen.values()) == {"magnitude"}:
+        return " by magnitude"
+    return "".join(f", {tower} by {rule}" for tower, rule in chosen.items())
 
 
 def run_record(config: RunConfig, **fields: Any) -> dict[str, Any]:

@@ -72,6 +72,15 @@ def test_magnitude_widths_keep_the_heads_and_neurons_of_largest_norm(tmp_path, t
     assert torch.equal(mine["visual.transformer.resblocks.1.mlp.c_proj.weight"], proj[:64, neurons])
     assert torch.equal(mine["visual.transformer.resblocks.1.ln_1.weight"], teacher[block + "ln_1.weight"][:64])
     assert heads != [0, 1] or neurons != list(range(256))  # not the leading choice by chance
+    apart = Trainer(config(tmp_path, teacher_checkpoint, {"width": {"text": "magnitude"}}), DistEnv(), CPU)
+    theirs = apart.student.model.state_dict()  # per tower: the image tower keeps the leading ones
+    assert torch.equal(theirs["visual.transformer.resblocks.1.mlp.c_fc.bias"], teacher[block + "mlp.c_fc.bias"][:256])
+    text = "transformer.resblocks.2."
+    neurons = sorted(torch.topk(teacher[text + "mlp.c_fc.weight"].square().sum(1)
+                                + teacher[text + "mlp.c_proj.weight"].square().sum(0), 256).indices.tolist())
+    assert torch.equal(theirs["transformer.resblocks.1.mlp.c_fc.bias"], teacher[text + "mlp.c_fc.bias"][neurons])
+    from harness.run_rows import student_label
+    assert student_label(apart.config) == "clipkd-tiny (inherited, image by leading, text by magnitude)"
 
 
 @pytest.mark.parametrize(("student", "refusal"), [

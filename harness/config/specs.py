@@ -36,6 +36,9 @@ class PruneSpec(Strict):
                       "run's warmup")
 
 
+WidthChoice = Literal["leading", "magnitude"]
+
+
 class InheritSpec(Strict):
     """TinyCLIP's weight inheritance: manual (harness/models/inherit.py), the student built from chosen blocks and
     widths of another model's weights; or automatic (``prune``), the student that model itself, pruned as it
@@ -47,11 +50,15 @@ class InheritSpec(Strict):
     layers: dict[Literal["image", "text"], list[int]] = Field(
         default_factory=dict, description="the teacher block each student block takes, per tower; by default "
         "TinyCLIP's: every (teacher depth // student depth)-th from the first")
-    width: Literal["leading", "magnitude"] = Field(
-        "leading", description="which heads and MLP neurons a narrower student keeps: TinyCLIP's leading ones, or "
-        "those of largest weight norm (harness/models/inherit.py)")
+    width: WidthChoice | dict[Literal["image", "text"], WidthChoice] = Field(
+        "leading", description="which heads and MLP neurons a narrower student keeps, for both towers or per tower "
+        "({image: magnitude, text: leading}): TinyCLIP's leading ones, or those of largest weight norm "
+        "(harness/models/inherit.py)")
     prune: PruneSpec | None = Field(None, description="automatic inheritance instead: the student is the source's "
                                     "model, pruned to a sparsity as it distils")
+
+    def width_of(self, tower: str) -> str:
+        return self.width.get(tower, "leading") if isinstance(self.width, dict) else self.width
 
     @model_validator(mode="after")
     def _manual_or_automatic(self) -> InheritSpec:

@@ -8,11 +8,12 @@ inheritance); its released code (microsoft/Cream, ``TinyCLIP/src/open_clip/weigh
   per tower (``student.inherit.layers: {image: [...], text: [...]}``);
 - widths: every tensor keeps its leading entries along each dimension (channels, MLP neurons, embedding dims,
   context positions); attention keeps its leading heads of q, k and v alike (the head width is kept, as heads are
-  the unit attention computes in). With ``width: magnitude`` a block keeps instead the heads and MLP neurons of
-  largest weight norm in its teacher block (a head: its q, k and v rows and its output-projection columns; a
-  neuron: its c_fc row and c_proj column), in their order: magnitude is the importance score of structured
-  pruning that needs no data (Li et al., ICLR 2017, on filters). Embedding dims stay the leading ones, as in
-  TinyCLIP: every tensor of a tower reads the same residual dims, so no block's weights can choose them.
+  the unit attention computes in). With ``width: magnitude`` (for both towers, or per tower) a block keeps
+  instead the heads and MLP neurons of largest weight norm in its teacher block (a head: its q, k and v rows and
+  its output-projection columns; a neuron: its c_fc row and c_proj column), in their order: magnitude is the
+  importance score of structured pruning that needs no data (Li et al., ICLR 2017, on filters). Embedding dims
+  stay the leading ones, as in TinyCLIP: every tensor of a tower reads the same residual dims, so no block's
+  weights can choose them.
 
 The image and text towers are chosen apart. Only open_clip's own transformer towers inherit (their blocks are
 ``resblocks.N``); a pair that cannot (another family, a student wider or deeper than its teacher, another patch
@@ -100,13 +101,13 @@ def leading(name: str, source: torch.Tensor, shape: torch.Size, head_width: int)
 
 
 def by_magnitude(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], layers: dict[str, list[int]],
-                 head_widths: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The teacher's state with each chosen block's heads and MLP neurons narrowed to the student block's count,
-    those of largest weight norm kept in their order (``leading`` then takes the rest of each tensor's shape)."""
+                 head_widths: dict[str, int], towers: set[str]) -> dict[str, torch.Tensor]:
+    """The teacher's state with each chosen block of ``towers`` narrowed to the student block's heads and MLP
+    neurons, those of largest weight norm kept in their order (``leading`` then takes the rest of each shape)."""
     narrowed = dict(theirs)
     for name in mine:
         match = BLOCK.match(name)
-        if match is None or match["rest"] != "attn.in_proj_weight":
+        if match is None or match["rest"] != "attn.in_proj_weight" or tower_of(name) not in towers:
             continue
         tower, width = tower_of(name), head_widths[tower_of(name)]
         block = f"{match['tower']}resblocks.{match['index']}"
@@ -135,9 +136,9 @@ def largest(norms: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def inherited_state(student: nn.Module, teacher: nn.Module, listed: dict[str, list[int]] | None = None,
-                    width: str = "leading") -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """The student's state dict taken from the teacher's (chosen blocks; leading widths, or the heads and neurons
-    of largest norm), and the blocks chosen."""
+                    by_norm: frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The student's state dict taken from the teacher's (chosen blocks; leading widths, or in the towers
+    ``by_norm`` the heads and neurons of largest norm), and the blocks chosen."""
     mine, theirs = student.state_dict(), teacher.state_dict()
     layers = chosen_layers(mine, theirs, listed or {})
     sources = {name: teacher_name(name, layers) for name in mine}
@@ -150,8 +151,8 @@ def inherited_state(student: nn.Module, teacher: nn.Module, listed: dict[str, li
         if teacher_heads.get(tower) != head_width:
             raise ModelLoadError(f"cannot inherit the {tower} tower: head width {head_width} against the teacher's "
                                  f"{teacher_heads.get(tower)} (heads are inherited whole)")
-    if width == "magnitude":  # each student block's own narrowing of its teacher block, keyed "block@rest"
-        theirs = by_magnitude(mine, theirs, layers, heads)
+    if by_norm:  # each student block's own narrowing of its teacher block, keyed "block@rest"
+        theirs = by_magnitude(mine, theirs, layers, heads, set(by_norm))
         sources = {name: _narrowed_name(name, sources[name], theirs) for name in mine}
     state = {}
     for name, tensor in mine.items():

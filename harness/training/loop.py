@@ -128,9 +128,10 @@ class Trainer:
             self.masks = make_prunable(self.student.model, spec.prune.sparsity)
             said = f"is {spec.source}'s model, pruned to sparsity {spec.prune.sparsity} as it distils"
         else:
-            state, layers = inherited_state(self.student.model, model, spec.layers, spec.width)
+            by_norm = frozenset(t for t in ("image", "text") if spec.width_of(t) == "magnitude")
+            state, layers = inherited_state(self.student.model, model, spec.layers, by_norm)
             self.student.model.load_state_dict(state)
-            said = f"inherits blocks {layers} and {spec.width} widths from {spec.source}"
+            said = f"inherits blocks {layers} and widths {spec.width} from {spec.source}"
         if self.env.is_main:
             print(f"clipkd: {cfg.name}: student {cfg.student.model} {said}", file=sys.stderr)
 
