@@ -336,6 +336,8 @@ def _refusing_rank(rank: int, world: int, meeting: dict, resolved: dict, out: st
     except Exception as error:  # noqa: BLE001 (what each rank says is the test's subject)
         raised = f"{type(error).__name__}: {error}"
     Path(out, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "seconds": time.monotonic() - started}))
+    if torch.distributed.is_initialized():  # as every spawned test: no live group at the interpreter's exit, where
+        torch.distributed.destroy_process_group()  # gloo's threads once aborted a rank that had failed (SIGABRT)
 
 
 def one_bad_row_csv(folder: Path) -> Path:
