@@ -189,23 +189,27 @@ class PruneMasks(nn.Module):
                              "neurons": [m() for m in self.neurons[tower]]}
 
     def weights(self, kept: Callable[[HardConcrete], torch.Tensor]) -> torch.Tensor:
-        """The blocks' attention and MLP weights, with each group's units counted by ``kept``."""
-        total = torch.zeros((), dtype=torch.float64)
+        """The blocks' attention and MLP weights, with each group's units counted by ``kept``, on the gates' device."""
+        total = torch.zeros((), dtype=torch.float64, device=self.dims[next(iter(self.dims))].log_alpha.device)
         for tower, dims in self.dims.items():
             width = self.head_widths[tower]
             for heads, neurons in zip(self.heads[tower], self.neurons[tower]):
                 total = total + kept(dims) * (4 * width * kept(heads) + 2 * kept(neurons))
         return total
 
+    def _expected(self, shift: torch.Tensor | float) -> torch.Tensor:
+        """ŝ with every log α moved by ``shift``, a float64 tensor on the gates' device (no host sync)."""
+        def kept(gate: HardConcrete) -> torch.Tensor:
+            return torch.sigmoid(gate.log_alpha.detach().double() + shift - BETA * math.log(-GAMMA / ZETA)).sum()
+        return 1 - self.weights(kept) / self.original
+
     def expected_sparsity(self, shift: float = 0.0) -> float:
         """ŝ, with every log α moved by ``shift``."""
-        def kept(gate: HardConcrete) -> torch.Tensor:
-            return torch.sigmoid(gate.log_alpha.detach().double().cpu() + shift - BETA * math.log(-GAMMA / ZETA)).sum()
-        return float(1 - self.weights(kept) / self.original)
+        return float(self._expected(shift))
 
     def kept_sparsity(self) -> float:
         """The sparsity of the masks evaluation uses: the dense model's."""
-        return float(1 - self.weights(lambda gate: gate.kept().sum().cpu()) / self.original)
+        return float(1 - self.weights(lambda gate: gate.kept().sum()) / self.original)
 
     def schedule(self, step: int, total_steps: int, warmup: float) -> None:
         """The target of ``step``: from the source's sparsity to ``sparsity``, linearly over the warmup."""
@@ -215,17 +219,18 @@ class PruneMasks(nn.Module):
     @torch.no_grad()
     def hold(self) -> None:
         """Every log α shifted by the one offset that puts ŝ at the target (found by bisection: ŝ falls as the
-        offset rises); nothing before the target leaves 0."""
-        target = float(self.target)
-        if target <= self.start:
-            return
-        low, high = -100.0, 100.0
+        offset rises); nothing before the target leaves the source's sparsity. Run every step, so on the gates'
+        device throughout: the bisection's choices are tensors, never read on the host."""
+        target = self.target.double()
+        low, high = torch.full_like(target, -100.0), torch.full_like(target, 100.0)
         for _ in range(60):
             middle = (low + high) / 2
-            low, high = (low, middle) if self.expected_sparsity(middle) < target else (middle, high)
+            below = self._expected(middle) < target
+            low, high = torch.where(below, low, middle), torch.where(below, middle, high)
+        shift = torch.where(target > self.start, (low + high) / 2, torch.zeros_like(target))
         for gate in self.modules():
             if isinstance(gate, HardConcrete):
-                gate.log_alpha.add_((low + high) / 2)
+                gate.log_alpha.add_(shift.to(gate.log_alpha.dtype))
 
 
 def blocks(tower: Tower) -> nn.ModuleList:
