@@ -9,6 +9,7 @@ st.set_page_config(page_title="clipkd leaderboard", page_icon="📊", layout="wi
 pages = [
     st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/leaderboard:", default=True),
     st.Page(VIEWS / "ablation.py", title="Ablation", icon=":material/table_chart:"),
+    st.Page(VIEWS / "findings.py", title="The paper's findings", icon=":material/fact_check:", url_path="findings"),
     st.Page(VIEWS / "similarity.py", title="Feature similarity vs accuracy", icon=":material/scatter_plot:",
             url_path="similarity"),
     st.Page(VIEWS / "cost.py", title="Accuracy vs cost", icon=":material/speed:", url_path="cost"),

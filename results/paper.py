@@ -37,13 +37,24 @@ def paper_values(rows: pd.DataFrame) -> pd.Series:
     return values
 
 
+def _table1() -> dict[str, float]:
+    """Table 1's top-1 per method: ViT-B/16 → ViT-T/16 on CC3M+12M, the baseline included."""
+    return {method: value for teacher, student, method, value, _ in _published()["cells"]
+            if student == "ViT-T-16" and (teacher is None or not teacher.startswith("ViT-B-16@laion"))}
+
+
+def table1_deltas() -> dict[str, float]:
+    """Each distillation method's Δ over the baseline in Table 1 (points of ImageNet top-1)."""
+    cells = _table1()
+    return {method: round(value - cells["baseline"], 2) for method, value in cells.items() if method != "baseline"}
+
+
 def table1_by_method(rows: pd.DataFrame) -> pd.DataFrame:
     """Beside each row's method, whatever its data and models: the paper's Table 1 number for that method
     (ViT-B/16 → ViT-T/16 on CC3M+12M, ImageNet top-1, %) and its Δ against the paper's baseline: a reference for
     the ordering of methods, not a cell-for-cell comparison. A row whose model teaches other rows gets the paper's
     teacher (ViT-B/16)."""
-    cells = {method: value for teacher, student, method, value, _ in _published()["cells"]
-             if student == "ViT-T-16" and (teacher is None or not teacher.startswith("ViT-B-16@laion"))}
+    cells = _table1()
     teacher = next(value for t, student, method, value, _ in _published()["cells"] if student == "ViT-B-16"
                    and t is None)
     teaching = {label.split("@")[0] for label in rows["teacher"] if label != "-"}

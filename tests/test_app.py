@@ -13,14 +13,15 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from streamlit.testing.v1 import AppTest
 
-from results import queries, synthetic
+from results import findings, queries, synthetic
 from results.store import Store
 
 pytestmark = pytest.mark.xdist_group("smoke_grid")  # pyproject.toml: one worker runs the group
 
 MAIN = ROOT / "app" / "main.py"
 PAGES = {"leaderboard": "Leaderboard", "ablation": "Ablation", "similarity": "Feature similarity vs accuracy",
-         "cost": "Accuracy vs cost", "curves": "Training curves", "run_detail": "Run detail", "grids": "Grid progress"}
+         "cost": "Accuracy vs cost", "curves": "Training curves", "run_detail": "Run detail", "grids": "Grid progress",
+         "findings": "The paper's findings, tested"}
 SMOKE_METHODS = {"baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "crd+fd+icl"}
 
 
@@ -120,6 +121,18 @@ def test_similarity_scatter_has_a_point_per_distilled_run_and_the_fitted_correla
     assert len(fit) == 1 and fit[0]["name"] == f"fit (r = {r:.3f})"
     assert app.metric[0].value == f"{r:.3f}"
     assert all(len(t["customdata"][0]) == 5 for t in points)  # hover: name, id, teacher, student, seed
+
+
+def test_findings_page_states_each_finding_with_its_comparisons_and_verdict(real_store, monkeypatch):
+    app = open_page(f"sqlite:///{real_store}", "findings", monkeypatch)
+    expected = findings.findings(Store(f"sqlite:///{real_store}", readonly=True))
+    stated = [m.value for m in app.markdown if m.value.startswith("**")]
+    assert [s.split("**")[1] for s in stated] == [f"{f.number}. {f.claim}" for f in expected]
+    assert all(findings.details([f]).empty or f"[{f.verdict.split(' at ')[0]}" in s for f, s in zip(expected, stated))
+    first = app.dataframe[0].value  # finding 1: each single loss against the baseline, over test items (one seed)
+    assert list(first["comparison"]) == [c.label for c in expected[0].comparisons]
+    assert first["estimate"].tolist() == pytest.approx([c.estimate for c in expected[0].comparisons])
+    assert first["test"].str.startswith("paired bootstrap over").all()
 
 
 def test_accuracy_vs_cost_draws_each_run_and_the_pareto_front(real_store, monkeypatch):

@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--format", default="table", choices=FORMATS)
         sub.set_defaults(func=func)
 
+    findings = commands.add_parser("findings", help="the paper's findings (§4.2-§4.4) tested on the store: each with "
+                                   "its statistic, interval and verdict")
+    findings.add_argument("--db", help=db_help)
+    findings.add_argument("--grid", help="a grid (its file or its name): only its cells' runs")
+    findings.add_argument("--benchmark", help="the zero-shot benchmark (default: imagenet1k where stored, else the "
+                          "one with the most runs)")
+    findings.add_argument("--margin", type=float, default=1.0,
+                          help="points of top-1 the report counts as a notable difference (default 1)")
+    findings.add_argument("--similarity", default="cka_img",
+                          help="the feature similarity of finding 5: cka_img, cka_txt, cos_img, cos_txt, sim_gap")
+    findings.add_argument("--format", default="table", choices=("table", "markdown", "csv", "json"))
+    findings.set_defaults(func=results.cmd_findings)
+
     grid = commands.add_parser("grid", help="plan, submit, follow and cancel a grid of runs")
     grid_commands = grid.add_subparsers(dest="grid_command", required=True)
     for name, text in (("plan", "list the cells with their run ids and state"),

@@ -34,6 +34,25 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findings(args: argparse.Namespace) -> int:
+    from results import findings
+    from results.store import Store
+
+    if not 0 < args.margin < 100:
+        raise ClipkdError(f"--margin {args.margin}: points of top-1, above 0 and below 100")
+    if args.similarity not in findings.SIMILARITIES:
+        raise ClipkdError(f"--similarity {args.similarity!r}: one of {', '.join(findings.SIMILARITIES)}")
+    grid = args.grid
+    if grid and Path(grid).is_file():
+        from harness.grids.expansion import load_grid
+
+        grid = load_grid(grid).name
+    margin = args.margin / 100
+    report = findings.findings(Store(args.db, readonly=True), args.benchmark, grid, margin, args.similarity)
+    sys.stdout.write(findings.render(report, args.format, margin))
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """Serve the dashboard; a store that does not exist yet shows what to run, so it is not an error here."""
     from sqlalchemy.engine import make_url
