@@ -18,10 +18,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.builtin import BUILTIN_DATASETS, CaptionedImages, load_builtin, retrieval_gallery
+from evals.datacomp import WinoGAViL
 from evals.errors import EvalDatasetError
 from evals.streams import StreamedBenchmark
 
-LOCAL_KINDS = ("imagefolder", "csv")
+LOCAL_KINDS = ("imagefolder", "csv", "winogavil")
 
 
 def read_image(path) -> Image.Image:
@@ -42,6 +43,7 @@ class EvalSet:
     benchmark: str  # the name recorded in the store: clip_benchmark's own name where it has one
     classification: Dataset | None = None
     retrieval: Dataset | None = None
+    association: WinoGAViL | None = None  # cue-to-images association (DataComp's WinoGAViL)
 
 
 class _BuiltinSplit(Dataset):
@@ -106,7 +108,7 @@ def _clip_benchmark_set(name: str, root: str | None, transform: Callable, task: 
         raise EvalDatasetError(f"dataset {name!r} is not staged under {root!r}: {error}") from None
     retrieval = task == "zeroshot_retrieval" or getattr(dataset, "classes", None) is None
     if not hasattr(dataset, "__len__"):  # a webdataset (wds/…): evaluated as it streams, each rank its share
-        dataset = StreamedBenchmark.of(dataset, transform, retrieval)
+        dataset = StreamedBenchmark.of(dataset, transform, retrieval, name)
     return EvalSet(name, retrieval=dataset) if retrieval else EvalSet(name, classification=dataset)
 
 
@@ -145,6 +147,11 @@ def load_eval_set(name: str, root: str | None, transform: Callable, task: str | 
         if root is None or not Path(root).is_file():
             raise EvalDatasetError(f"dataset 'csv' needs --root, an existing filepath,caption CSV (got {root!r})")
         return EvalSet(benchmark_name(name, root), retrieval=_CaptionCsv(Path(root), transform))
+    if name == "winogavil":
+        if root is None or not Path(root).is_dir():
+            raise EvalDatasetError(f"dataset 'winogavil' needs --root, a folder of the Hugging Face split's parquet "
+                                   f"files (got {root!r})")
+        return EvalSet(name, association=WinoGAViL(Path(root), transform))
     return _clip_benchmark_set(name, root, transform, task)
 
 

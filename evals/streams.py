@@ -52,14 +52,15 @@ class StreamedBenchmark:
     templates: list[str] | None = None
     limit: int | None = None
     dtype: torch.dtype | None = None
+    name: str = ""  # clip_benchmark's name for it (a DataComp task scored by its own evaluator: evals/datacomp.py)
 
     @classmethod
-    def of(cls, dataset, transform: Callable, retrieval: bool) -> StreamedBenchmark:
+    def of(cls, dataset, transform: Callable, retrieval: bool, name: str = "") -> StreamedBenchmark:
         """A webdataset is read from its shard list (its pipeline, with lambdas, does not pickle for loader
         workers); any other stream as it is."""
         urls = shard_urls(dataset)
         return cls(urls, dataset if urls is None else None, transform, retrieval, getattr(dataset, "classes", None),
-                   getattr(dataset, "templates", None))
+                   getattr(dataset, "templates", None), name=name)
 
     def first(self, count: int | None, dtype: torch.dtype | None = None) -> StreamedBenchmark:
         return dataclasses.replace(self, limit=count, dtype=dtype)

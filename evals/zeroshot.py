@@ -30,6 +30,7 @@ from torch.utils.data.dataloader import default_collate
 
 from core.distributed import NothingToGather, gather_rows, my_share
 from core.errors import worker_errors_unwrapped
+from evals import datacomp
 from evals.datasets import EvalSet, retrieval_collate
 from evals.errors import EvalDatasetError
 from evals.streams import StreamedBenchmark, Tagged
@@ -190,6 +191,8 @@ def classification_metrics(model, tokenizer, dataset, device: torch.device, batc
     hits = {f"acc{k}": (predicted[:, :k] == target[:, None]).any(1).numpy() for k in ks}
     metrics = {"acc1": accuracies[0], "acc5": accuracies[1] if len(ks) > 1 else float("nan"),
                "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(axis=1))}
+    if isinstance(dataset, StreamedBenchmark):  # a DataComp task with an evaluator of its own adds its metrics
+        metrics |= datacomp.scored(dataset.name, dataset.urls, logits, target)
     return BenchmarkResult(metrics, hits)
 
 
@@ -256,6 +259,9 @@ def _zero_shot_metrics(model, tokenizer, eval_set: EvalSet, device: torch.device
                                             classifiers or Classifiers(), workers))
     if eval_set.retrieval is not None:
         parts.append(retrieval_metrics(model, tokenizer, eval_set.retrieval, device, batch_size, workers))
+    if eval_set.association is not None:  # every rank scores every instance: a few thousand, one cue each
+        with evaluating(model, device):
+            parts.append(BenchmarkResult(datacomp.winogavil_metrics(model, tokenizer, eval_set.association, device)))
     return BenchmarkResult({name: float(v) for part in parts for name, v in part.metrics.items()},
                            {name: bits for part in parts for name, bits in part.items.items()},
                            next((part.embedded for part in parts if part.embedded is not None), None))

@@ -249,7 +249,8 @@ class TrainSpec(Strict):
 
 
 class BenchmarkSpec(Strict):
-    dataset: str = Field(description="a built-in dataset, imagefolder, csv, or a clip_benchmark dataset name")
+    dataset: str = Field(description="a built-in dataset, imagefolder, csv, winogavil (DataComp's, its Hugging Face "
+                         "split as parquet), or a clip_benchmark dataset name")
     root: str | None = Field(None, description="where a clip_benchmark dataset is staged, or the folder / CSV")
     task: Literal["zeroshot_classification", "zeroshot_retrieval"] | None = Field(
         None, description="clip_benchmark's task for the dataset; by default the one clip_benchmark gives its name")
