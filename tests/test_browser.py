@@ -23,6 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 PAGES = {
     "Leaderboard": "[data-testid=stDataFrame] [role=row]",
     "Ablation": "[data-testid=stDataFrame] [role=row]",
+    "The paper's findings": "[data-testid=stDataFrame] [role=row]",
     "Feature similarity vs accuracy": ".js-plotly-plot .scatterlayer .point",
     "Accuracy vs cost": ".js-plotly-plot .scatterlayer .point",
     "Training curves": ".js-plotly-plot .scatterlayer .trace",
@@ -203,7 +204,7 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
             # through the sidebar, as a reader moves between pages (Streamlit's own first load of a page's URL
             # probes <page>/_stcore/health, a 404 in the console: streamlit/streamlit#7074)
             page.locator("[data-testid=stSidebarNav] a", has_text=title).click()
-            page.wait_for_selector(f"h1:has-text('{title}')", timeout=60_000)
+            page.wait_for_selector(f'h1:has-text("{title}")', timeout=60_000)
             page.wait_for_selector(data, state="attached", timeout=60_000)  # a table's rows are its a11y DOM
             page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=60_000)  # rerun done
             if title in INTERACTIONS:  # as a reader would: the paper beside every method, curves against samples
@@ -232,6 +233,10 @@ def test_every_page_in_headless_chromium(served_app, tmp_path):
                 table.locator("[role=row]").nth(1).wait_for(state="attached", timeout=60_000)
                 running = table.locator("[role=row]").all_text_contents()
                 assert len(running) == 2 and LIVE_RUN in running[1] and "100000" in running[1]
+            if title == "The paper's findings" and not STORE:  # each finding stated with its verdict
+                text = page.locator("[data-testid=stMain]").inner_text()
+                assert "1. Every distillation loss beats the baseline" in text and "7. The methods rank as in Table 1" in text
+                assert any(verdict in text for verdict in ("holds", "contradicted", "unresolved at this power"))
             if title == "Feature similarity vs accuracy" and not STORE:
                 assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 6
                 assert "fit (r = " in page.locator(".js-plotly-plot").inner_text()

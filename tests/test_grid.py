@@ -27,14 +27,14 @@ def workdir(tmp_path: Path) -> Path:
 
 def test_plan_lists_the_papers_cells_without_downloading(workdir):
     out = run_clipkd("grid", "plan", "grids/paper_ablation.yaml", "--no-check-data", cwd=workdir, env=HF_OFFLINE).stdout
-    assert "10 cells (1 teachers trained first)" in out
-    for method in ["baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "fd+icl", "clip-kd"]:
+    assert "12 cells (1 teachers trained first)" in out
+    for method in ["baseline", "crd", "fd", "mfd", "gd", "icl", "afd", "fd+icl", "clip-kd", "clip-kd+gd", "clip-kd+afd"]:
         assert f"/ViT-T-16/{method}/" in out
     assert "teacher/vit-b-16" in out and "new" in out
 
 
 @pytest.mark.parametrize("name", ["paper_students", "paper_laion", "paper_ensemble", "paper_tinyclip", "demo", "demo_field",
-                                  "demo_tinyclip", "smoke"])
+                                  "demo_tinyclip", "demo_findings", "smoke"])
 def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, monkeypatch):
     """In this process (the command line is tested above): every shipped grid validates, offline."""
     from harness.grids import checks
@@ -43,10 +43,10 @@ def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     grid = load_grid(ROOT / "grids" / f"{name}.yaml")
     assert grid.cells
-    if name in ("demo", "demo_field", "demo_tinyclip"):
+    if name in ("demo", "demo_field", "demo_tinyclip", "demo_findings"):
         require(checks.FASHION_MNIST_DIR.is_dir(),
                 "Debian's dataset-fashion-mnist is not installed (scripts/install_debian.sh fashion-mnist)")
-    if name in ("demo", "demo_field", "demo_tinyclip", "smoke"):  # their data is on this machine: checked, and found
+    if name in ("demo", "demo_field", "demo_tinyclip", "demo_findings", "smoke"):  # their data is on this machine: checked, and found
         assert all(checks.problems(cell.config) == [] for cell in grid.cells)
 
 
@@ -56,7 +56,7 @@ def test_plan_and_submit_check_every_cells_data_before_anything_queues(workdir):
     for command in (["plan"], ["submit", "--executor", "slurm"]):
         result = run_clipkd("grid", *command, "grids/paper_ablation.yaml", cwd=workdir, check=False, env=HF_OFFLINE)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert "10 of 10 cells would fail before they train" in result.stderr
+        assert "12 of 12 cells would fail before they train" in result.stderr
         assert "1380 of 1380 training shards do not exist, e.g. '/datasets/cc3m_cc12m/00000.tar'" in result.stderr
         assert "benchmark 'imagenet1k': root '/datasets/imagenet' does not exist" in result.stderr
         assert "--no-check-data" in result.stderr
@@ -326,3 +326,60 @@ def test_a_job_that_finishes_before_its_submitter_marks_it_started_is_done(workd
     assert result.returncode == 0, result.stderr
     stored = sqlite3.connect(workdir / "results" / "clipkd.db").execute("select status from runs").fetchall()
     assert stored == [("done",)]
+
+
+def test_local_cells_start_once_what_they_need_is_done_not_when_their_stage_is(monkeypatch):
+    """The findings grid's two teachers train side by side; once the demo's teacher is done, its cache and then
+    its students take the freed core while the larger teacher still trains (before, the whole first stage had
+    to end). No cell starts before the cells it needs are done, never more than max_parallel cells or the cores'
+    threads at once, and each cell gets the threads its stage's width gives it (its numbers do not depend on
+    what runs beside it)."""
+    from harness.grids import dispatch
+    from harness.grids.expansion import load_grid
+
+    grid = load_grid(ROOT / "grids" / "demo_findings.yaml")
+    clock, started, done, busy = [0], {}, {}, []
+    ticks = {"teacher/tiny-teacher": 3, "teacher/small-teacher": 12}
+
+    class Job:
+        def __init__(self, cell, threads):
+            self.cell, self.threads, self.job_id, self._process = cell, threads, cell.name, type("P", (), {"pid": 0})
+            self.ends = clock[0] + ticks.get(cell.name, 1)
+
+        def done(self):
+            return clock[0] >= self.ends
+
+        def exception(self):
+            return None
+
+    class Executor:
+        def submit(self, job):
+            cell, threads = job
+            assert all(need in done for need in cell.needs), f"{cell.name} started before {cell.needs}"
+            started[cell.name] = (clock[0], threads)
+            running.append(job := Job(cell, threads))
+            return job
+
+    running = []
+
+    def tick(_seconds):
+        live = [j for j in running if j.cell.name not in done]
+        busy.append((len(live), sum(j.threads for j in live)))
+        clock[0] += 1
+        for job in live:
+            if job.done():
+                done[job.cell.name] = clock[0]
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(dispatch, "make_executor", lambda *args: Executor())
+    monkeypatch.setattr(dispatch, "_job", lambda cell, grid, url, threads: (cell, threads))
+    for name in ("_record", "ingest", "_save_jobs", "_direct_store_url"):
+        monkeypatch.setattr(dispatch, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(dispatch, "load_jobs", lambda grid: {})
+    monkeypatch.setattr(dispatch.time, "sleep", tick)
+    dispatch.run_local(grid, None, grid.cells, grid.spec.slurm, report=lambda line: None)
+    assert set(started) == {c.name for c in grid.cells} and max(busy) <= (2, 2)
+    tiny_cache = next(c.name for c in grid.cells if c.kind == "teacher-cache" and c.needs == ["teacher/tiny-teacher"])
+    assert started[tiny_cache][0] < done["teacher/small-teacher"]  # the freed core did not wait for the stage
+    assert {started[t][1] for t in ticks} == {1} and {threads for _, threads in started.values()} == {1}

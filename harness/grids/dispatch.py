@@ -3,7 +3,7 @@
 SLURM: teachers the grid trains form a first array, teacher-embedding caches a second, the students a third;
 each depends on the arrays of the cells it needs (``afterok``) and all are submitted at once, so ``submit``
 returns immediately. Local: submitit's local executor has no queue, so cells run
-in the foreground, at most ``max_parallel`` at a time, stage by stage. Either way a cell's job is a
+in the foreground, at most ``max_parallel`` at a time, each once the cells it needs are done. Either way a cell's job is a
 :class:`CellJob`, which checkpoints and requeues on SLURM's time-limit signal, and records its result in its
 run directory; the store ingests those records (see ``results/records.py``).
 """
@@ -273,46 +273,62 @@ def cell_threads(side_by_side: int) -> int:
 
 def run_local(grid: Grid, store: Store, cells: list[Cell], spec: SlurmSpec,
               report: Callable[[str], None] = print) -> None:
-    """Run cells on this machine, ``spec.max_parallel`` at a time; a stage starts once the one before is done."""
+    """Run cells on this machine, ``spec.max_parallel`` at a time, in stage order. Each cell gets the threads it
+    would have in a stage run alone (``cell_threads`` of its stage's width: the numbers do not depend on what runs
+    beside it), and starts as soon as the cells it needs are done and its threads fit the cores left: a grid's
+    second, larger teacher does not hold a core idle that the first one's students can use."""
     jobs = load_jobs(grid)
     executor = make_executor(grid, "local", spec)
+    widths = {stage: sum(c.stage == stage for c in cells) for stage in {c.stage for c in cells}}
+    threads = {c.name: cell_threads(min(spec.max_parallel, widths[c.stage])) for c in cells}
+    user_threads = os.environ.get("OMP_NUM_THREADS", "").isdigit()  # then only max_parallel bounds the cells
+    cores = len(os.sched_getaffinity(0))
+    queue = sorted(cells, key=lambda c: c.stage)
+    waiting_on = {c.name for c in cells}  # the cells of this submission not done yet
     failed: set[str] = set()
-    for stage in sorted({c.stage for c in cells}):
-        queue = [c for c in cells if c.stage == stage]
-        running: dict[Any, Cell] = {}
-        threads = cell_threads(min(spec.max_parallel, len(queue)))
-        try:
-            while queue or running:
-                while queue and len(running) < spec.max_parallel:
-                    cell = queue.pop(0)
-                    blocked = [n for n in cell.needs if n in failed]
-                    if blocked:
-                        _record(store, cell, grid, "failed", f"cell {blocked[0]}, which it needs, failed")
-                        failed.add(cell.name)
-                        continue
-                    started = now()
-                    job = executor.submit(_job(cell, grid, _direct_store_url(store), threads))
-                    running[job] = cell
-                    jobs[cell.run_id] = {"executor": "local", "job_id": job.job_id, "cell": cell.name,
-                                         "pid": job._process.pid}
-                    _save_jobs(grid, jobs)
-                    _record(store, cell, grid, "running", at=started)
-                    report(f"started  {cell.name}")
-                time.sleep(0.5)
-                for job in [j for j in running if j.done()]:
-                    cell = running.pop(job)
-                    if cell.kind == RUN:
-                        ingest(store, [cell.config.run_dir])
-                    error = job.exception()  # LocalJob.state says FINISHED for failed jobs too
-                    if error is not None:
-                        failed.add(cell.name)
-                        _mark_failed_without_record(store, cell, grid, f"{type(error).__name__}: {error}")
-                    report(f"{'failed ' if error else 'done    '} {cell.name}")
-        except KeyboardInterrupt:
-            for job, cell in running.items():
-                job.cancel()
-                _record(store, cell, grid, "queued", "interrupted: resubmit to resume from its checkpoint")
-            raise
+    running: dict[Any, Cell] = {}
+    try:
+        while queue or running:
+            busy = sum(threads[c.name] for c in running.values())
+            for cell in list(queue):
+                if len(running) >= spec.max_parallel:
+                    break
+                blocked = [n for n in cell.needs if n in failed]
+                if blocked:
+                    queue.remove(cell)
+                    _record(store, cell, grid, "failed", f"cell {blocked[0]}, which it needs, failed")
+                    failed.add(cell.name)
+                    waiting_on.discard(cell.name)
+                    continue
+                fits = user_threads or not running or busy + threads[cell.name] <= cores
+                if any(n in waiting_on for n in cell.needs) or not fits:
+                    continue
+                queue.remove(cell)
+                started = now()
+                job = executor.submit(_job(cell, grid, _direct_store_url(store), threads[cell.name]))
+                running[job] = cell
+                busy += threads[cell.name]
+                jobs[cell.run_id] = {"executor": "local", "job_id": job.job_id, "cell": cell.name,
+                                     "pid": job._process.pid}
+                _save_jobs(grid, jobs)
+                _record(store, cell, grid, "running", at=started)
+                report(f"started  {cell.name}")
+            time.sleep(0.5)
+            for job in [j for j in running if j.done()]:
+                cell = running.pop(job)
+                waiting_on.discard(cell.name)
+                if cell.kind == RUN:
+                    ingest(store, [cell.config.run_dir])
+                error = job.exception()  # LocalJob.state says FINISHED for failed jobs too
+                if error is not None:
+                    failed.add(cell.name)
+                    _mark_failed_without_record(store, cell, grid, f"{type(error).__name__}: {error}")
+                report(f"{'failed ' if error else 'done    '} {cell.name}")
+    except KeyboardInterrupt:
+        for job, cell in running.items():
+            job.cancel()
+            _record(store, cell, grid, "queued", "interrupted: resubmit to resume from its checkpoint")
+        raise
 
 
 def _mark_failed_without_record(store: Store, cell: Cell, grid: Grid, reason: str) -> None:
