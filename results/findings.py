@@ -99,6 +99,7 @@ class Cells:
         self.store, self.benchmark, self.similarity, self.teacher = store, benchmark, similarity, teacher
         self.values: dict[tuple, dict[int, float]] = {}
         self.runs: dict[tuple, dict[int, str]] = {}
+        self._packed: dict[str, tuple[int, bytes]] | None = None
         for row in frame.itertuples(index=False):
             key = (None if row.method == "baseline" else row.teacher, row.method, row.metric)
             self.values.setdefault(key, {})[int(row.seed)] = float(row.value)
@@ -108,56 +109,54 @@ class Cells:
         owner = None if method == "baseline" else teacher or self.teacher
         return self.values.get((owner, method, ACCURACY))
 
-    def paired(self, label: str, claim: str, a: tuple, b: tuple, family: int, margin: float,
-               confidence: float) -> Comparison | None:
-        """A − B (each a (method, teacher) pair), its interval at the family's Bonferroni level; None when the
-        store lacks either."""
-        first, second = self.top1(*a), self.top1(*b)
-        if not first or not second:
-            return None
-        adjusted = 1 - (1 - confidence) / family
-        by_seed = stats.paired_by_seed(first, second, adjusted)
-        if by_seed is not None:
-            interval, p = by_seed
-            test = f"paired t over {interval.n} seeds"
-        else:
-            interval, p, test = self._by_items(a, b, adjusted)
-        return Comparison(label, claim, interval.estimate, interval.low, interval.high, min(1.0, p * family), test,
-                          verdict(claim, interval.low, interval.high, margin))
+    def _run(self, method: str, teacher: str | None, seed: int) -> str | None:
+        return self.runs.get((None if method == "baseline" else teacher or self.teacher, method), {}).get(seed)
 
-    def _by_items(self, a: tuple, b: tuple, confidence: float) -> tuple[stats.Interval, float, str]:
-        """With fewer than two shared seeds: a paired bootstrap over the test items of one seed's two runs
-        (test-set noise only), or no interval where the store has no per-item results."""
-        first, second = self.top1(*a), self.top1(*b)
-        shared = sorted(set(first) & set(second))
-        seed = shared[0] if shared else None
-        ids = [self.runs[(None if method == "baseline" else teacher or self.teacher, method)].get(seed)
-               for method, teacher in (a, b)]
-        found = self.store.packed_items(ids, self.benchmark, ACCURACY) if seed is not None else {}
-        if len(found) == 2 and found[ids[0]][0] == found[ids[1]][0]:
-            (count, bits_a), (_, bits_b) = found[ids[0]], found[ids[1]]
-            [(interval, p)] = stats.paired_from_tables([stats.packed_item_table(bits_a, bits_b, count)], confidence)
-            return interval, p, f"paired bootstrap over {count} items (one seed: test-set noise only)"
-        estimate = float(np.mean(list(first.values())) - np.mean(list(second.values())))
-        return stats.Interval(estimate, np.nan, np.nan, "none", 0), np.nan, "no interval (one seed, no per-item results)"
+    def compare(self, family: list[tuple[str, str, tuple, tuple]], margin: float, confidence: float
+                ) -> list[Comparison]:
+        """Each (label, claim, A, B) of a family — A and B being (method, teacher) pairs the store has — as A − B in
+        points of top-1, its interval at the family's Bonferroni level: paired by seed where two seeds or more are
+        shared, else a paired bootstrap over the test items of one seed's two runs (test-set noise only; the
+        setting's items are read once, and the family's bootstraps run as one), else no interval."""
+        adjusted, found, by_items = 1 - (1 - confidence) / len(family), [], {}
+        for label, claim, a, b in family:
+            first, second = self.top1(*a), self.top1(*b)
+            by_seed = stats.paired_by_seed(first, second, adjusted)
+            if by_seed is not None:
+                found.append((label, claim, *by_seed, f"paired t over {by_seed[0].n} seeds"))
+                continue
+            estimate = float(np.mean(list(first.values())) - np.mean(list(second.values())))
+            found.append((label, claim, stats.Interval(estimate, np.nan, np.nan, "none", 0), np.nan,
+                          "no interval (one seed, no per-item results)"))
+            shared = sorted(set(first) & set(second))
+            items = self._items()
+            pair = [items.get(self._run(*side, shared[0])) for side in (a, b)] if shared else [None]
+            if None not in pair and pair[0][0] == pair[1][0]:
+                by_items[len(found) - 1] = stats.packed_item_table(pair[0][1], pair[1][1], pair[0][0])
+        for index, (interval, p) in zip(by_items, stats.paired_from_tables(list(by_items.values()), adjusted)
+                                        if by_items else []):
+            label, claim, *_ = found[index]
+            found[index] = (label, claim, interval, p,
+                            f"paired bootstrap over {interval.n} items (one seed: test-set noise only)")
+        return [Comparison(label, claim, 100 * interval.estimate, 100 * interval.low, 100 * interval.high,
+                           min(1.0, p * len(family)), test, verdict(claim, interval.low, interval.high, margin))
+                for label, claim, interval, p, test in found]
+
+    def _items(self) -> dict[str, tuple[int, bytes]]:
+        """Every run's per-item top-1 of the setting, read in one query the first time a comparison needs them."""
+        if self._packed is None:
+            ids = {run for by_seed in self.runs.values() for run in by_seed.values()}
+            self._packed = self.store.packed_items(ids, self.benchmark, ACCURACY)
+        return self._packed
 
 
-def _points(comparison: Comparison) -> Comparison:
-    """A Δ of top-1 in points, as the paper's tables print it."""
-    scale = 100.0
-    return Comparison(comparison.label, comparison.claim, comparison.estimate * scale, comparison.low * scale,
-                      comparison.high * scale, comparison.p, comparison.test, comparison.verdict)
-
-
-def _pairwise(cells: Cells, pairs: list[tuple[str, str, str]], margin: float, confidence: float,
-              teachers: tuple[str | None, str | None] = (None, None)) -> tuple[list[Comparison], list[str]]:
-    """Each (A, B, claim) compared within one family; the methods the store lacks, named."""
-    tested = [(a, b, claim) for a, b, claim in pairs if cells.top1(a, teachers[0]) and cells.top1(b, teachers[1])]
-    missing = sorted({NAMES.get(m, m) for a, b, _ in pairs for m, t in ((a, teachers[0]), (b, teachers[1]))
-                      if not cells.top1(m, t)})
-    found = [cells.paired(f"{NAMES.get(a, a)} − {NAMES.get(b, b)}", claim, (a, teachers[0]), (b, teachers[1]),
-                          len(tested), margin, confidence) for a, b, claim in tested]
-    return [_points(c) for c in found if c is not None], missing
+def _pairwise(cells: Cells, pairs: list[tuple[str, str, str]], margin: float, confidence: float
+              ) -> tuple[list[Comparison], list[str]]:
+    """Each (A, B, claim) the store has, compared within one family; the methods it lacks, named."""
+    tested = [(f"{NAMES.get(a, a)} − {NAMES.get(b, b)}", claim, (a, None), (b, None))
+              for a, b, claim in pairs if cells.top1(a) and cells.top1(b)]
+    missing = sorted({NAMES.get(m, m) for a, b, _ in pairs for m in (a, b) if not cells.top1(m)})
+    return (cells.compare(tested, margin, confidence) if tested else []), missing
 
 
 def _similarity_follows(cells: Cells, confidence: float) -> Comparison | None:
@@ -239,11 +238,9 @@ def _larger_teachers(store: Store, frame: pd.DataFrame, cells: Cells, margin: fl
     pairs = [(small, large) for i, small in enumerate(ordered) for large in ordered[i + 1:] if sizes[large] > sizes[small]]
     if not pairs:
         return [], ["CLIP-KD from a second, larger teacher"]
-    found = []
-    for small, large in pairs:
-        comparison = cells.paired(f"CLIP-KD: {large} − {small} ({sizes[large] / sizes[small]:.2f}× the weights)",
-                                  NO_NOTABLE_GAIN, (CLIP_KD, large), (CLIP_KD, small), len(pairs), margin, confidence)
-        found.append(_points(comparison))
+    found = cells.compare([(f"CLIP-KD: {large} − {small} ({sizes[large] / sizes[small]:.2f}× the weights)",
+                            NO_NOTABLE_GAIN, (CLIP_KD, large), (CLIP_KD, small)) for small, large in pairs],
+                          margin, confidence)
     return found, []
 
 
