@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -46,7 +47,7 @@ def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, mo
     if name in ("demo", "demo_field", "demo_tinyclip", "demo_findings"):
         require(checks.FASHION_MNIST_DIR.is_dir(),
                 "Debian's dataset-fashion-mnist is not installed (scripts/install_debian.sh fashion-mnist)")
-    if name in ("demo", "demo_field", "demo_tinyclip", "demo_findings", "smoke"):  # their data is on this machine: checked, and found
+    if name in ("demo", "demo_field", "demo_tinyclip", "demo_findings", "smoke"):  # their data is here: checked, and found
         assert all(checks.problems(cell.config) == [] for cell in grid.cells)
 
 
@@ -136,6 +137,7 @@ def test_bad_slurm_flag_on_the_command_line(workdir, clipkd):
 def test_local_executor_runs_the_grid_and_resubmitting_submits_nothing(smoke_grid):
     workdir, out = smoke_grid
     assert "9 cells to submit" in out and "9 done" in out
+    assert re.search(r"^9 cells ran in \d+ min \d+ s on this machine$", out, re.MULTILINE)
     db = sqlite3.connect(workdir / "results" / "clipkd.db")
     assert db.execute("select count(*) from runs where status = 'done' and grid = 'smoke'").fetchone()[0] == 9
     assert db.execute("select count(distinct run_id) from metrics join runs on runs.id = run_id where metric = 'acc1' "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 SLURM_FLAGS = {  # CLI flag -> grid file's slurm field
@@ -150,7 +151,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
             if args.wait:
                 dispatch.wait(grid, store)
         elif todo:
+            started = time.monotonic()
             dispatch.run_local(grid, store, todo, spec)
+            minutes, seconds = divmod(round(time.monotonic() - started), 60)
+            print(f"{len(todo)} cells ran in {minutes} min {seconds} s on this machine")
         states = dispatch.cell_states(grid, store)
         print(dispatch.summarize(states))
         if any(states[c.name] == "failed" for c in todo) and (args.wait or args.executor == "local"):
