@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
-from sqlalchemy import select, union
+from sqlalchemy import select
 
 from results import stats
 from results.paper import table1_deltas
-from results.queries import metric_name, per_seed
-from results.store import GridCell, Run, Store
+from results.queries import QueryError, filter_options, grid_cells, metric_name, per_seed
+from results.store import Run, Store
 
 HOLDS, CONTRADICTED, UNRESOLVED, UNTESTED = "holds", "contradicted", "unresolved at this power", "not tested"
 GREATER, CLOSE, NO_NOTABLE_GAIN = "greater", "close", "no notable gain"
@@ -55,6 +55,7 @@ class Comparison:
     p: float  # Bonferroni-adjusted
     test: str
     verdict: str
+    points: bool = True  # a Δ in points of top-1 (signed), else a correlation
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _similarity_follows(cells: Cells, confidence: float) -> Comparison | None:
         return None
     r, p = found
     return Comparison(f"Pearson r ({cells.similarity}, top-1) over {r.n} distilled runs", GREATER, r.estimate,
-                      r.low, r.high, p, "Fisher z", verdict(GREATER, r.low, r.high, 0.0))
+                      r.low, r.high, p, "Fisher z", verdict(GREATER, r.low, r.high, 0.0), points=False)
 
 
 def spearman(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -217,13 +218,14 @@ def _rank_agreement(cells: Cells, confidence: float) -> list[Comparison]:
     labels = [f"{name} of {len(methods)} methods' Δ with Table 1's" for name in names]
     estimates = statistic(np.arange(len(seeds)))
     if len(seeds) < 2:
-        return [Comparison(label, GREATER, float(e), np.nan, np.nan, np.nan, "one seed: no interval", UNRESOLVED)
-                for label, e in zip(labels, estimates)]
+        return [Comparison(label, GREATER, float(e), np.nan, np.nan, np.nan, "one seed: no interval", UNRESOLVED,
+                           points=False) for label, e in zip(labels, estimates)]
     interval = scipy_stats.bootstrap((np.arange(len(seeds)),), statistic, method="percentile", n_resamples=RESAMPLES,
                                      confidence_level=1 - (1 - confidence) / len(names),
                                      rng=np.random.default_rng(stats.SEED)).confidence_interval
     return [Comparison(label, GREATER, float(e), float(low), float(high), np.nan, f"bootstrap over {len(seeds)} seeds",
-                       verdict(GREATER, low, high, 0.0)) for label, e, low, high in zip(labels, estimates, *interval)]
+                       verdict(GREATER, low, high, 0.0), points=False)
+            for label, e, low, high in zip(labels, estimates, *interval)]
 
 
 def _larger_teachers(store: Store, frame: pd.DataFrame, cells: Cells, margin: float, confidence: float
@@ -245,10 +247,14 @@ def _larger_teachers(store: Store, frame: pd.DataFrame, cells: Cells, margin: fl
 
 
 def grid_runs(store: Store, grid: str) -> set[str]:
-    """The runs of a grid: its registered cells (a run it shares with another grid included) and those it wrote."""
+    """The runs of a grid (``queries.grid_cells``); a grid the store does not know is refused, its grids named."""
+    cells = grid_cells()
     with store.engine.connect() as connection:
-        return set(connection.scalars(union(select(GridCell.run_id).where(GridCell.grid == grid),
-                                            select(Run.id).where(Run.grid == grid))))
+        runs = set(connection.scalars(select(cells.c.run_id).where(cells.c.grid == grid)))
+        if not runs:
+            known = sorted(set(connection.scalars(select(cells.c.grid).distinct())))
+            raise QueryError(f"grid {grid!r} has no runs in this store; its grids: {', '.join(known) or 'none'}")
+    return runs
 
 
 def findings(store: Store, benchmark: str | None = None, grid: str | None = None, margin: float = MARGIN,
@@ -256,6 +262,8 @@ def findings(store: Store, benchmark: str | None = None, grid: str | None = None
     """Every finding for each setting of the store (or of a grid's runs) with a baseline and distilled runs, on
     ``benchmark`` (default: ImageNet where stored, else the one with the most top-1 values)."""
     similarity = metric_name(similarity)
+    if benchmark is not None and benchmark not in (stored := filter_options(store)["benchmark"]):
+        raise QueryError(f"benchmark {benchmark!r} has no values in this store; its benchmarks: {', '.join(stored)}")
     frame = per_seed(store, [ACCURACY, similarity], benchmark)
     if grid is not None:
         frame = frame[frame["run_id"].isin(grid_runs(store, grid))]
@@ -321,7 +329,7 @@ def _setting_findings(store: Store, frame: pd.DataFrame, cells: Cells, margin: f
 
 
 def _stated(comparison: Comparison) -> str:
-    number = "{:+.2f}" if comparison.test.startswith(("paired", "no interval")) else "{:.2f}"
+    number = "{:+.2f}" if comparison.points else "{:.2f}"
     interval = ("no interval" if np.isnan(comparison.low)
                 else f"[{number.format(comparison.low)}, {number.format(comparison.high)}]")
     return f"{comparison.label} {number.format(comparison.estimate)} {interval}"

@@ -306,10 +306,16 @@ def running_runs(store: Store) -> pd.DataFrame:
         "reported at": r["updated_at"]} for r in rows], columns=RUNNING_COLUMNS)
 
 
+def grid_cells():
+    """Every grid's runs: the cells it registered (a run it shares with another grid included) and the runs it
+    wrote, as (grid, run_id) rows."""
+    return union(select(GridCell.grid, GridCell.run_id),
+                 select(Run.grid, Run.id.label("run_id")).where(Run.grid.is_not(None))).subquery()
+
+
 def grid_progress(store: Store) -> pd.DataFrame:
     """Per grid, its cells counted by state; a registered cell with no run yet is "new"."""
-    cells = union(select(GridCell.grid, GridCell.run_id),
-                  select(Run.grid, Run.id.label("run_id")).where(Run.grid.is_not(None))).subquery()
+    cells = grid_cells()
     state = func.coalesce(Run.status, literal("new"))
     counts = [func.sum(case((state == s, 1), else_=0)).label(s) for s in ("new", *STATUSES)]
     query = (select(cells.c.grid, *counts, func.count().label("cells"))

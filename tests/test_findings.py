@@ -153,5 +153,7 @@ def test_the_command_prints_every_finding_and_refuses_bad_input(tmp_path, capsys
     assert "--margin 0.0: points of top-1" in capsys.readouterr().err
     assert main(["findings", "--db", db, "--similarity", "cka"]) == 2
     assert "--similarity 'cka': one of cka_img" in capsys.readouterr().err
-    assert main(["findings", "--db", db, "--grid", "grids/demo_findings.yaml"]) == 0  # none of its runs here
-    assert "no setting in this store has a no-KD baseline" in capsys.readouterr().out
+    assert main(["findings", "--db", db, "--grid", "grids/demo_findings.yaml"]) == 2  # none of its runs here
+    assert "grid 'demo-findings' has no runs in this store; its grids: none" in capsys.readouterr().err
+    assert main(["findings", "--db", db, "--benchmark", "imagenet1k"]) == 2
+    assert "benchmark 'imagenet1k' has no values in this store; its benchmarks: fashion-mnist" in capsys.readouterr().err
