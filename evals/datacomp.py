@@ -44,30 +44,32 @@ def macro_f1_of_present_classes(target: np.ndarray, predicted: np.ndarray) -> fl
     return float(f1_score(target, predicted, average="macro", labels=np.unique(target), zero_division=0))
 
 
-def _hits(logits: torch.Tensor, target: torch.Tensor, k: int) -> np.ndarray:
-    return (logits.topk(min(k, logits.shape[1]), 1)[1] == target[:, None]).any(1).numpy()
-
-
-def iwildcam(logits: torch.Tensor, target: torch.Tensor, metadata: np.ndarray) -> dict[str, float]:
+def iwildcam(logits: torch.Tensor, target: torch.Tensor, hits: dict[str, np.ndarray], metadata: np.ndarray
+             ) -> dict[str, float]:
     return {"F1-macro_all": macro_f1_of_present_classes(target.numpy(), logits.argmax(1).numpy())}
 
 
-def fmow(logits: torch.Tensor, target: torch.Tensor, metadata: np.ndarray) -> dict[str, float]:
-    hits = _hits(logits, target, 1)
-    return {"acc_worst_region": worst_group_accuracy(hits, metadata[:, 0]),
-            "acc_worst_year": worst_group_accuracy(hits, metadata[:, 1])}
+def fmow(logits: torch.Tensor, target: torch.Tensor, hits: dict[str, np.ndarray], metadata: np.ndarray
+         ) -> dict[str, float]:
+    return {"acc_worst_region": worst_group_accuracy(hits["acc1"], metadata[:, 0]),
+            "acc_worst_year": worst_group_accuracy(hits["acc1"], metadata[:, 1])}
 
 
-def dollar_street(logits: torch.Tensor, target: torch.Tensor, metadata: np.ndarray) -> dict[str, float]:
-    return {"acc_top5_wg": worst_group_accuracy(_hits(logits, target, 5), metadata[:, 0])}
+def dollar_street(logits: torch.Tensor, target: torch.Tensor, hits: dict[str, np.ndarray], metadata: np.ndarray
+                  ) -> dict[str, float]:
+    if "acc5" not in hits:
+        raise EvalDatasetError(f"Dollar Street's top-5 accuracy needs 5 classes or more; this set has {logits.shape[1]}")
+    return {"acc_top5_wg": worst_group_accuracy(hits["acc5"], metadata[:, 0])}
 
 
-def geode(logits: torch.Tensor, target: torch.Tensor, metadata: np.ndarray) -> dict[str, float]:
-    return {"acc_wg": worst_group_accuracy(_hits(logits, target, 1), metadata[:, 0])}
+def geode(logits: torch.Tensor, target: torch.Tensor, hits: dict[str, np.ndarray], metadata: np.ndarray
+          ) -> dict[str, float]:
+    return {"acc_wg": worst_group_accuracy(hits["acc1"], metadata[:, 0])}
 
 
-# clip_benchmark's dataset name -> the scores from its logits, labels and per-sample metadata
-SCORERS: dict[str, Callable[[torch.Tensor, torch.Tensor, np.ndarray], dict[str, float]]] = {
+# clip_benchmark's dataset name -> the scores from its logits, labels, per-item top-k hits (clip_benchmark's, as
+# zeroshot.classification_metrics computes them) and per-sample metadata
+SCORERS: dict[str, Callable[[torch.Tensor, torch.Tensor, dict[str, np.ndarray], np.ndarray], dict[str, float]]] = {
     "wds/wilds/iwildcam": iwildcam, "wds/wilds/fmow": fmow, "wds/fairness/dollar_street": dollar_street,
     "wds/fairness/geode": geode}
 
@@ -87,7 +89,8 @@ def stream_metadata(urls: list[str]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0))
 
 
-def scored(name: str, urls: list[str] | None, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def scored(name: str, urls: list[str] | None, logits: torch.Tensor, target: torch.Tensor,
+           hits: dict[str, np.ndarray]) -> dict[str, float]:
     """DataComp's metrics of a classification set that has an evaluator of its own (none for the others)."""
     scorer = SCORERS.get(name)
     if scorer is None or urls is None:
@@ -95,7 +98,7 @@ def scored(name: str, urls: list[str] | None, logits: torch.Tensor, target: torc
     metadata = stream_metadata(urls)[:len(target)]  # evaluation during training reads the stream's first items
     if len(metadata) != len(target):
         raise EvalDatasetError(f"{name}: {len(metadata)} metadata rows for {len(target)} items")
-    return scorer(logits, target, metadata)
+    return scorer(logits, target, hits, metadata)
 
 
 # -- WinoGAViL ------------------------------------------------------------------------------------------------------

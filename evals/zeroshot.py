@@ -192,7 +192,7 @@ def classification_metrics(model, tokenizer, dataset, device: torch.device, batc
     metrics = {"acc1": accuracies[0], "acc5": accuracies[1] if len(ks) > 1 else float("nan"),
                "mean_per_class_recall": balanced_accuracy_score(target, logits.argmax(axis=1))}
     if isinstance(dataset, StreamedBenchmark):  # a DataComp task with an evaluator of its own adds its metrics
-        metrics |= datacomp.scored(dataset.name, dataset.urls, logits, target)
+        metrics |= datacomp.scored(dataset.name, dataset.urls, logits, target, hits)
     return BenchmarkResult(metrics, hits)
 
 

@@ -35,19 +35,21 @@ def logits_ranking(*rankings: list[int], classes: int = 7) -> torch.Tensor:
 def test_the_four_classification_evaluators_by_hand():
     logits = logits_ranking([0, 1, 2, 3, 4, 5, 6], [2, 0, 1, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [1, 0, 2, 3, 4, 5, 6],
                             [3, 4, 5, 6, 0, 1, 2])
-    target = torch.tensor([0, 0, 1, 1, 2])  # top-1 hits: 1, 0, 0, 1, 0; top-5 hits: 1, 1, 0, 1, 0
+    target = torch.tensor([0, 0, 1, 1, 2])
+    hits = {"acc1": np.array([1, 0, 0, 1, 0], bool), "acc5": np.array([1, 1, 0, 1, 0], bool)}  # of these logits
+    first4 = {k: v[:4] for k, v in hits.items()}
     # metadata: column 0 the region (or income group), column 1 the year
     metadata = np.array([[0, 2016], [0, 2017], [1, 2016], [1, 2017], [2, 2016]])
-    assert datacomp.geode(logits, target, metadata) == {"acc_wg": 0.0}  # regions 0 and 1: 1/2; region 2: 0/1
+    assert datacomp.geode(logits, target, hits, metadata) == {"acc_wg": 0.0}  # regions 0 and 1: 1/2; region 2: 0/1
     # years 2016 (items 0, 2, 4): 1/3; 2017 (items 1, 3): 1/2
-    assert datacomp.fmow(logits, target, metadata) == {"acc_worst_region": 0.0, "acc_worst_year": pytest.approx(1 / 3)}
-    assert datacomp.fmow(logits[:4], target[:4], metadata[:4]) == {"acc_worst_region": 0.5, "acc_worst_year": 0.5}
+    assert datacomp.fmow(logits, target, hits, metadata) == {"acc_worst_region": 0.0, "acc_worst_year": pytest.approx(1 / 3)}
+    assert datacomp.fmow(logits[:4], target[:4], first4, metadata[:4]) == {"acc_worst_region": 0.5, "acc_worst_year": 0.5}
     # top-5 by income group: group 0 2/2, group 1 1/2, group 2 0/1
-    assert datacomp.dollar_street(logits, target, metadata) == {"acc_top5_wg": 0.0}
-    assert datacomp.dollar_street(logits[:4], target[:4], np.array([[0], [0], [1], [1]])) == {"acc_top5_wg": 0.5}
+    assert datacomp.dollar_street(logits, target, hits, metadata) == {"acc_top5_wg": 0.0}
+    assert datacomp.dollar_street(logits[:4], target[:4], first4, np.array([[0], [0], [1], [1]])) == {"acc_top5_wg": 0.5}
     # predictions 0, 2, 6, 1, 3 against 0, 0, 1, 1, 2: F1 of class 0 (P 1, R 1/2) 2/3, class 1 (P 1, R 1/2) 2/3,
     # class 2: 0; classes 3 and 6, predicted only, are not averaged
-    assert datacomp.iwildcam(logits, target, metadata) == {"F1-macro_all": pytest.approx(4 / 9)}
+    assert datacomp.iwildcam(logits, target, hits, metadata) == {"F1-macro_all": pytest.approx(4 / 9)}
 
 
 def test_winogavil_prompt_and_jaccard_of_the_top_k_by_hand():
