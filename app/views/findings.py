@@ -4,6 +4,7 @@ import streamlit as st
 from app.data import ALL, open_reader
 from results import findings
 from results.queries import filter_options
+from results.stats import CONFIDENCE
 
 BADGES = {findings.HOLDS: ":green-badge[holds]", findings.CONTRADICTED: ":red-badge[contradicted]",
           findings.UNRESOLVED: ":orange-badge[unresolved at this power]", findings.UNTESTED: ":gray-badge[not tested]"}
@@ -37,4 +38,4 @@ if read is not None:
             if finding.missing:
                 st.caption("missing: " + ", ".join(finding.missing))
     if report:
-        st.caption(findings.legend(margin / 100, 0.95))
+        st.caption(findings.legend(margin / 100, CONFIDENCE))
