@@ -106,12 +106,15 @@ class Cells:
             self.values.setdefault(key, {})[int(row.seed)] = float(row.value)
             self.runs.setdefault(key[:2], {})[int(row.seed)] = row.run_id
 
+    def _key(self, method: str, teacher: str | None) -> tuple[str | None, str]:
+        """(teacher, method) as stored: the baseline has no teacher; a method's is this section's unless named."""
+        return None if method == "baseline" else teacher or self.teacher, method
+
     def top1(self, method: str, teacher: str | None = None) -> dict[int, float] | None:
-        owner = None if method == "baseline" else teacher or self.teacher
-        return self.values.get((owner, method, ACCURACY))
+        return self.values.get((*self._key(method, teacher), ACCURACY))
 
     def _run(self, method: str, teacher: str | None, seed: int) -> str | None:
-        return self.runs.get((None if method == "baseline" else teacher or self.teacher, method), {}).get(seed)
+        return self.runs.get(self._key(method, teacher), {}).get(seed)
 
     def compare(self, family: list[tuple[str, str, tuple, tuple]], margin: float, confidence: float
                 ) -> list[Comparison]:
