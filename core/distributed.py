@@ -147,6 +147,27 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def redistribute(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """This rank's block of the rows ``chosen`` of a global array whose rank-ordered, equal blocks the ranks hold
+    (``x``: this rank's block). ``chosen`` (the same ascending global indices on every rank) is dealt out in order,
+    rank r taking its r-th equal block of it, so that gathering the results gives the global array's rows
+    ``chosen``, as one process's ``x[chosen]``. Each row crosses once (``all_to_all_single``), from the rank that
+    holds it to the rank that takes it; no rank receives another's whole block."""
+    if not grouped():
+        return x[chosen]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    held, share = len(x), len(chosen) // world
+    source = torch.div(chosen, held, rounding_mode="floor")  # the rank holding each chosen row
+    taker = torch.arange(len(chosen), device=chosen.device) // share
+    sent = source == rank  # in ascending order: grouped by taker
+    send_counts = torch.bincount(taker[sent], minlength=world).tolist()
+    receive_counts = torch.bincount(source[taker == rank], minlength=world).tolist()
+    received = x.new_empty((share, *x.shape[1:]))
+    dist.all_to_all_single(received, x[chosen[sent] - rank * held].contiguous(), receive_counts, send_counts)
+    return received
+
+
 def my_share(count: int) -> range:
     """This rank's contiguous share of ``count`` items (sizes differ by one at most; empty for some ranks when
     there are fewer items than ranks: ``gather_rows`` takes an empty share as None)."""

@@ -1,4 +1,5 @@
-"""Hand a student and a built-in dataset to other tools: open_clip's ``local-dir:`` and clip_benchmark's wds."""
+"""Hand a student and a built-in dataset to other tools: open_clip's ``local-dir:`` and clip_benchmark's wds; and a
+built-in training split as webdataset shards, with synthetic captions beside each real one."""
 from __future__ import annotations
 
 import io
@@ -64,3 +65,40 @@ def export_clip_benchmark_wds(dataset: str, out: Path, shards: int = 1, limit: i
     (folders["classification"] / "zeroshot_classification_templates.txt").write_text("\n".join(split.templates) + "\n")
     (folders["retrieval"] / "dataset_type.txt").write_text("retrieval\n")
     return folders["classification"], folders["retrieval"]
+
+
+# A built-in caption is "a {first}, {second}, {third} {class}" (core/builtin.py). Its paraphrases say the same words
+# otherwise, as a captioner's synthetic captions describe the image again: the demo's stand-in for a CoCa's, whose
+# weights cannot be downloaded here (a CoCa of random weights writes noise).
+PARAPHRASES = ("a photo of a {0} {3}, {1} and {2}", "{1} and {2}: one {0} {3}", "the {3}, {0}, {2}, {1}")
+
+
+def paraphrases(caption: str, count: int) -> list[str]:
+    """The first ``count`` paraphrases of a built-in caption."""
+    first, second, rest = caption.removeprefix("a ").split(", ", 2)
+    third, name = rest.split(" ", 1)
+    return [template.format(first, second, third, name) for template in PARAPHRASES[:count]]
+
+
+def export_training_shards(dataset: str, out: Path, shards: int, subset: int | None = None,
+                           synthetic: int = 0) -> str:
+    """The training split (its first ``subset`` samples, the order runs read) as ``shards`` webdataset shards
+    of PNG images and captions, each sample with ``synthetic`` paraphrases of its caption in a DataCompDR
+    ``syn.json`` (data/captions.py); returns the shards' brace pattern."""
+    import webdataset as wds
+
+    if not 0 <= synthetic <= len(PARAPHRASES):
+        raise ValueError(f"--synthetic {synthetic}: a built-in caption has {len(PARAPHRASES)} paraphrases; give 0 to "
+                         f"{len(PARAPHRASES)}")
+    split = load_builtin(dataset, "train")
+    split = split.first(subset) if subset else split
+    out.mkdir(parents=True, exist_ok=True)
+    count = len(split.images)
+    for shard in range(shards):
+        with wds.TarWriter(str(out / f"{dataset}-{shard:04d}.tar")) as sink:
+            for i in range(count * shard // shards, count * (shard + 1) // shards):
+                sample = {"__key__": f"s{i:06d}", "png": _png(split.images[i]), "txt": split.captions[i]}
+                if synthetic:
+                    sample["syn.json"] = json.dumps({"syn_text": paraphrases(split.captions[i], synthetic)}).encode()
+                sink.write(sample)
+    return str(out / f"{dataset}-{{0000..{shards - 1:04d}}}.tar")

@@ -168,17 +168,19 @@ def parameter_count(*bundles: ClipBundle) -> int | None:
 
 def training_cost(run_dir: Path) -> dict[str, Any]:
     """Wall time of training summed over its attempts (each from its start or resume to its stop or finish), the
-    device-hours that took (wall × processes) and the samples the live teacher embedded."""
+    device-hours that took (wall × processes), the samples the live teacher embedded and those the student
+    embedded (with and without gradients)."""
     events = [json.loads(line) for line in (run_dir / EVENTS_LOG).read_text().splitlines() if line]
-    seconds, began, processes, embedded = 0.0, None, 1, 0
+    seconds, began, processes, embedded, student = 0.0, None, 1, 0, 0
     for event in events:
         if event["event"] in ("start", "resume"):
             began, processes = event["time"], event.get("world_size", 1)
         elif event["event"] in ("stop", "finish") and began is not None:
             seconds, began = seconds + event["time"] - began, None
             embedded += event.get("teacher_forward_samples", 0)
+            student += event.get("student_forward_samples", 0)
     return {"train_seconds": seconds, "world_size": processes, "device_hours": seconds * processes / 3600,
-            "teacher_forward_samples": embedded}
+            "teacher_forward_samples": embedded, "student_forward_samples": student}
 
 
 class _Publisher:

@@ -184,12 +184,14 @@ def leaderboard(store: Store, rank_by: str = "top1", benchmark=None, teacher=Non
 
 
 COSTS = {"params_m": Run.student_params / 1e6, "gflops_image": Run.gflops_image, "images_per_s": Run.images_per_second,
-         "device_hours": Run.device_hours, "teacher_samples": Run.teacher_forward_samples}
+         "device_hours": Run.device_hours, "teacher_samples": Run.teacher_forward_samples,
+         "student_samples": Run.student_forward_samples}
 
 
 def run_costs(store: Store, teacher=None, student=None, dataset=None, method=None) -> pd.DataFrame:
     """Per (setting, teacher, method), the mean over seeds of what its runs cost: the student's parameters (M),
-    GFLOPs per image, inference images/s, training device-hours and the samples the live teacher embedded."""
+    GFLOPs per image, inference images/s, training device-hours, the samples the live teacher embedded and those
+    the student embedded (a selector's scoring forward included)."""
     query = (select(Run.setting_id, func.coalesce(Run.teacher, literal("-")), Run.method,
                     *[func.avg(column) for column in COSTS.values()])
              .where(Run.status == "done", *run_filters(teacher, student, dataset, method))

@@ -44,7 +44,7 @@ from sqlalchemy.pool import QueuePool
 from core.errors import ClipkdError
 from results.bits import pack, unpack
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DEFAULT_URL = "sqlite:///results/clipkd.db"
 STATUSES = ("queued", "running", "done", "failed")
 
@@ -88,6 +88,7 @@ class Run(Base):
     world_size: Mapped[int | None] = mapped_column(Integer)  # training processes (one per GPU)
     device_hours: Mapped[float | None] = mapped_column(Float)  # train_seconds x world_size / 3600
     teacher_forward_samples: Mapped[int | None] = mapped_column(BigInteger)  # a live teacher's; a cache's are its own
+    student_forward_samples: Mapped[int | None] = mapped_column(BigInteger)  # training's, a selector's scoring too
     gflops_image: Mapped[float | None] = mapped_column(Float)  # the student's, per image (torch flop counter)
     gflops_text: Mapped[float | None] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float)  # the student's image tower, evaluation device

@@ -135,10 +135,12 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: int = 0) -> str:
+def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: int = 0, synthetic: int = 0) -> str:
     """Digits training images as PNG webdataset shards of the given sizes, keyed from 0, the images from the
-    ``offset``-th on; returns the brace pattern."""
+    ``offset``-th on, each with ``synthetic`` more captions in a DataCompDR ``syn.json``; returns the brace
+    pattern."""
     import io
+    import json
 
     import webdataset as wds
     from PIL import Image
@@ -153,7 +155,12 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: 
             for i in range(start, start + size):
                 png = io.BytesIO()
                 Image.fromarray(data.images[i + offset]).save(png, format="PNG")
-                sink.write({"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i + offset]})
+                sample = {"__key__": f"{i:05d}", "png": png.getvalue(), "txt": data.captions[i + offset]}
+                if synthetic:
+                    words = data.captions[i + offset].split()
+                    texts = [" ".join(["a photo of", *words[k + 1:], *words[1:k + 1]]) for k in range(synthetic)]
+                    sample["syn.json"] = json.dumps({"syn_text": texts}).encode()
+                sink.write(sample)
         start += size
     return str(folder / f"{prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
 

@@ -10,7 +10,7 @@ import ast
 
 from conftest import ROOT
 
-LAYERS = ["core", "methods", "results", "evals", "harness", "app"]
+LAYERS = ["core", "methods", "selection", "results", "evals", "harness", "app"]
 
 
 def import_graph() -> dict[str, set[str]]:

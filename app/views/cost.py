@@ -11,7 +11,8 @@ ACCURACIES = {"top1": "zero-shot top-1", "i2t_r1": "I2T R@1", "t2i_r1": "T2I R@1
 # cost axis -> (label, whether more is better)
 AXES = {"gflops_image": ("GFLOPs per image", False), "params_m": ("student parameters (M)", False),
         "images_per_s": ("inference images/s", True), "device_hours": ("training device-hours", False),
-        "teacher_samples": ("teacher forward samples in training", False)}
+        "teacher_samples": ("teacher forward samples in training", False),
+        "student_samples": ("student forward samples in training (a selector's scoring too)", False)}
 WEBGL_ABOVE = 1000
 
 

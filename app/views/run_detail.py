@@ -31,6 +31,7 @@ def show_run(run: dict, metrics: dict) -> None:
              "training time": formats.duration(run["train_seconds"]),
              "training processes": run["world_size"], "training device-hours": formats.number(run["device_hours"]),
              "teacher forward samples": formats.count(run["teacher_forward_samples"]),
+             "student forward samples": formats.count(run["student_forward_samples"]),
              "bad training samples (replaced)": (f"{formats.count(run['bad_samples'])} (listed in bad_samples.jsonl)"
                                                  if run["bad_samples"] else formats.count(run["bad_samples"])),
              "evaluation time": formats.duration(run["eval_seconds"]),

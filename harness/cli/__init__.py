@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkd", description="CLIP knowledge distillation benchmark harness")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list the registered distillation methods").set_defaults(func=runs.cmd_methods)
+    commands.add_parser("selectors", help="list the registered batch selectors (train.selection)").set_defaults(
+        func=runs.cmd_selectors)
 
     train = commands.add_parser("train", help="train one run from a YAML config")
     train.add_argument("config", help="run configuration (YAML)")
@@ -117,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     data_check.add_argument("config", help="a run config or a grid (YAML): each distinct training set once")
     data_check.add_argument("--workers", type=int, help="decoding processes (default: this process's CPUs less one)")
     data_check.set_defaults(func=grids.cmd_data_check)
+    caption = data_commands.add_parser("caption", help="write synthetic captions for a shard set with an open_clip CoCa "
+                                       "(DataCompDR's syn.json), one output shard per input shard; run again, it "
+                                       "skips the shards it finished")
+    caption.add_argument("shards", help="the input shards, a brace pattern")
+    caption.add_argument("out", help="the folder of output shards (each named as its input)")
+    caption.add_argument("--model", default="coca_ViT-L-14", help="an open_clip CoCa model (default coca_ViT-L-14, "
+                         "MobileCLIP's captioner)")
+    caption.add_argument("--pretrained", help="its weights: a tag (mscoco_finetuned_laion2b_s13b_b90k) or a file")
+    caption.add_argument("--captions", type=int, default=5, help="captions per image (default 5, as DataCompDR)")
+    caption.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling's p (default 0.9)")
+    caption.add_argument("--temperature", type=float, default=1.0)
+    caption.add_argument("--max-tokens", type=int, default=30, help="tokens per caption, start and end included")
+    caption.add_argument("--batch-size", type=int, default=32)
+    caption.add_argument("--seed", type=int, default=0, help="the draws of shard n come from (seed, n)")
+    caption.add_argument("--device", default="cuda" if _cuda_visible() else "cpu")
+    caption.set_defaults(func=runs.cmd_data_caption)
 
     cache = commands.add_parser("cache", help="teacher-embedding caches")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
@@ -131,12 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model")
     export.set_defaults(func=runs.cmd_export)
 
-    export_dataset = commands.add_parser("export-dataset", help="write a built-in test split in clip_benchmark's wds layout")
+    export_dataset = commands.add_parser("export-dataset", help="write a built-in test split in clip_benchmark's wds "
+                                         "layout, or its training split as webdataset shards (--split train)")
     export_dataset.add_argument("dataset", choices=["digits", "fashion-mnist"])
     export_dataset.add_argument("out")
     export_dataset.add_argument("--shards", type=int, default=1, help="shards of consecutive samples per set")
+    export_dataset.add_argument("--split", choices=["test", "train"], default="test",
+                                help="test: clip_benchmark's layout; train: training shards a run reads")
+    export_dataset.add_argument("--subset", type=int, help="train: the first N samples (as data.subset takes them)")
+    export_dataset.add_argument("--synthetic", type=int, default=0,
+                                help="train: paraphrases of each caption in a syn.json (data.captions: sample)")
     export_dataset.set_defaults(func=runs.cmd_export_dataset)
     return parser
+
+
+def _cuda_visible() -> bool:
+    """Whether a GPU is visible, without importing torch (``clipkd --help``)."""
+    import os
+
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip()) and os.path.exists("/dev/nvidia0")
 
 
 def main(argv: list[str] | None = None) -> int:

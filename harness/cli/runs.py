@@ -1,4 +1,5 @@
-"""The commands of one run and its artefacts: train, run, eval, export, export-dataset, cache info, methods."""
+"""The commands of one run and its artefacts: train, run, eval, export, export-dataset, cache info, methods,
+selectors."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,18 @@ from pathlib import Path
 def cmd_methods(args: argparse.Namespace) -> int:
     import methods
 
-    available = methods.descriptions()
-    width = max(map(len, available))
-    for name, description in available.items():
+    return _listed(methods.descriptions())
+
+
+def cmd_selectors(args: argparse.Namespace) -> int:
+    from selection.registry import available
+
+    return _listed(available())
+
+
+def _listed(described: dict[str, str]) -> int:
+    width = max(map(len, described))
+    for name, description in described.items():
         print(f"{name:<{width}}  {description}")
     return 0
 
@@ -155,11 +165,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_dataset(args: argparse.Namespace) -> int:
-    from harness.export import export_clip_benchmark_wds
+    from harness.export import export_clip_benchmark_wds, export_training_shards
+
+    if args.split == "train":
+        pattern = export_training_shards(args.dataset, Path(args.out), args.shards, args.subset, args.synthetic)
+        print(f"training shards: data: {{dataset: webdataset, path: \"{pattern}\"}}")
+        return 0
 
     classification, retrieval = export_clip_benchmark_wds(args.dataset, Path(args.out), args.shards)
     print(f"clip_benchmark datasets: --dataset wds/{args.dataset} --dataset_root {classification} "
           f"(classification), --dataset_root {retrieval} (retrieval)")
+    return 0
+
+
+def cmd_data_caption(args: argparse.Namespace) -> int:
+    from harness.data.caption import Sampling, caption_shards
+
+    sampling = Sampling(args.captions, args.top_p, args.temperature, args.max_tokens, seed=args.seed)
+    report = caption_shards(args.shards, Path(args.out), args.model, args.pretrained, sampling, args.batch_size,
+                            args.device)
+    done = f"{report.samples:,} samples captioned now ({sampling.captions} captions each)" if report.samples else "none now"
+    print(f"{report.shards} shards in {args.out}: {report.skipped} captioned before, {done}"
+          + (f", {report.without_image:,} without a decodable image copied as they were" if report.without_image else ""))
     return 0
 
 

@@ -43,9 +43,10 @@ NON_TRAINING_FIELDS = {"name", "output_dir", "eval", "data.workers", "train.chec
 # Fields added after run ids were first kept, out of the id at the value every earlier run trained with: the ids
 # of earlier runs stand, so a grid re-run after an upgrade is still a no-op.
 NEUTRAL_DEFAULTS = {"train.grad_compression": "none", "train.task_loss": "clip", "student.inherit": None,
-                    "student.inherit.width": "leading", "student.inherit.prune": None}
+                    "student.inherit.width": "leading", "student.inherit.prune": None, "train.selection": None,
+                    "data.captions": "first"}
 # What varies within one comparable setting: the leaderboard compares methods and teachers across seeds.
-SETTING_VARIES = {"teacher", "distill", "seed"}
+SETTING_VARIES = {"teacher", "distill", "seed", "train.selection"}
 
 
 class RunConfig(Strict):
@@ -107,6 +108,9 @@ class RunConfig(Strict):
         if source is not None and model_identity(self.student.model) != model_identity(source):
             raise ValueError(f"student.inherit.prune: automatic inheritance prunes the teacher itself: the student "
                              f"model must be the teacher's, {source}, not {self.student.model}")
+        if self.train.selection is not None and self.train.selection.needs_teacher and self.teacher is None:
+            raise ValueError(f"train.selection: selector {self.train.selection.method!r} scores with a teacher; give "
+                             "the run a `teacher`")
         if self.views and not self.data.augment:
             raise ValueError(f"teacher.views: {self.views} replays augmented views, but data.augment is false")
         if self.train.task_loss == "siglip" and not has_logit_bias(self.student.model):
@@ -210,7 +214,11 @@ class RunConfig(Strict):
 
     @property
     def method_label(self) -> str:
-        return "+".join(sorted(self.distill)) or "baseline"
+        """The sorted loss names joined by "+", and the selector with its ratio (``learnability@0.5``); "baseline"
+        for neither."""
+        selection = self.train.selection
+        chosen = [f"{selection.method}@{selection.ratio:g}"] if selection else []
+        return "+".join([*sorted(self.distill), *chosen]) or "baseline"
 
     def benchmarks(self) -> list[BenchmarkSpec]:
         from core.builtin import BUILTIN_DATASETS

@@ -3,7 +3,7 @@ optimiser, training, evaluation. Every error names the field and what would be a
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -150,6 +150,9 @@ class DataSpec(Strict):
                                 "(SLURM's cpus_per_task, shared among a task's processes) less one; not part of the "
                                 "run id")
     augment: bool = Field(True, description="open_clip's random training crop; false: the evaluation view")
+    captions: Literal["first", "sample"] = Field(
+        "first", description="which of a sample's captions a step reads (shards: the `txt`, then a `syn.json`'s "
+        "synthetic ones, as DataCompDR's): first, its own; sample, one drawn uniformly per (seed, epoch, sample)")
     bad_samples: Literal["skip", "error"] = Field(
         "skip", description="a sample whose image cannot be decoded or whose caption is missing or empty: skip "
         "replaces it by the next good sample and logs it; error stops the run (harness/data/bad.py)")
@@ -167,6 +170,9 @@ class DataSpec(Strict):
             raise ValueError(f"dataset {self.dataset!r} needs `path`")
         if self.dataset == "webdataset" and self.num_samples is None:
             raise ValueError("dataset 'webdataset' needs `num_samples` (shards carry no length)")
+        if self.captions != "first" and self.dataset != "webdataset":
+            raise ValueError(f"captions: {self.captions!r} draws among a sample's several captions, which webdataset "
+                             f"shards carry (a `syn.json` beside the `txt`); {self.dataset!r} has one per sample")
         if self.dataset == "webdataset" and self.subset is not None:
             raise ValueError("`subset` takes the first N samples of a built-in or CSV set; a webdataset's budget is "
                              "its shards and `num_samples`")
@@ -183,6 +189,37 @@ class OptimSpec(Strict):
     eps: float = Field(1e-6, gt=0)
     warmup_steps: int = Field(10_000, ge=0)
     grad_clip_norm: float | None = Field(1.0, gt=0)
+
+
+class SelectionSpec(Strict):
+    """Batch selection (selection/): each step loads ``batch_size / ratio`` samples and trains on the
+    ``batch_size`` a selector keeps."""
+
+    method: str = Field(description="a registered selector: uniform, hard, learnability, or a plugin's")
+    ratio: float = Field(gt=0, le=1, description="the share of the super-batch a step trains on: 0.5 trains on half "
+                         "of a batch twice the size; 1.0 scores every sample and keeps them all")
+    options: dict[str, Any] = Field(default_factory=dict, description="the selector's own options")
+
+    @field_validator("method")
+    @classmethod
+    def _known_selector(cls, name: str) -> str:
+        from selection import BUILTIN
+
+        if name not in BUILTIN:  # a plugin's: its package's entry points are read (and imported) only then
+            from selection.registry import get
+
+            get(name)
+        return name
+
+    @property
+    def needs_teacher(self) -> bool:
+        from selection import BUILTIN, NEEDS_TEACHER
+
+        if self.method in BUILTIN:
+            return self.method in NEEDS_TEACHER
+        from selection.registry import get
+
+        return bool(getattr(get(self.method), "needs_teacher", False))
 
 
 class TrainSpec(Strict):
@@ -203,6 +240,8 @@ class TrainSpec(Strict):
     grad_compression: Literal["none", "bf16"] = Field(
         "none", description="bf16: gradients cross between processes as bfloat16 (DDP's bf16_compress_hook), half "
         "float32's bytes between nodes, each rounded to 8 bits of mantissa")
+    selection: SelectionSpec | None = Field(None, description="train on the examples a selector keeps from a larger "
+                                            "super-batch (selection/); none: every loaded sample")
     compile: str | None = Field(None, description="a torch.compile backend ('inductor' on GPUs) for the student's "
                                 "repeated blocks (harness/models/build.py compile_repeated_blocks): the same math; not part "
                                 "of the run id")
@@ -245,7 +284,15 @@ class TrainSpec(Strict):
     def _duration(self) -> TrainSpec:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of `epochs` or `steps`")
+        if self.selection is not None and abs(self.batch_size / self.selection.ratio - self.loaded_batch_size) > 1e-6:
+            raise ValueError(f"selection.ratio {self.selection.ratio}: batch_size {self.batch_size} / ratio must be a "
+                             "whole number of samples (0.5 and 0.25 always are)")
         return self
+
+    @property
+    def loaded_batch_size(self) -> int:
+        """The samples a step loads: the batch, or the super-batch a selector keeps ``batch_size`` of."""
+        return self.batch_size if self.selection is None else round(self.batch_size / self.selection.ratio)
 
 
 class BenchmarkSpec(Strict):

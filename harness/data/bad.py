@@ -73,7 +73,7 @@ def usable_caption(caption: str | None) -> str:
 @dataclass
 class Decoded:
     images: list[torch.Tensor]  # uint8 (C, H, W)
-    captions: list[str]
+    captions: list[list[str]]  # each sample's captions, its own first (data/captions.py)
     ids: np.ndarray  # each slot's sample: the one asked for, or its replacement
     bad: list[BadSample]
 

@@ -22,6 +22,7 @@ class Batch:
     boxes: torch.Tensor | None = None  # the crop box (top, left, height, width) each image was cut to
     teacher_image: torch.Tensor | None = None
     teacher_text: torch.Tensor | None = None
+    caption_index: torch.Tensor | None = None  # which of its captions each sample reads (data/captions.py): None, its first
     decoded: int = 0  # images its process decoded since that process made its previous block (count_decode)
     # images as decoded pixels (uint8, a quarter of float32's bytes to move), normalised where they are used:
     # the student's (mean, std); None when ``images`` are normalised already (the in-memory sets)
@@ -108,16 +109,19 @@ def crop_views(images: list, ids: np.ndarray, views: np.ndarray | None, epoch: i
     return cut.pop(spec), boxes, cut
 
 
-def decoded_batch(images: list, captions: list[str], ids: np.ndarray, views: np.ndarray | None, epoch: int, source
-                  ) -> Batch:
-    """Decoded images cropped to this epoch's views for every input of ``source``, their captions tokenised at once
-    by each tokenizer."""
+def decoded_batch(images: list, captions: list[list[str]], ids: np.ndarray, views: np.ndarray | None, epoch: int,
+                  source) -> Batch:
+    """Decoded images cropped to this epoch's views for every input of ``source``, and the caption of each sample
+    this epoch (``source.captions``) tokenised at once by each tokenizer."""
     pixels, boxes, other_images = crop_views(images, ids, views, epoch, source.spec, source.augmentation,
                                              source.others.views)
-    return Batch(pixels, source.tokenizer(list(captions)), torch.from_numpy(ids),
+    index = source.captions.choose(epoch, ids, [len(texts) for texts in captions])
+    read = [texts[i] for texts, i in zip(captions, np.zeros(len(ids), dtype=np.int64) if index is None else index)]
+    return Batch(pixels, source.tokenizer(read), torch.from_numpy(ids),
                  None if views is None else torch.from_numpy(views), torch.from_numpy(boxes),
+                 caption_index=None if index is None else torch.from_numpy(index),
                  pixels=(source.spec.mean, source.spec.std), other_images=other_images,
-                 other_texts=source.others.tokens(captions))
+                 other_texts=source.others.tokens(read))
 
 
 def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
@@ -136,6 +140,7 @@ def make_block(source, teacher_rows, epoch: int, ids: np.ndarray) -> Batch:
         views = source.augmentation.choose(epoch, ids)
         batch = source.render(epoch, ids, views)
     if teacher_rows is not None:
-        batch.teacher_image, batch.teacher_text = teacher_rows.lookup(ids, views)
+        captions = None if batch.caption_index is None else batch.caption_index.numpy()
+        batch.teacher_image, batch.teacher_text = teacher_rows.lookup(ids, views, captions)
     batch.decoded, batch.bad = decodes_to_report(), [asdict(entry) for entry in bad]
     return batch

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from core.builtin import load_builtin
 from harness.data.batch import Batch
+from harness.data.captions import CaptionChoice
 from harness.data.files import INDEX_DIR, CaptionTable, csv_checked_file, expand_shards
 from harness.data.inputs import OtherInputs
 from harness.data.mapstyle import BlockReader, CsvSource, RankBlocks
@@ -69,13 +70,14 @@ class TrainData:
 
 
 def build_source(spec, view: ViewSpec, tokenizer: Callable, augmentation: Augmentation, index_root: Path,
-                 others: OtherInputs = OtherInputs()):
+                 others: OtherInputs = OtherInputs(), captions: CaptionChoice = CaptionChoice()):
     """The training set of ``spec`` (a config's ``data``) rendered in ``view`` with ``tokenizer`` (the student's
-    input, or a cache builder's teacher's), and in ``others`` (the run's other models' inputs): an in-memory, CSV
-    or shard source with ``render(epoch, ids, views)``."""
+    input, or a cache builder's teacher's), and in ``others`` (the run's other models' inputs), each sample with the
+    caption ``captions`` picks (shards: data/captions.py; other sets have one): an in-memory, CSV or shard source
+    with ``render(epoch, ids, views)``."""
     if spec.dataset == "webdataset":
         return ShardSource(ShardIndex(expand_shards(spec.path), Path(index_root) / INDEX_DIR), view, augmentation,
-                           tokenizer, others)
+                           tokenizer, others, captions)
     if spec.dataset == "csv":
         table = CaptionTable(spec.path, spec.image_key, spec.caption_key, spec.separator)
         checked = csv_checked_file(Path(index_root) / INDEX_DIR, spec)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from harness.data.bad import open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
+from harness.data.captions import CaptionChoice
 from harness.data.files import CaptionTable
 from harness.data.inputs import OtherInputs
 from harness.data.memory import rank_blocks
@@ -32,6 +33,7 @@ class CsvSource:
     tokenizer: Callable
     known_bad: dict[int, str] = field(default_factory=dict)  # found by a data check
     others: OtherInputs = field(default_factory=OtherInputs)  # the other models' inputs (data/inputs.py)
+    captions: CaptionChoice = field(default_factory=CaptionChoice)  # one per row: always the first
 
     def __len__(self) -> int:
         return len(self.table)
@@ -39,10 +41,10 @@ class CsvSource:
     def read_order(self, ids: np.ndarray) -> range:
         return range(len(ids))
 
-    def load(self, sample: int) -> tuple[torch.Tensor, str]:
+    def load(self, sample: int) -> tuple[torch.Tensor, list[str]]:
         caption = usable_caption(self.table.captions[sample])
         count_decode()
-        return open_image(self.table.images[sample], self.others.decode_view(self.spec)), caption
+        return open_image(self.table.images[sample], self.others.decode_view(self.spec)), [caption]
 
     def after(self, sample: int) -> int:
         return (sample + 1) % len(self.table)

@@ -42,6 +42,7 @@ from webdataset.tariterators import base_plus_ext
 
 from harness.data.bad import Unusable, open_image, usable_caption
 from harness.data.batch import Batch, count_decode, make_block
+from harness.data.captions import SYNTHETIC_MEMBER, CaptionChoice, synthetic_captions
 from harness.data.files import INDEX_VERSION
 from harness.data.inputs import OtherInputs
 from harness.data.views import Augmentation, ViewSpec, mix
@@ -136,6 +137,24 @@ class ShardIndex:
     def total(self) -> int:
         return int(self.counts.sum())
 
+    def caption_counts(self, shard: int) -> np.ndarray:
+        """Each sample's number of captions (its ``txt`` and its ``syn.json``'s), read from the shard's caption
+        members alone (the images are seeked over) and kept beside its index: what a cache of every caption sizes
+        its arrays by."""
+        kept = self.files[shard].with_suffix(".captions.npy")
+        if kept.is_file():
+            return np.load(kept)
+        entries, counts = self.entries(shard), []
+        reader = ShardReader(self, members=("txt", SYNTHETIC_MEMBER))
+        for position in range(len(entries["starts"])):
+            members = reader.read(shard, position)[1]
+            counts.append(int("txt" in members) + len(synthetic_captions(members.get(SYNTHETIC_MEMBER))))
+        reader.close()
+        partial = kept.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(partial, np.asarray(counts, dtype=np.int64))
+        os.replace(partial, kept)
+        return np.load(kept)
+
     def known_bad(self) -> dict[int, str]:
         """The bad samples a data check found (sample id -> reason), for the shards it checked."""
         found = {}
@@ -192,8 +211,8 @@ def split_ids(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class ShardReader:
     """Reads samples by (shard, position): seeks to the sample's members, never touches the others."""
 
-    def __init__(self, index: ShardIndex, open_limit: int = 4):
-        self.index, self.open_limit = index, open_limit
+    def __init__(self, index: ShardIndex, open_limit: int = 4, members: tuple[str, ...] | None = None):
+        self.index, self.open_limit, self.members = index, open_limit, members  # members: read only these
         self._open: dict[int, tarfile.TarFile] = {}
 
     def _tar(self, shard: int) -> tarfile.TarFile:
@@ -212,8 +231,11 @@ class ShardReader:
         tar.offset, tar.firstmember, tar.members = start, None, []
         members = {}
         while tar.offset < end and (member := tar.next()) is not None:
-            if member.isfile():
-                members[base_plus_ext(member.name)[1].lower()] = tar.extractfile(member).read()
+            if not member.isfile():
+                continue
+            extension = base_plus_ext(member.name)[1].lower()
+            if self.members is None or extension in self.members:
+                members[extension] = tar.extractfile(member).read()
         return str(entries["keys"][position]), members
 
     def close(self) -> None:
@@ -222,8 +244,9 @@ class ShardReader:
         self._open.clear()
 
 
-def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[torch.Tensor, str]:
-    """A sample's image and caption; Unusable (data/bad.py) for a bad one."""
+def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[torch.Tensor, list[str]]:
+    """A sample's image and captions (its ``txt``, then any synthetic ones: data/captions.py); Unusable
+    (data/bad.py) for a bad one."""
     caption = members.get("txt")
     try:
         caption = usable_caption(None if caption is None else caption.decode("utf-8"))
@@ -233,16 +256,16 @@ def decode_sample(members: dict[str, bytes], spec: ViewSpec) -> tuple[torch.Tens
     if image is None:
         raise Unusable("no image")
     count_decode()
-    return open_image(io.BytesIO(image), spec), caption
+    return open_image(io.BytesIO(image), spec), [caption, *synthetic_captions(members.get(SYNTHETIC_MEMBER))]
 
 
 class ShardSource:
     """A shard set; loader workers read samples by seeking, decode, crop and tokenise them (``data.batch``)."""
 
     def __init__(self, index: ShardIndex, spec: ViewSpec, augmentation: Augmentation, tokenizer: Callable,
-                 others: OtherInputs = OtherInputs()):
+                 others: OtherInputs = OtherInputs(), captions: CaptionChoice = CaptionChoice()):
         self.index, self.spec, self.augmentation, self.tokenizer = index, spec, augmentation, tokenizer
-        self.others = others  # the other models' inputs (data/inputs.py)
+        self.others, self.captions = others, captions  # the other models' inputs (data/inputs.py); the caption read
         self.known_bad = index.known_bad()
         self._reader, self._reader_pid = None, None
 
@@ -263,7 +286,7 @@ class ShardSource:
         shards, positions = split_ids(ids)
         return np.lexsort((positions, shards))
 
-    def load(self, sample: int) -> tuple[torch.Tensor, str]:
+    def load(self, sample: int) -> tuple[torch.Tensor, list[str]]:
         shard, position = split_ids(np.int64(sample))
         return decode_sample(self.reader().read(int(shard), int(position))[1], self.others.decode_view(self.spec))
 

@@ -1,4 +1,6 @@
-"""Grid files: a base run config and axes (teachers × students × methods × datasets × seeds) → grid cells.
+"""Grid files: a base run config and axes (teachers × students × methods × selections × datasets × seeds) → grid
+cells. ``selections`` names batch selectors (``train.selection``; none by default): a cell's method reads
+``METHOD+SELECTION``, and a cell with a selector that scores with a teacher has one even without a loss.
 
 Teachers that the grid trains itself are cells of a first stage; teacher-embedding caches (for runs with
 ``teacher: {embeddings: cached}``, e.g. set in ``base``) are built by cells of a second stage, one per cache key;
@@ -22,10 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.errors import ClipkdError
 from harness.config.run_config import RunConfig, parse_config, plan_run
-from harness.config.specs import ConfigError, DistillTerm
+from harness.config.specs import ConfigError, DistillTerm, SelectionSpec
 from harness.config.specs import format_validation_error as _format_validation_error
 
-AXES = ("teachers", "students", "methods", "datasets", "seeds")
+AXES = ("teachers", "students", "methods", "selections", "datasets", "seeds")
+NO_SELECTION = "none"
 
 
 class GridError(ClipkdError, ValueError):
@@ -70,6 +73,8 @@ class Axes(_Strict):
     teachers: list[dict[str, Any] | list[dict[str, Any]]] = Field(default_factory=lambda: [{}])
     students: list[dict[str, Any]]
     methods: dict[str, dict[str, DistillTerm]]
+    selections: dict[str, SelectionSpec | None] = Field(
+        default_factory=lambda: {NO_SELECTION: None}, description="name -> train.selection (null: none)")
     datasets: list[str | dict[str, Any]] = Field(default_factory=lambda: [{}])
     seeds: list[int] = Field(default_factory=lambda: [0])
 
@@ -192,7 +197,7 @@ def _check_teacher_reachable(ref: dict[str, Any], where: str) -> None:
 
 def _matches(values: dict[str, Any], rule: dict[str, Any]) -> bool:
     """Whether a cell's axis values match a rule; a rule's value may be a list (any of them)."""
-    unknown = set(rule) - {"teacher", "student", "method", "dataset", "seed"}
+    unknown = set(rule) - {"teacher", "student", "method", "selection", "dataset", "seed"}
     if unknown:
         raise GridError(f"cannot match on {sorted(unknown)}; accepted: teacher, student, method, dataset, seed")
     return all(str(values.get(k)) in {str(x) for x in (v if isinstance(v, list) else [v])} for k, v in rule.items())
@@ -230,26 +235,31 @@ def expand(spec: GridFile, source: str) -> list[Cell]:
         plan_run(config)
 
     axes = spec.axes
-    for teacher, student, (method, terms), dataset, seed in itertools.product(
-        axes.teachers, axes.students, axes.methods.items(), axes.datasets, axes.seeds
+    for teacher, student, (method, terms), (chosen, selection), dataset, seed in itertools.product(
+        axes.teachers, axes.students, axes.methods.items(), axes.selections.items(), axes.datasets, axes.seeds
     ):
         dataset = {"dataset": dataset} if isinstance(dataset, str) else dataset
-        values = {"teacher": _teacher_label(teacher) if terms else "-", "student": _student_label(student),
-                  "method": method, "dataset": dataset.get("dataset", base.get("data", {}).get("dataset")), "seed": seed}
-        name = "/".join(str(values[k]) for k in ("teacher", "student", "method", "dataset")) + f"/s{seed}"
+        taught = bool(terms) or (selection is not None and selection.needs_teacher)
+        values = {"teacher": _teacher_label(teacher) if taught else "-", "student": _student_label(student),
+                  "method": method, "selection": chosen,
+                  "dataset": dataset.get("dataset", base.get("data", {}).get("dataset")), "seed": seed}
+        shown = method if selection is None else f"{method}+{chosen}"
+        name = "/".join(str(values[k]) for k in ("teacher", "student")) + f"/{shown}/{values['dataset']}/s{seed}"
         if any(_matches(values, rule) for rule in spec.exclude):
             continue
-        teacher_spec, needs = _resolved_teacher(teacher, dirs, checked, f"{source}: cell {name}") if terms else (None, [])
+        teacher_spec, needs = _resolved_teacher(teacher, dirs, checked, f"{source}: cell {name}") if taught else (None, [])
         if isinstance(teacher_spec, list):
             teacher_spec = [deep_merge(base.get("teacher") or {}, member) for member in teacher_spec]
         student, inherited = _resolved_student(student, dirs, f"{source}: cell {name}")
         data = deep_merge(base, {"name": f"{spec.name}/{name}", "student": student, "teacher": teacher_spec,
                                  "distill": terms, "data": dataset, "seed": seed})
+        if selection is not None:
+            data = deep_merge(data, {"train": {"selection": selection.model_dump()}})
         for override in spec.overrides:
             if _matches(values, override.match):
                 data = deep_merge(data, override.set)
         config = _cell_config(data, f"{source} cell {name}")
-        if config.run_id in seen and not terms:  # the baseline has no teacher: one run serves every teacher
+        if config.run_id in seen and not taught:  # the baseline has no teacher: one run serves every teacher
             continue
         _add_run(Cell(name, 2, config, needs + inherited), cells, seen, caches, source)
     return cells

@@ -18,6 +18,7 @@ from core.precision import autocast, output_dtype, parameter_dtype
 from harness.config.run_config import RunConfig, teacher_input
 from harness.data.bad import decode_replacing
 from harness.data.batch import Batch, crop_views, decodes_to_report
+from harness.data.captions import CaptionChoice
 from harness.data.loaders import build_source, workers
 from harness.data.shards import SHARD_BITS, ShardSource
 from harness.data.views import Augmentation, ViewSpec
@@ -52,8 +53,10 @@ def ensure(config: RunConfig, device: torch.device, env: DistEnv | None = None) 
 
 class _Work(IterableDataset):
     """The chunks a rank embeds, split again across its loader workers: (array prefix, rows, images per view
-    (K' × n × C × H × W), the pixels' normalisation or None, tokens, boxes per view, images decoded). Loader
-    workers decode each image once and cut its K views from it; the main process runs the teacher."""
+    (K' × n × C × H × W), the pixels' normalisation or None, tokens, boxes per view, images decoded, bad samples,
+    captions per sample or None). Tokens are each sample's first caption, or under ``CaptionChoice("all")`` every
+    caption of every sample in turn (``captions`` says how many each has). Loader workers decode each image once
+    and cut its K views from it; the main process runs the teacher."""
 
     def __init__(self, source, chunks: list[tuple[str, np.ndarray, np.ndarray]], views: int):
         self.source, self.chunks, self.views = source, chunks, views
@@ -62,19 +65,23 @@ class _Work(IterableDataset):
         worker = get_worker_info()
         first, stride = (worker.id, worker.num_workers) if worker else (0, 1)
         stored = [None] if not self.views else list(range(self.views))
+        every_caption = getattr(self.source, "captions", None) == CaptionChoice("all")
         for prefix, rows, ids in self.chunks[first::stride]:
-            source, bad = self.source, []
+            source, bad, counts = self.source, [], None
             if hasattr(source, "load"):  # files: decoded once, every view cut from the one image
                 decoded = decode_replacing(source, ids)  # a bad sample's row holds its replacement, as a run reads
                 ids, bad = decoded.ids, [asdict(entry) for entry in decoded.bad]
                 cut = [crop_views(decoded.images, ids, None if v is None else np.full(len(ids), v), 0, source.spec,
                                   source.augmentation)[:2] for v in stored]
-                pixels, tokens = (source.spec.mean, source.spec.std), source.tokenizer(decoded.captions)
+                texts = [caption for captions in decoded.captions for caption in (captions if every_caption else captions[:1])]
+                counts = torch.tensor([len(captions) for captions in decoded.captions]) if every_caption else None
+                pixels, tokens = (source.spec.mean, source.spec.std), source.tokenizer(texts)
             else:  # in memory: nothing to decode
                 batches = [source.render(0, ids, None if v is None else np.full(len(ids), v)) for v in stored]
                 cut, pixels, tokens = [(b.images, b.boxes.numpy()) for b in batches], None, batches[0].texts
             yield (prefix, rows, torch.stack([images for images, _ in cut]), pixels, tokens,
-                   torch.stack([torch.from_numpy(boxes) for _, boxes in cut]), decodes_to_report(), json.dumps(bad))
+                   torch.stack([torch.from_numpy(boxes) for _, boxes in cut]), decodes_to_report(), json.dumps(bad),
+                   counts)
 
 
 def _chunks(source, share: tuple[int, int], batch: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -107,8 +114,10 @@ class _Builder:
         self.config, self.device, self.spec = config, device, CacheSpec.of(config)
         self.teacher = create_teacher(config.teacher, device, config.train.precision)
         augmentation = Augmentation("replay", views=self.spec.views) if self.spec.views else Augmentation("none")
+        self.every_caption = config.data.captions != "first"
         self.source = build_source(config.data, ViewSpec.of(*teacher_input(config.teacher)), self.teacher.tokenizer,
-                                   augmentation, config.output_dir)
+                                   augmentation, config.output_dir,
+                                   captions=CaptionChoice("all" if self.every_caption else "first"))
         self.sharded = isinstance(self.source, ShardSource)
 
     def files(self, world: int) -> list[tuple[str, int]]:
@@ -147,8 +156,10 @@ class _Builder:
     def create_arrays(self, folder: Path, world: int) -> None:
         (folder / ("shards" if self.sharded else "parts")).mkdir()
         storage, views, dim = STORAGE[self.spec.storage], self.spec.views, self.teacher.embed_dim
-        for prefix, count in self.files(world):
-            shapes = {"image": ((count, max(1, views), dim), storage), "text": ((count, dim), storage),
+        for shard, (prefix, count) in enumerate(self.files(world)):
+            # every caption: a row per sample of as many captions as the shard's sample with the most has
+            captions = (max(1, int(self.source.index.caption_counts(shard).max(initial=1))),) if self.every_caption else ()
+            shapes = {"image": ((count, max(1, views), dim), storage), "text": ((count, *captions, dim), storage),
                       "boxes": ((count, views, 4), np.int32)}
             for name, (shape, dtype) in shapes.items():
                 np.lib.format.open_memmap(folder / f"{prefix}{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
@@ -163,7 +174,7 @@ class _Builder:
         arrays, owner = OpenArrays(folder, writable=True), folder / OWNER
         self.decoded, self.bad = 0, {}
         with torch.no_grad():
-            for prefix, rows, images, pixels, tokens, boxes, decoded, bad in loader:
+            for prefix, rows, images, pixels, tokens, boxes, decoded, bad, counts in loader:
                 os.utime(owner)  # the heartbeat that tells other builders this one is alive
                 self.decoded += int(decoded)
                 self.bad |= {entry["sample"]: entry for entry in json.loads(bad)}
@@ -174,7 +185,14 @@ class _Builder:
                     text = normalize(model.encode_text(tokens.to(self.device)))
                 # through float64, which holds a bf16, fp32 or fp64 value exactly: one rounding, to the storage dtype
                 arrays[f"{prefix}image"][rows] = image.view(views, n, -1).transpose(0, 1).double().cpu().numpy().astype(storage)
-                arrays[f"{prefix}text"][rows] = text.double().cpu().numpy().astype(storage)
+                text = text.double().cpu().numpy().astype(storage)
+                if counts is None:
+                    arrays[f"{prefix}text"][rows] = text
+                else:  # sample i's captions in turn: row rows[i], caption slots 0 … counts[i] - 1
+                    counts, target = counts.numpy(), arrays[f"{prefix}text"]
+                    slots = np.arange(len(text)) - np.repeat(np.cumsum(counts) - counts, counts)
+                    fits = slots < target.shape[1]  # a bad sample's row holds its replacement's, read by neither id
+                    target[np.repeat(np.asarray(rows), counts)[fits], slots[fits]] = text[fits]
                 if self.spec.views:
                     arrays[f"{prefix}boxes"][rows] = boxes.transpose(0, 1).numpy()
         arrays.close()
@@ -191,7 +209,8 @@ class _Builder:
                 "embed_dim": self.teacher.embed_dim, "logit_scale": float(self.teacher.model.logit_scale.exp()),
                 **({} if (bias := logit_bias(self.teacher.model)) is None else {"logit_bias": float(bias)}),
                 "embedding_dtype": str(output_dtype(self.config.train.precision)).removeprefix("torch."),
-                "teacher_model": type(self.teacher.model).__name__}
+                "teacher_model": type(self.teacher.model).__name__,
+                **({"captions": "all"} if self.every_caption else {})}
         if self.sharded:  # which shard's rows are where (the key names the shards by path, size and time)
             meta["shards"] = [{"path": str(path), "samples": count}
                               for path, (_, count) in zip(self.source.index.shards, files)]

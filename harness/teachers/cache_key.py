@@ -52,10 +52,13 @@ def teacher_identity(config: RunConfig) -> dict[str, Any]:
 
 
 def data_identity(config: RunConfig) -> dict[str, Any]:
-    """The samples: a built-in set by name, a CSV by its table's bytes and its images' sizes and times, shards by
-    path, size and time (a rewritten shard, an edited table, an image downloaded again: another dataset)."""
+    """The samples (and, for a run that reads several captions per sample, all of them): a built-in set by name, a
+    CSV by its table's bytes and its images' sizes and times, shards by path, size and time (a rewritten shard, an
+    edited table, an image downloaded again: another dataset)."""
     data = config.data.model_dump(exclude={"workers", "augment", "shuffle_window", "num_samples", "bad_samples",
-                                           "max_bad_fraction"})
+                                           "max_bad_fraction", "captions"})
+    if config.data.captions != "first":  # the cache holds every caption's embedding, whichever a run draws
+        data["captions"] = "all"
     if config.data.dataset == "csv":
         data["samples"] = csv_identity(config.data)
     if config.data.dataset == "webdataset":

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from harness.data.batch import Batch
-from harness.teachers.cache_key import read_meta
+from harness.teachers.cache_key import TeacherCacheError, read_meta
 
 MAX_OPEN_ARRAYS = 64  # per process; each open map holds a file descriptor (the usual soft limit is 1,024)
 
@@ -52,6 +52,7 @@ class CachedRows:
         self.samples, self.embed_dim, self.logit_scale = meta["samples"], meta["embed_dim"], meta["logit_scale"]
         self.logit_bias = meta.get("logit_bias")  # a sigmoid teacher's; None for a CLIP teacher (and older caches)
         self.views, self.shards, self.parts = meta["spec"]["views"], meta.get("shards"), meta.get("parts")
+        self.every_caption = meta.get("captions") == "all"  # a text row per caption (data/captions.py)
         # what the live teacher handed the losses: a bf16 run's embeddings are bf16, stored exactly as float32
         self.embedding_dtype = getattr(torch, meta.get("embedding_dtype", "float32"))
         self._arrays, self._pid = None, None
@@ -64,10 +65,15 @@ class CachedRows:
             self._arrays, self._pid = OpenArrays(self.folder), os.getpid()
         return self._arrays[name]
 
-    def lookup(self, samples: np.ndarray, views: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, samples: np.ndarray, views: np.ndarray | None,
+               captions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's image embedding of each sample's view (the un-augmented one when ``views`` is None) and
-        of its caption, as float32 tensors."""
+        of its caption (the ``captions``-th of a cache of every caption; the first when None), as float32 tensors."""
         views = np.zeros(len(samples), dtype=np.int64) if views is None else views
+        if captions is not None and not self.every_caption:
+            raise TeacherCacheError(f"the teacher-embedding cache {self.folder} holds each sample's first caption "
+                                    "only; a run that draws among several captions reads a cache of them all")
+        captions = np.zeros(len(samples), dtype=np.int64) if captions is None else captions
         if self.shards is None and self.parts is None:  # a cache from before parts: one array by sample index
             image, text = self._array("image")[samples, views], self._array("text")[samples]
             return torch.from_numpy(np.asarray(image, dtype=np.float32)), torch.from_numpy(np.asarray(text, dtype=np.float32))
@@ -77,7 +83,9 @@ class CachedRows:
         for file in np.unique(file_of):
             rows = file_of == file
             image[rows] = self._array(f"{folder}/{file}.image")[position[rows], views[rows]]
-            text[rows] = self._array(f"{folder}/{file}.text")[position[rows]]
+            text_rows = self._array(f"{folder}/{file}.text")
+            text[rows] = (text_rows[position[rows], captions[rows]] if self.every_caption
+                          else text_rows[position[rows]])
         return torch.from_numpy(image), torch.from_numpy(text)
 
     def _locate(self, samples: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
@@ -111,8 +119,9 @@ class EnsembleRows:
         self.members = members
         self.samples = members[0].samples
 
-    def lookup(self, samples: np.ndarray, views: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [member.lookup(samples, views) for member in self.members]
+    def lookup(self, samples: np.ndarray, views: np.ndarray | None,
+               captions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [member.lookup(samples, views, captions) for member in self.members]
         return torch.cat([image for image, _ in rows], dim=1), torch.cat([text for _, text in rows], dim=1)
 
 

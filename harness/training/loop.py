@@ -36,6 +36,7 @@ from harness.config.run_config import RunConfig, resolve_teacher_run
 from harness.config.specs import TeacherSpec
 from harness.data.bad import BadSampleLog
 from harness.data.batch import Batch
+from harness.data.captions import CaptionChoice
 from harness.data.inputs import ModelInput, OtherInputs
 from harness.data.loaders import TrainData, build_source, build_train_data
 from harness.data.views import Augmentation
@@ -51,6 +52,7 @@ from harness.training.masking import mask_noise, patch_grid
 from harness.training.objective import Objective, StepModule, losses_from_embeddings, student_embeddings
 from harness.training.optimizer import adamw, scheduled
 from harness.training.progress import ProgressEvaluation
+from harness.training.selection import BatchSelection
 from harness.training.stops import FiniteWatch, StopSignals, TrainingError, TrainingInterrupted
 
 MAX_LOGIT_SCALE_LOG = math.log(100)
@@ -94,18 +96,24 @@ class Trainer:
         self.optimizer = adamw((self.student.model, self.objective), cfg.optim, self.device,
                                (self.masks, prune.lr) if prune else None)
         self.source, self.data = self._data(teachers.cached_rows, teachers.others)
+        selection = cfg.train.selection
+        self.selection = None if selection is None else BatchSelection(selection, cfg.train.batch_size, cfg.seed,
+                                                                       self.device, cfg.train.precision)
         self.total_steps = cfg.train.steps or max(1, round(cfg.train.epochs * self.data.steps_per_epoch))
         self.schedule = scheduled(cosine_lr(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps, self.total_steps),
                                   self.optimizer, cfg.optim.warmup_steps)
         fp16_on_cuda = self.device.type == "cuda" and cfg.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_on_cuda)
-        self.step = 0
+        self.step = self.first_step = 0  # first_step: where this process started (a resumed run's checkpoint)
         self.watch = FiniteWatch(self.term_names, self.step, self.device)
 
     def _check_accumulation(self) -> None:
         """Found before the models load, not at the first step."""
         train = self.config.train
         share = train.batch_size // self.env.world_size
+        if train.loaded_batch_size % self.env.world_size:
+            raise TrainingError(f"train.selection: the super-batch of {train.loaded_batch_size} samples (batch_size "
+                                f"{train.batch_size} / ratio) is not divisible by the {self.env.world_size} processes")
         if train.accum_freq > share:
             raise TrainingError(f"train.accum_freq {train.accum_freq} is more micro-batches than this process's "
                                 f"{share} samples per step (train.batch_size {train.batch_size} over "
@@ -153,12 +161,13 @@ class Trainer:
         ride with each batch."""
         cfg = self.config
         augmentation = Augmentation.of(cfg.data.augment, cfg.seed, cfg.views)
-        source = build_source(cfg.data, self.input.view, self.student.tokenizer, augmentation, cfg.output_dir, others)
+        source = build_source(cfg.data, self.input.view, self.student.tokenizer, augmentation, cfg.output_dir, others,
+                              CaptionChoice(cfg.data.captions, cfg.seed))
         for rows in self.caches:
             if rows.samples != len(source):
                 raise TrainingError(f"the teacher-embedding cache {rows.folder} has {rows.samples} samples, the "
                                     f"training set {len(source)}: delete the cache folder to rebuild it")
-        data = build_train_data(cfg.data, source, cfg.train.batch_size, cfg.seed, self.env.rank, self.env.world_size,
+        data = build_train_data(cfg.data, source, cfg.train.loaded_batch_size, cfg.seed, self.env.rank, self.env.world_size,
                                 cached_rows, pin_memory=self.device.type == "cuda")
         return source, data
 
@@ -206,15 +215,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"], self.device)
-        self.step = state["step"]
+        self.step = self.first_step = state["step"]
         self.watch = FiniteWatch(self.term_names, self.step, self.device)
 
     # -- loop ------------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, torch.Tensor]:
-        """One optimisation step on this rank's block ``batch`` (on the run's device and dtype): its learning rate,
-        and its loss and terms stacked on the device. Nothing here waits for the device: the caller reads the
-        values on log steps (``term_names`` names them)."""
+        """One optimisation step on this rank's block ``batch`` (on the run's device and dtype; of the super-batch
+        under ``train.selection``, whose kept samples it trains on): its learning rate, and its loss and terms
+        stacked on the device. Nothing here waits for the device (a selection aside: the kept indices are read):
+        the caller reads the values on log steps (``term_names`` names them)."""
         cfg = self.config
+        if self.selection is not None:
+            batch = self.selection(batch, self.student.model, self.teacher, self.step)
         lr = self.schedule(self.step)
         if self.masks is not None:
             self.masks.schedule(self.step, self.total_steps, cfg.student.inherit.prune.warmup)
@@ -362,9 +374,13 @@ class Trainer:
         if not self.env.is_main:
             return
         embedded = getattr(self.teacher, "samples_embedded", 0) * self.env.world_size  # every rank its block
+        train = self.config.train
+        scored = 0 if self.selection is None else self.selection.samples_embedded * self.env.world_size
+        student = (self.step - self.first_step) * train.batch_size + scored  # by this process's attempt
         with (self.run_dir / EVENTS_LOG).open("a") as events:
             events.write(json.dumps({"event": name, "step": self.step, "time": time.time(),
-                                     "teacher_forward_samples": embedded, **fields}) + "\n")
+                                     "teacher_forward_samples": embedded, "student_forward_samples": student,
+                                     **fields}) + "\n")
 
 
 def train(config: RunConfig, resume: bool = False, observe: Observer | None = None) -> Path:
