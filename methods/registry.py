@@ -12,25 +12,18 @@ the entry point, its package and what is wrong with it.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import inspect
 from collections.abc import Callable
-from types import ModuleType
 from typing import TypeVar
 
 import torch
 from torch import nn
 
+from core.plugins import Registry, describe  # noqa: F401 (methods.describe)
 from methods import BUILTIN, ENTRY_POINT_GROUP
 from methods.base import DistillMethod
 
 CONTRACT = ("a method is a torch.nn.Module class built as Method(student_dim, teacher_dim, **options) and called "
             "with a methods.DistillBatch")
-
-_REGISTRY: dict[str, type[nn.Module]] = {}
-_entry_points_loaded = False
-_builtins_loaded = False
 
 M = TypeVar("M", bound=type[nn.Module])
 
@@ -62,82 +55,27 @@ def contract_problem(cls: object) -> str | None:
     return None
 
 
+_registry = Registry("method", ENTRY_POINT_GROUP, tuple(f"methods.{name}" for name in BUILTIN), CONTRACT,
+                     contract_problem, MethodPluginError, UnknownMethodError, called="distillation method")
+
+
 def register(name: str) -> Callable[[M], M]:
     """Class decorator: make ``cls`` available as ``methods.get(name)``."""
-
-    def decorator(cls: M) -> M:
-        _load_builtins()  # a built-in's name is taken, whichever registers first
-        problem = contract_problem(cls)
-        if problem:
-            raise TypeError(f"@register({name!r}): {cls!r} {problem}; {CONTRACT}")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _where(entry_point: importlib.metadata.EntryPoint) -> str:
-    package = entry_point.dist
-    source = f"package {package.name} {package.version}" if package is not None else "an unknown package"
-    return f"entry point {entry_point.name!r} = {entry_point.value!r} of {source} (group {ENTRY_POINT_GROUP})"
+    return _registry.register(name)
 
 
 def registered() -> list[str]:
     """The names registered in this process so far (no import)."""
-    return sorted(_REGISTRY)
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for name in BUILTIN:
-            importlib.import_module(f"methods.{name}")
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    _load_builtins()  # first: a plugin's name that a built-in holds is refused, as when the built-ins loaded eagerly
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            loaded = entry_point.load()
-        except Exception as error:  # a broken third-party plugin is named, not a traceback
-            raise MethodPluginError(f"{_where(entry_point)} failed to import: {type(error).__name__}: {error}") from None
-        if isinstance(loaded, ModuleType):  # its import registered its methods
-            continue
-        problem = contract_problem(loaded)
-        if problem:
-            raise MethodPluginError(f"{_where(entry_point)} names {loaded!r}, which {problem}; {CONTRACT}")
-        if entry_point.name not in _REGISTRY:
-            register(entry_point.name)(loaded)
-
-
-def describe(cls: type) -> str:
-    """A method's one-line description: the first line of its docstring, else its class name."""
-    return (inspect.getdoc(cls) or cls.__name__).strip().splitlines()[0]
+    return sorted(_registry.classes)
 
 
 def available() -> dict[str, str]:
     """Registered method names mapped to their one-line descriptions, sorted by name."""
-    _load_entry_points()
-    return {name: describe(_REGISTRY[name]) for name in sorted(_REGISTRY)}
+    return _registry.available()
 
 
 def get(name: str) -> type[nn.Module]:
-    _load_entry_points()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown distillation method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return _registry.get(name)
 
 
 def image_mask_ratio(method: nn.Module) -> float | None:

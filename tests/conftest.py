@@ -165,6 +165,25 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: 
     return str(folder / f"{prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
 
 
+def signal_after_step(monkeypatch, step: int) -> None:
+    """Training steps send this process SIGUSR1 (as scancel's signal would arrive) once step ``step`` is done: the
+    run checkpoints and raises TrainingInterrupted; ``monkeypatch.undo()`` lets the resumed run train on."""
+    import os
+    import signal
+
+    from harness.training.loop import Trainer
+
+    real = Trainer.train_step
+
+    def signalled(self, batch):
+        result = real(self, batch)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+
+
 POSTGRES = ROOT / "scripts" / "postgres.sh"
 
 

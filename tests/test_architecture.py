@@ -2,9 +2,9 @@
 into a higher one, whether at a module's top or inside a function (both are how one module leans on another).
 
 The packages from the bottom up: ``core`` (errors, the process group, built-in datasets, precision), ``methods``
-(the losses), ``results`` (the store), ``evals`` (the benchmarks), ``harness`` (configuration, data, models,
-teachers, training, runs, grids, the CLI), ``app`` (the dashboard). A module may import its own package and
-those below it.
+(the losses), ``selection`` (the batch selectors), ``results`` (the store), ``evals`` (the benchmarks),
+``harness`` (configuration, data, models, teachers, training, runs, grids, the CLI), ``app`` (the dashboard). A
+module may import its own package and those below it.
 """
 import ast
 

@@ -8,7 +8,6 @@ the samples (exit 2, no traceback) and keeps its last good checkpoint. ``clipkd 
 import io
 import json
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
-from conftest import run_clipkd
+from conftest import run_clipkd, signal_after_step
 from PIL import Image
 from test_teacher_cache import CPU, assert_close_at_scale, kd_config
 
@@ -141,15 +140,7 @@ def test_resumed_run_with_bad_samples_ends_as_the_uninterrupted_one(tmp_path, te
     resolved = shard_run(tmp_path, teacher_checkpoint)
     straight = train(parse_config({**resolved, "output_dir": str(tmp_path / "straight")}))
     stopped = parse_config({**resolved, "output_dir": str(tmp_path / "stopped")})
-    step = Trainer.train_step
-
-    def stop_after_step_3(self, batch):  # a stop signal arrives during step 3 (as scancel's SIGTERM would)
-        result = step(self, batch)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", stop_after_step_3)
+    signal_after_step(monkeypatch, 3)
     from harness.training.stops import TrainingInterrupted
 
     with pytest.raises(TrainingInterrupted):

@@ -1,21 +1,19 @@
 """Several captions per sample (data/captions.py): each drawn as often as the next, the teacher's cached embedding of
 the caption drawn equal to the live teacher's, and a resumed run equal to an uninterrupted one."""
 import json
-import os
-import signal
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import write_shards
+from conftest import signal_after_step, write_shards
 from scipy.stats import chisquare
 from test_teacher_cache import CPU, FLOAT32_ROUNDING, assert_cached_equals_live, kd_config
 
 from harness.config.run_config import parse_config
 from harness.data.captions import synthetic_captions
 from harness.teachers import cache_key
-from harness.training.loop import Trainer, train
+from harness.training.loop import train
 from harness.training.stops import TrainingInterrupted
 
 SIZES = [40, 60]
@@ -81,15 +79,7 @@ def test_a_resumed_caption_drawing_run_equals_an_uninterrupted_one(tmp_path, tea
     resolved = caption_config(tmp_path, teacher_checkpoint, "cached", shards, **options).resolved()
     straight = train(parse_config({**resolved, "output_dir": str(tmp_path / "straight")}))
     stopped = parse_config({**resolved, "output_dir": str(tmp_path / "stopped")})
-    step = Trainer.train_step
-
-    def stop_after_step_3(self, batch):
-        result = step(self, batch)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", stop_after_step_3)
+    signal_after_step(monkeypatch, 3)
     with pytest.raises(TrainingInterrupted):
         train(stopped)
     monkeypatch.undo()
@@ -138,6 +128,7 @@ def test_caption_command_writes_a_caption_list_per_sample_and_resumes_past_finis
                          "--max-tokens", "8", "--batch-size", "4", "--device", "cpu", cwd=tmp_path)
     assert "1 of 3 shards already captioned" in resumed.stderr
     assert "9 samples captioned now (2 captions each)" in resumed.stdout
+    assert "captioned shard-01.tar (5 samples), 1 of 2" in resumed.stderr  # its progress, a line a shard in a log
     assert (out / "shard-00.tar").stat().st_mtime_ns == first
     assert sorted(p.name for p in out.iterdir()) == ["shard-00.tar", "shard-01.tar", "shard-02.tar"]
     original, captioned = shard_members(tmp_path / "shards"), shard_members(out)

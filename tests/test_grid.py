@@ -51,6 +51,47 @@ def test_every_shipped_grid_loads_and_the_built_in_ones_find_their_data(name, mo
         assert all(checks.problems(cell.config) == [] for cell in grid.cells)
 
 
+def test_the_reinforced_grids_cross_losses_with_selectors_and_find_a_teacher_for_each_selector_that_scores(
+        tmp_path, monkeypatch):
+    """grids/demo_reinforced.yaml on the shards `clipkd export-dataset --split train --synthetic 2` writes (each
+    sample's caption and two paraphrases, which a run reads), and grids/paper_reinforced.yaml on stand-in shards:
+    3 losses × 3 selections; a selector that scores with the teacher (learnability) gets one without a loss, the
+    uniform control does not; each cell's stored method names its selector; the demo shares the demo's teacher."""
+    from harness.data.captions import CaptionChoice
+    from harness.data.loaders import build_source
+    from harness.data.views import Augmentation, ViewSpec
+    from harness.export import export_training_shards
+    from harness.grids import checks
+    from harness.grids.expansion import load_grid
+
+    require(checks.FASHION_MNIST_DIR.is_dir(),
+            "Debian's dataset-fashion-mnist is not installed (scripts/install_debian.sh fashion-mnist)")
+    monkeypatch.chdir(tmp_path)
+    pattern = export_training_shards("fashion-mnist", tmp_path / "runs" / "demo-reinforced-shards", 5, 5000, 2)
+    demo = load_grid(ROOT / "grids" / "demo_reinforced.yaml")
+    cells = {cell.name: cell for cell in demo.cells}
+    assert len(cells) == 29 and all(checks.problems(cell.config) == [] for cell in demo.cells)
+    uniform, learnability = cells["-/clipkd-tiny/baseline+uniform/webdataset/s0"], cells[
+        "tiny-teacher/clipkd-tiny/baseline+learnability/webdataset/s0"]
+    assert uniform.config.teacher is None and uniform.config.method_label == "uniform@0.5"
+    assert learnability.config.teacher is not None and learnability.config.method_label == "learnability@0.5"
+    assert cells["tiny-teacher/clipkd-tiny/dr+learnability/webdataset/s2"].config.method_label == "mobileclip_dr+learnability@0.5"
+    teacher_of_demo = next(c for c in load_grid(ROOT / "grids" / "demo.yaml").cells if c.name == "teacher/tiny-teacher")
+    assert cells["teacher/tiny-teacher"].config.run_id == teacher_of_demo.config.run_id
+    config = cells["tiny-teacher/clipkd-tiny/clip-kd/webdataset/s0"].config
+    source = build_source(config.data, ViewSpec.of("clipkd-tiny"), lambda texts: texts, Augmentation("none"), tmp_path,
+                          captions=CaptionChoice("all"))
+    _, captions = source.load(0)
+    assert len(source) == 5000 and len(captions) == 3 and captions[1].startswith("a photo of a ")
+
+    paper = yaml.safe_load((ROOT / "grids" / "paper_reinforced.yaml").read_text())
+    paper["base"]["data"]["path"] = paper["teachers"]["vit-b-16"]["data"]["path"] = pattern  # stand-ins, here
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(paper))
+    names = {cell.name for cell in load_grid(tmp_path / "paper.yaml").cells}
+    assert "-/ViT-T-16/baseline+uniform/webdataset/s0" in names and "vit-b-16/ViT-T-16/dr+learnability/webdataset/s0" in names
+    assert len(names) == 1 + 1 + 9  # the teacher, its cache of views and captions, 3 losses × 3 selections
+
+
 def test_plan_and_submit_check_every_cells_data_before_anything_queues(workdir):
     """Planned on a machine without /datasets, the paper's grid is one error naming what each cell would miss:
     its shards, its benchmarks' roots. Nothing is submitted."""
@@ -97,7 +138,7 @@ def _grid(workdir: Path, **changes) -> Path:
     "changes,message",
     [
         ({"axes": {"students": [{"model": "clipkd-tiny"}], "methods": {"fd": {"fd": 1}}, "tasks": [1]}},
-         "unknown axis 'tasks'; accepted: teachers, students, methods, datasets, seeds"),
+         "unknown axis 'tasks'; accepted: teachers, students, methods, selections, datasets, seeds"),
         ({"axes": {"teachers": [{"cell": "tiny-teacher"}], "students": [{"model": "clipkd-tiny"}],
                    "methods": {"fd": {"fd": 1}, "fd-again": {"fd": 1}}}}, "duplicate cell"),
         ({"axes": {"teachers": [{"model": "clipkd-tiny-teacher", "pretrained": "missing/teacher.pt"}],

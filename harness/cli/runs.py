@@ -211,6 +211,7 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
             continue
         print(f"cache      {facts['folder']}\nteacher    {facts['teacher']}\ndataset    {facts['dataset']}\n"
               f"samples    {facts['samples']:,}\nviews      {facts['views']} (0: the un-augmented view)\n"
+              f"captions   {facts['captions']} of each sample\n"
               f"embedding  {facts['embed_dim']} dims, {facts['storage']}\n"
               f"size       {facts['bytes_per_sample']:,.0f} bytes per sample, {facts['bytes'] / 2**20:,.1f} MiB in all")
     return 0

@@ -73,6 +73,12 @@ def load_captioner(model: str, pretrained: str | None, device: torch.device):
         raise CaptionerError(f"captioner --model {model!r}: its tokenizer {type(bundle.tokenizer).__name__} cannot "
                              "decode token ids here; use a CoCa with open_clip's CLIP tokenizer (coca_ViT-B-32, "
                              "coca_ViT-L-14)")
+    projection = bundle.model.text_decoder.text_projection
+    if pretrained is None:  # random weights (a test's): open_clip builds the decoder's output projection with
+        # torch.empty and never initialises it (its init_parameters is not called, and fails), so the logits would
+        # be whatever that memory held; drawn here as init_parameters would, std width^-1/2
+        with torch.no_grad():
+            projection.normal_(std=projection.shape[0] ** -0.5)
     bundle.model.eval()
     return bundle
 
@@ -170,8 +176,10 @@ def caption_shards(pattern: str, out: Path, model: str, pretrained: str | None, 
         return report
     device = torch.device(device)
     bundle = load_captioner(model, pretrained, device)
-    bar = tqdm(total=len(todo), unit="shard", disable=not (sys.stderr.isatty() if progress is None else progress))
-    for number, shard in todo:
+    shown = sys.stderr.isatty() if progress is None else progress  # else a line per shard (a job's log)
+    bar = tqdm(total=len(todo), unit="shard", disable=not shown)
+    for done, (number, shard) in enumerate(todo, start=1):
+        before = report.samples + report.without_image
         generator = torch.Generator(device).manual_seed(sampling.seed * 1_000_003 + number)
         partial = out / f".{shard.name}.{os.getpid()}.partial"
         with wds.TarWriter(str(partial)) as sink:
@@ -184,6 +192,9 @@ def caption_shards(pattern: str, out: Path, model: str, pretrained: str | None, 
         os.replace(partial, out / shard.name)
         bar.update(1)
         bar.set_postfix(samples=report.samples)
+        if not shown:
+            print(f"clipkd: captioned {shard.name} ({report.samples + report.without_image - before:,} samples), "
+                  f"{done} of {len(todo)}", file=sys.stderr)
     bar.close()
     return report
 

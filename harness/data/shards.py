@@ -150,6 +150,7 @@ class ShardIndex:
             members = reader.read(shard, position)[1]
             counts.append(int("txt" in members) + len(synthetic_captions(members.get(SYNTHETIC_MEMBER))))
         reader.close()
+        self._entries.pop(shard, None)  # as after the index's build: a reader loads the shards it reads
         partial = kept.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(partial, np.asarray(counts, dtype=np.int64))
         os.replace(partial, kept)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -156,9 +157,14 @@ class _Builder:
     def create_arrays(self, folder: Path, world: int) -> None:
         (folder / ("shards" if self.sharded else "parts")).mkdir()
         storage, views, dim = STORAGE[self.spec.storage], self.spec.views, self.teacher.embed_dim
-        for shard, (prefix, count) in enumerate(self.files(world)):
-            # every caption: a row per sample of as many captions as the shard's sample with the most has
-            captions = (max(1, int(self.source.index.caption_counts(shard).max(initial=1))),) if self.every_caption else ()
+        files = self.files(world)
+        # every caption: a row per sample of as many captions as the shard's sample with the most has (the shards'
+        # caption members read in threads, as their index is: the reads wait on the disk)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            most = list(pool.map(lambda shard: int(self.source.index.caption_counts(shard).max(initial=1)),
+                                 range(len(files)) if self.every_caption else []))
+        for shard, (prefix, count) in enumerate(files):
+            captions = (most[shard],) if self.every_caption else ()
             shapes = {"image": ((count, max(1, views), dim), storage), "text": ((count, *captions, dim), storage),
                       "boxes": ((count, views, 4), np.int32)}
             for name, (shape, dtype) in shapes.items():

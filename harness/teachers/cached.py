@@ -106,6 +106,7 @@ def info(folder: Path) -> dict[str, Any]:
     total = sum(p.stat().st_size for p in Path(folder).rglob("*.npy"))
     return {"folder": str(folder), "samples": meta["samples"], "views": meta["spec"]["views"],
             "embed_dim": meta["embed_dim"], "storage": meta["spec"]["storage"], "bytes": total,
+            "captions": "every caption" if meta.get("captions") == "all" else "the first",
             "bytes_per_sample": total / max(1, meta["samples"]), "teacher": meta["spec"]["teacher"],
             "dataset": meta["spec"]["dataset"].get("path") or meta["spec"]["dataset"]["dataset"]}
 
