@@ -165,14 +165,21 @@ def write_shards(folder: Path, sizes: list[int], prefix: str = "shard", offset: 
     return str(folder / f"{prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
 
 
-def signal_after_step(monkeypatch, step: int) -> None:
-    """Training steps send this process SIGUSR1 (as scancel's signal would arrive) once step ``step`` is done: the
-    run checkpoints and raises TrainingInterrupted; ``monkeypatch.undo()`` lets the resumed run train on."""
+def resumed_equals_straight(resolved: dict, folder: Path, monkeypatch, step: int = 3) -> tuple[Path, Path]:
+    """The run of ``resolved`` (a config's ``resolved()``) trained straight, and again stopped by SIGUSR1 once step
+    ``step`` is done (as scancel's signal would arrive: it checkpoints and raises TrainingInterrupted) and resumed;
+    asserts their final weights are equal, bit for bit. Returns the two run folders."""
     import os
     import signal
 
-    from harness.training.loop import Trainer
+    import torch
 
+    from harness.config.run_config import parse_config
+    from harness.training.loop import Trainer, train
+    from harness.training.stops import TrainingInterrupted
+
+    straight = train(parse_config({**resolved, "output_dir": str(folder / "straight")}))
+    stopped = parse_config({**resolved, "output_dir": str(folder / "stopped")})
     real = Trainer.train_step
 
     def signalled(self, batch):
@@ -182,6 +189,13 @@ def signal_after_step(monkeypatch, step: int) -> None:
         return result
 
     monkeypatch.setattr(Trainer, "train_step", signalled)
+    with pytest.raises(TrainingInterrupted):
+        train(stopped)
+    monkeypatch.undo()
+    resumed = train(stopped, resume=True)
+    a, b = (torch.load(d / "checkpoints" / "final.pt", weights_only=False)["state_dict"] for d in (straight, resumed))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    return straight, resumed
 
 
 POSTGRES = ROOT / "scripts" / "postgres.sh"

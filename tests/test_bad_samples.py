@@ -15,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
-from conftest import run_clipkd, signal_after_step
+from conftest import resumed_equals_straight, run_clipkd
 from PIL import Image
 from test_teacher_cache import CPU, assert_close_at_scale, kd_config
 
@@ -137,18 +137,7 @@ def test_batches_with_bad_samples_are_the_same_at_0_and_2_loader_workers(tmp_pat
 
 
 def test_resumed_run_with_bad_samples_ends_as_the_uninterrupted_one(tmp_path, teacher_checkpoint, monkeypatch):
-    resolved = shard_run(tmp_path, teacher_checkpoint)
-    straight = train(parse_config({**resolved, "output_dir": str(tmp_path / "straight")}))
-    stopped = parse_config({**resolved, "output_dir": str(tmp_path / "stopped")})
-    signal_after_step(monkeypatch, 3)
-    from harness.training.stops import TrainingInterrupted
-
-    with pytest.raises(TrainingInterrupted):
-        train(stopped)
-    monkeypatch.undo()
-    resumed = train(stopped, resume=True)
-    a, b = (torch.load(d / "checkpoints" / "final.pt", weights_only=False)["state_dict"] for d in (straight, resumed))
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    straight, resumed = resumed_equals_straight(shard_run(tmp_path, teacher_checkpoint), tmp_path, monkeypatch)
     assert sorted(e["sample"] for e in logged(resumed)) == sorted(e["sample"] for e in logged(straight))
 
 

@@ -6,15 +6,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import signal_after_step, write_shards
+from conftest import resumed_equals_straight, write_shards
 from scipy.stats import chisquare
 from test_teacher_cache import CPU, FLOAT32_ROUNDING, assert_cached_equals_live, kd_config
 
-from harness.config.run_config import parse_config
 from harness.data.captions import synthetic_captions
 from harness.teachers import cache_key
-from harness.training.loop import train
-from harness.training.stops import TrainingInterrupted
 
 SIZES = [40, 60]
 
@@ -76,16 +73,8 @@ def test_a_resumed_caption_drawing_run_equals_an_uninterrupted_one(tmp_path, tea
     shards = write_shards(tmp_path / "shards", SIZES, synthetic=2)
     options = {"steps": 6, "checkpoint_every": 2, "selection": {"method": "learnability", "ratio": 0.5},
                "batch_size": 16}
-    resolved = caption_config(tmp_path, teacher_checkpoint, "cached", shards, **options).resolved()
-    straight = train(parse_config({**resolved, "output_dir": str(tmp_path / "straight")}))
-    stopped = parse_config({**resolved, "output_dir": str(tmp_path / "stopped")})
-    signal_after_step(monkeypatch, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(stopped)
-    monkeypatch.undo()
-    resumed = train(stopped, resume=True)
-    a, b = (torch.load(d / "checkpoints" / "final.pt", weights_only=False)["state_dict"] for d in (straight, resumed))
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    resumed_equals_straight(caption_config(tmp_path, teacher_checkpoint, "cached", shards, **options).resolved(),
+                            tmp_path, monkeypatch)
 
 
 def test_several_captions_need_shards_and_a_cache_of_them_all(tmp_path, teacher_checkpoint):
