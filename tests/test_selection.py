@@ -172,3 +172,16 @@ def test_bad_selection_settings_are_one_message(tmp_path, teacher_checkpoint):
     options = kd(teacher_checkpoint, {"method": "learnability", "ratio": 0.5})
     labelled = parse_config({**base, **options, "train": {**base["train"], **options["train"]}})
     assert labelled.method_label == "crd+fd+icl+learnability@0.5"
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_the_models_load(tmp_path):
+    """6 kept of a 12-sample super-batch: the super-batch splits over 4 processes, the kept samples do not."""
+    from core.distributed import DistEnv
+    from harness.training.loop import Trainer
+    from harness.training.stops import TrainingError
+
+    config = parse_config({"name": "uneven", "output_dir": str(tmp_path), "student": {"model": "clipkd-tiny"},
+                           "data": {"dataset": "digits", "workers": 0},
+                           "train": {"batch_size": 6, "steps": 1, "selection": {"method": "hard", "ratio": 0.5}}})
+    with pytest.raises(TrainingError, match="train.batch_size 6 is not divisible by the 4 processes"):
+        Trainer(config, DistEnv(rank=0, world_size=4), torch.device("cpu"))

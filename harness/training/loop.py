@@ -111,6 +111,9 @@ class Trainer:
         """Found before the models load, not at the first step."""
         train = self.config.train
         share = train.batch_size // self.env.world_size
+        if train.batch_size % self.env.world_size:
+            raise TrainingError(f"train.batch_size {train.batch_size} is not divisible by the {self.env.world_size} "
+                                "processes")
         if train.loaded_batch_size % self.env.world_size:
             raise TrainingError(f"train.selection: the super-batch of {train.loaded_batch_size} samples (batch_size "
                                 f"{train.batch_size} / ratio) is not divisible by the {self.env.world_size} processes")
