@@ -97,7 +97,7 @@ def test_ratio_one_trains_bit_for_bit_as_no_selection(tmp_path, teacher_checkpoi
         assert all(torch.equal(a[part][name], b[part][name]) for name in a[part]), part
     assert training_cost(plain)["student_forward_samples"] == 6 * 64
     assert training_cost(selected)["student_forward_samples"] == 2 * 6 * 64
-    assert training_cost(selected)["teacher_forward_samples"] == 2 * 6 * 64  # the live teacher scored, then distilled
+    assert training_cost(selected)["teacher_forward_samples"] == 6 * 64  # the step read the scoring's embeddings
 
 
 def yaml_of(path):

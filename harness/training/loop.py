@@ -228,8 +228,9 @@ class Trainer:
         stacked on the device. Nothing here waits for the device (a selection aside: the kept indices are read):
         the caller reads the values on log steps (``term_names`` names them)."""
         cfg = self.config
-        if self.selection is not None:
-            batch = self.selection(batch, self.student.model, self.teacher, self.step)
+        teacher = self.teacher
+        if self.selection is not None:  # the kept samples, and the teachers' embeddings of them from the scoring
+            batch, teacher = self.selection(batch, self.student.model, self.teacher, self.step)
         lr = self.schedule(self.step)
         if self.masks is not None:
             self.masks.schedule(self.step, self.total_steps, cfg.student.inherit.prune.warmup)
@@ -240,11 +241,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.train.accum_freq == 1:
             with autocast(self.device, cfg.train.precision):
-                terms = self.step_module(batch, self.teacher, noise)
+                terms = self.step_module(batch, teacher, noise)
                 loss = self.objective.total(terms)
             self.scaler.scale(loss).backward()  # under DDP the gradients' all-reduce runs as backward goes
         else:
-            terms = self._accumulated(batch, noise)
+            terms = self._accumulated(batch, noise, teacher)
             loss = self.objective.total(terms)
             average_gradients(self.parameters, cfg.train.grad_compression)
         if cfg.optim.grad_clip_norm is not None:
@@ -261,7 +262,7 @@ class Trainer:
         self.step += 1
         return lr, values
 
-    def _accumulated(self, batch: Batch, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _accumulated(self, batch: Batch, noise: torch.Tensor | None, teacher) -> dict[str, torch.Tensor]:
         """This step's gradients in ``train.accum_freq`` micro-batches, every loss on the whole batch
         (harness/training/accumulation.py). The teacher embeds the whole block at once: without gradients it holds one
         layer's activations at a time."""
@@ -273,7 +274,7 @@ class Trainer:
 
         def losses(block: Batch, embeddings) -> dict[str, torch.Tensor]:
             with autocast(self.device, precision):
-                return losses_from_embeddings(student, self.teacher, self.objective, block, embeddings)
+                return losses_from_embeddings(student, teacher, self.objective, block, embeddings)
 
         def backward(terms: dict[str, torch.Tensor]) -> None:
             self.scaler.scale(self.objective.total(terms)).backward()

@@ -5,11 +5,11 @@ it; each rank then trains on its block of the kept samples, as without selection
 Selection is global and world-size invariant: every rank gathers the super-batch's embeddings, so every rank's
 selector sees the one-process super-batch and returns the same indices, and the kept rows move to the rank whose
 block they fall in (``core.distributed.redistribute``, one all-to-all per tensor of the batch). A run on W processes
-therefore trains on the batches one process would: kept samples keep their order in the super-batch.
+therefore trains on the batches one process would: kept samples keep their order in the super-batch. The teachers'
+embeddings of the kept samples move with them, and the step reads those: a live teacher embeds each sample once.
 
 The scoring forward runs in eval mode: it changes no BatchNorm statistic and draws no dropout, so a ratio of 1.0
-(every sample kept) trains bit for bit as no selection does. A live teacher embeds the super-batch here and the kept
-samples again in the step; a cached teacher's rows are read with the batch.
+(every sample kept) trains bit for bit as no selection does.
 """
 from __future__ import annotations
 
@@ -22,10 +22,21 @@ from core.distributed import gather, redistribute
 from core.precision import autocast
 from harness.config.specs import SelectionSpec
 from harness.data.batch import Batch
+from harness.teachers.ensemble import Teachers
 from harness.training.stops import TrainingError
 from methods.base import TeacherEmbeddings
 from selection.base import SuperBatch
 from selection.registry import build
+
+
+class Embedded:
+    """A teacher as one step reads it: its embeddings of this rank's kept block, from the scoring pass."""
+
+    def __init__(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        self.embeddings = image, text, scale, bias
+
+    def __call__(self, batch: Batch):
+        return self.embeddings
 
 
 @contextlib.contextmanager
@@ -47,17 +58,23 @@ class BatchSelection:
         self.selector = build(spec.method, spec.options)
         self.samples_embedded = 0
 
-    def __call__(self, batch: Batch, student: nn.Module, teacher, step: int) -> Batch:
-        """This rank's block of the kept samples of the super-batch whose block ``batch`` is (on the device)."""
-        members = [] if teacher is None else getattr(teacher, "members", [teacher])
+    def __call__(self, batch: Batch, student: nn.Module, teacher: Teachers | None, step: int
+                 ) -> tuple[Batch, Teachers | None]:
+        """This rank's block of the kept samples of the super-batch whose block ``batch`` is (on the device), and
+        the teachers as the step reads them: their embeddings of that block, computed here."""
         with torch.no_grad(), evaluating(student), autocast(self.device, self.precision):
             image, text = student.encode_image(batch.images), student.encode_text(batch.texts)
+            embedded = [member(batch) for member in ([] if teacher is None else teacher.members)]
             teachers = tuple(TeacherEmbeddings(gather(t_image), gather(t_text), scale, bias)
-                             for t_image, t_text, scale, bias in (member(batch) for member in members))
+                             for t_image, t_text, scale, bias in embedded)
             scored = SuperBatch(gather(image), gather(text), student.logit_scale.exp(), teachers, self.seed, step)
         self.samples_embedded += len(batch)
         chosen = self._checked(self.selector.select(scored, self.keep), len(scored))
-        return batch.map_tensors(lambda _, tensor: redistribute(tensor, chosen))
+        kept = batch.map_tensors(lambda _, tensor: redistribute(tensor, chosen))
+        if teacher is None:
+            return kept, None
+        return kept, Teachers([Embedded(redistribute(t_image, chosen), redistribute(t_text, chosen), scale, bias)
+                               for t_image, t_text, scale, bias in embedded])
 
     def _checked(self, chosen, size: int) -> torch.Tensor:
         """The selector's indices, ascending on the batch's device; a wrong answer is named with the selector."""
