@@ -75,12 +75,12 @@ def test_micro_batch_average_is_not_the_objective(tmp_path, teacher_checkpoint, 
     from harness.training import loop
     from harness.training.objective import compute_losses
 
-    def naive(self, batch, noise):  # each micro-batch's own loss, averaged: what plain accumulation would do
+    def naive(self, batch, noise, teacher):  # each micro-batch's own loss, averaged: what plain accumulation would do
         from harness.training.accumulation import micro_batches
 
         count, terms = self.config.train.accum_freq, None
         for part, part_noise in micro_batches(batch, noise, count):
-            part_terms = compute_losses(self.student.model, self.teacher, self.objective, part, part_noise)
+            part_terms = compute_losses(self.student.model, teacher, self.objective, part, part_noise)
             (self.objective.total(part_terms) / count).backward()
             terms = part_terms
         return terms
