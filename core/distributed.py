@@ -147,25 +147,35 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-@torch.no_grad()
-def redistribute(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """This rank's block of the rows ``chosen`` of a global array whose rank-ordered, equal blocks the ranks hold
-    (``x``: this rank's block). ``chosen`` (the same ascending global indices on every rank) is dealt out in order,
-    rank r taking its r-th equal block of it, so that gathering the results gives the global array's rows
-    ``chosen``, as one process's ``x[chosen]``. Each row crosses once (``all_to_all_single``), from the rank that
-    holds it to the rank that takes it; no rank receives another's whole block."""
-    if not grouped():
-        return x[chosen]
-    world, rank = dist.get_world_size(), dist.get_rank()
-    held, share = len(x), len(chosen) // world
-    source = torch.div(chosen, held, rounding_mode="floor")  # the rank holding each chosen row
-    taker = torch.arange(len(chosen), device=chosen.device) // share
-    sent = source == rank  # in ascending order: grouped by taker
-    send_counts = torch.bincount(taker[sent], minlength=world).tolist()
-    receive_counts = torch.bincount(source[taker == rank], minlength=world).tolist()
-    received = x.new_empty((share, *x.shape[1:]))
-    dist.all_to_all_single(received, x[chosen[sent] - rank * held].contiguous(), receive_counts, send_counts)
-    return received
+class Redistribution:
+    """Deals the rows ``chosen`` (the same ascending global indices on every rank) of a global array whose
+    rank-ordered, equal blocks of ``held`` rows the ranks hold: rank r takes the r-th equal block of ``chosen``, so
+    that gathering the results gives the global array's rows ``chosen``, as one process's ``x[chosen]``. Each row
+    crosses once (``all_to_all_single``), from the rank that holds it to the rank that takes it. The split sizes are
+    read to the host once, here, and serve every tensor of a batch."""
+
+    def __init__(self, chosen: torch.Tensor, held: int):
+        self.chosen = chosen
+        if not grouped():
+            return
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.share = len(chosen) // world
+        source = torch.div(chosen, held, rounding_mode="floor")  # the rank holding each chosen row
+        taker = torch.arange(len(chosen), device=chosen.device) // self.share
+        sent = source == rank  # in ascending order: grouped by taker
+        self.rows = chosen[sent] - rank * held
+        counts = torch.stack([torch.bincount(taker[sent], minlength=world),
+                              torch.bincount(source[taker == rank], minlength=world)]).tolist()
+        self.send_counts, self.receive_counts = counts
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's block of the chosen rows, ``x`` being its block of the global array."""
+        if not grouped():
+            return x[self.chosen]
+        received = x.new_empty((self.share, *x.shape[1:]))
+        dist.all_to_all_single(received, x[self.rows].contiguous(), self.receive_counts, self.send_counts)
+        return received
 
 
 def my_share(count: int) -> range:

@@ -4,7 +4,7 @@ it; each rank then trains on its block of the kept samples, as without selection
 
 Selection is global and world-size invariant: every rank gathers the super-batch's embeddings, so every rank's
 selector sees the one-process super-batch and returns the same indices, and the kept rows move to the rank whose
-block they fall in (``core.distributed.redistribute``, one all-to-all per tensor of the batch). A run on W processes
+block they fall in (``core.distributed.Redistribution``, one all-to-all per tensor of the batch). A run on W processes
 therefore trains on the batches one process would: kept samples keep their order in the super-batch. The teachers'
 embeddings of the kept samples move with them, and the step reads those: a live teacher embeds each sample once.
 
@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from core.distributed import gather, redistribute
+from core.distributed import Redistribution, gather
 from core.precision import autocast
 from harness.config.specs import SelectionSpec
 from harness.data.batch import Batch
@@ -70,10 +70,11 @@ class BatchSelection:
             scored = SuperBatch(gather(image), gather(text), student.logit_scale.exp(), teachers, self.seed, step)
         self.samples_embedded += len(batch)
         chosen = self._checked(self.selector.select(scored, self.keep), len(scored))
-        kept = batch.map_tensors(lambda _, tensor: redistribute(tensor, chosen))
+        redistribute = Redistribution(chosen, len(batch))  # the split sizes read once for every tensor
+        kept = batch.map_tensors(lambda _, tensor: redistribute(tensor))
         if teacher is None:
             return kept, None
-        return kept, Teachers([Embedded(redistribute(t_image, chosen), redistribute(t_text, chosen), scale, bias)
+        return kept, Teachers([Embedded(redistribute(t_image), redistribute(t_text), scale, bias)
                                for t_image, t_text, scale, bias in embedded])
 
     def _checked(self, chosen, size: int) -> torch.Tensor:
